@@ -298,7 +298,7 @@ pub fn encode_empty(tag: u8, dst: &mut BytesMut) {
 /// PasswordMessage: a NUL-terminated password or md5 digest.
 pub fn decode_password(body: &[u8]) -> Result<&[u8], Malformed> {
     match split_cstr(body) {
-        Some((pw, rest)) if rest.is_empty() => Ok(pw),
+        Some((pw, [])) => Ok(pw),
         _ => Err(malformed("PasswordMessage")),
     }
 }
