@@ -1,0 +1,572 @@
+//! From TOML text (or the quick-start flags) to a validated [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::*;
+use crate::problem::{Problem, Problems};
+
+#[derive(Deserialize, Default)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    pool: PoolOverrides,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    databases: BTreeMap<String, RawDatabase>,
+    #[serde(default)]
+    users: BTreeMap<String, RawUser>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct RawProxy {
+    listen: Option<OneOrMany>,
+    unix_socket_dir: Option<PathBuf>,
+    workers: Option<usize>,
+    max_message_size: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawAuth {
+    #[serde(rename = "type")]
+    kind: Option<AuthType>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDatabase {
+    url: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    dbname: Option<String>,
+    user: Option<String>,
+    password: Option<Secret>,
+    auth: Option<AuthType>,
+    #[serde(default)]
+    pool: PoolOverrides,
+}
+
+#[derive(Deserialize, Default)]
+struct RawUser {
+    password: Option<Secret>,
+    auth: Option<AuthType>,
+    #[serde(default)]
+    pool: PoolOverrides,
+}
+
+const TOP_KEYS: &[&str] = &["proxy", "pool", "auth", "databases", "users"];
+const PROXY_KEYS: &[&str] = &["listen", "unix_socket_dir", "workers", "max_message_size"];
+const POOL_KEYS: &[&str] = &[
+    "mode",
+    "size",
+    "query_wait_timeout",
+    "connect_timeout",
+    "reset_query",
+    "prepared_statements_cache",
+];
+const AUTH_KEYS: &[&str] = &["type", "file"];
+const DATABASE_KEYS: &[&str] = &[
+    "url", "host", "port", "dbname", "user", "password", "auth", "pool",
+];
+const USER_KEYS: &[&str] = &["password", "auth", "pool"];
+
+/// The keys allowed at a dotted path's parent, for "did you mean".
+fn known_keys(path: &[&str]) -> &'static [&'static str] {
+    match path {
+        [_] => TOP_KEYS,
+        ["proxy", _] => PROXY_KEYS,
+        ["pool", _] => POOL_KEYS,
+        ["auth", _] => AUTH_KEYS,
+        ["databases", _, "pool", _] | ["users", _, "pool", _] => POOL_KEYS,
+        ["databases", _, _] => DATABASE_KEYS,
+        ["users", _, _] => USER_KEYS,
+        _ => &[],
+    }
+}
+
+fn unknown_key(path: &str) -> Problem {
+    let parts: Vec<&str> = path.split('.').collect();
+    let key = parts.last().copied().unwrap_or_default();
+    let best = known_keys(&parts)
+        .iter()
+        .map(|k| (strsim::levenshtein(key, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3));
+    let p = Problem::error(path, format!("unknown key `{key}`"));
+    match best {
+        Some((_, k)) => p.fix(format!("did you mean `{k}`?")),
+        None => p.fix(format!(
+            "remove it; allowed here: {}",
+            known_keys(&parts).join(", ")
+        )),
+    }
+}
+
+/// Reads and validates a config file. Relative paths inside it (auth file, socket dir) are
+/// taken relative to the file's directory.
+pub fn from_file(path: &Path) -> Result<(Config, Problems), Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem::error(
+            path.display().to_string(),
+            format!("cannot read config file: {e}"),
+        )])
+    })?;
+    from_toml_str(&text, path.parent())
+}
+
+/// Parses and validates TOML text. On success returns the config with any warnings; on
+/// failure every problem found (errors and warnings).
+pub fn from_toml_str(text: &str, base_dir: Option<&Path>) -> Result<(Config, Problems), Problems> {
+    let mut problems = Problems::default();
+    let de = toml::de::Deserializer::parse(text)
+        .map_err(|e| Problems(vec![Problem::error("<file>", format!("invalid TOML: {e}"))]))?;
+    let mut unknown = Vec::new();
+    let raw: RawConfig =
+        serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|e| {
+            Problems(vec![Problem::error(
+                "<file>",
+                e.to_string().trim().to_string(),
+            )])
+        })?;
+    for path in unknown {
+        problems.push(unknown_key(&path));
+    }
+    let config = resolve(raw, base_dir, &mut problems);
+    validate(&config, &mut problems);
+    if problems.has_errors() {
+        Err(problems)
+    } else {
+        Ok((config, problems))
+    }
+}
+
+fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> Config {
+    let rel = |p: PathBuf| match base_dir {
+        Some(b) if p.is_relative() => b.join(p),
+        _ => p,
+    };
+    let defaults = ProxySettings::default();
+    let listen = match raw.proxy.listen {
+        None => defaults.listen.clone(),
+        Some(l) => {
+            let list = match l {
+                OneOrMany::One(s) => vec![s],
+                OneOrMany::Many(v) => v,
+            };
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, s)| match s.parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        problems.push(
+                            Problem::error(
+                                format!("proxy.listen[{i}]"),
+                                format!("`{s}` is not an address:port"),
+                            )
+                            .fix("write it like \"127.0.0.1:6432\" or \"0.0.0.0:6432\""),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        }
+    };
+    let proxy = ProxySettings {
+        listen,
+        unix_socket_dir: raw.proxy.unix_socket_dir.map(rel),
+        workers: raw.proxy.workers.unwrap_or(defaults.workers),
+        max_message_size: raw
+            .proxy
+            .max_message_size
+            .unwrap_or(defaults.max_message_size),
+    };
+
+    let mut databases = BTreeMap::new();
+    for (name, d) in raw.databases {
+        if let Some(db) = resolve_database(&name, d, problems) {
+            databases.insert(name, db);
+        }
+    }
+    let mut users: BTreeMap<String, User> = raw
+        .users
+        .into_iter()
+        .map(|(name, u)| {
+            (
+                name,
+                User {
+                    password: u.password,
+                    auth: u.auth,
+                    pool: u.pool,
+                },
+            )
+        })
+        .collect();
+
+    let auth_file = raw.auth.file.map(rel);
+    if let Some(path) = &auth_file {
+        match std::fs::read_to_string(path) {
+            Err(e) => problems.push(
+                Problem::error("auth.file", format!("cannot read {}: {e}", path.display()))
+                    .fix("point auth.file at a readable userlist.txt, or remove it"),
+            ),
+            Ok(text) => match parse_auth_file(&text) {
+                Err(p) => problems.push(p),
+                Ok(entries) => {
+                    for (user, secret) in entries {
+                        let u = users.entry(user).or_default();
+                        if u.password.is_none() {
+                            u.password = Some(Secret::new(secret));
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    Config {
+        proxy,
+        pool: raw.pool,
+        auth_type: raw.auth.kind.unwrap_or(AuthType::ScramSha256),
+        auth_file,
+        databases,
+        users,
+    }
+}
+
+fn resolve_database(name: &str, d: RawDatabase, problems: &mut Problems) -> Option<Database> {
+    let mut db = Database {
+        host: "127.0.0.1".into(),
+        port: 5432,
+        dbname: name.to_string(),
+        user: None,
+        password: None,
+        auth: d.auth,
+        pool: d.pool,
+    };
+    if let Some(url) = &d.url {
+        match parse_url(url) {
+            Ok(u) => {
+                db.host = u.host;
+                db.port = u.port;
+                if let Some(n) = u.dbname {
+                    db.dbname = n;
+                }
+                db.user = u.user;
+                db.password = u.password;
+            }
+            Err(msg) => {
+                problems.push(
+                    Problem::error(format!("databases.{name}.url"), msg)
+                        .fix("use postgres://USER:PASSWORD@HOST:PORT/DBNAME"),
+                );
+                return None;
+            }
+        }
+    }
+    if let Some(h) = d.host {
+        db.host = h;
+    }
+    if let Some(p) = d.port {
+        db.port = p;
+    }
+    if let Some(n) = d.dbname {
+        db.dbname = n;
+    }
+    if d.user.is_some() {
+        db.user = d.user;
+    }
+    if d.password.is_some() {
+        db.password = d.password;
+    }
+    Some(db)
+}
+
+/// The parts of a `postgres://` URL Weir uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+}
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Parses `postgres://[user[:password]@][host][:port][/dbname][?host=/socket/dir]`.
+pub fn parse_url(s: &str) -> Result<ServerUrl, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "scheme `{}` is not postgres:// or postgresql://",
+            url.scheme()
+        ));
+    }
+    let mut host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .map(|h| decode(h.trim_matches(['[', ']'])));
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "host" => host = Some(v.into_owned()),
+            "sslmode" | "application_name" | "connect_timeout" => {}
+            other => return Err(format!("unsupported URL parameter `{other}`")),
+        }
+    }
+    let dbname = url.path().trim_start_matches('/');
+    Ok(ServerUrl {
+        host: host.unwrap_or_else(|| "127.0.0.1".into()),
+        port: url.port().unwrap_or(5432),
+        dbname: (!dbname.is_empty()).then(|| decode(dbname)),
+        user: (!url.username().is_empty()).then(|| decode(url.username())),
+        password: url.password().map(|p| Secret::new(decode(p))),
+    })
+}
+
+/// Parses PgBouncer's `userlist.txt`: one `"user" "secret"` per line, `""` for a quote inside
+/// a field, lines starting with `;` or `#` ignored.
+pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, Problem> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with(';') || line.starts_with('#') {
+            continue;
+        }
+        let bad = || {
+            Problem::error(
+                format!("auth.file line {}", n + 1),
+                "expected two quoted fields: \"user\" \"secret\"",
+            )
+            .fix("quote both fields and double any quote inside them")
+        };
+        let mut fields = Vec::new();
+        let mut chars = line.chars().peekable();
+        while fields.len() < 2 {
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            if chars.next() != Some('"') {
+                return Err(bad());
+            }
+            let mut field = String::new();
+            loop {
+                match chars.next() {
+                    None => return Err(bad()),
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                }
+            }
+            fields.push(field);
+        }
+        let secret = fields.pop().unwrap();
+        out.push((fields.pop().unwrap(), secret));
+    }
+    Ok(out)
+}
+
+/// Semantic checks over the resolved config; every problem is collected.
+fn validate(c: &Config, problems: &mut Problems) {
+    if c.proxy.listen.is_empty() && c.proxy.unix_socket_dir.is_none() {
+        problems.push(
+            Problem::error("proxy.listen", "no listen address")
+                .fix("set proxy.listen = \"127.0.0.1:6432\""),
+        );
+    }
+    if c.proxy.max_message_size < 8192 {
+        problems.push(
+            Problem::error(
+                "proxy.max_message_size",
+                format!("{} bytes is too small", c.proxy.max_message_size),
+            )
+            .fix("use at least 8192 (default 67108864)"),
+        );
+    }
+    if c.databases.is_empty() {
+        problems.push(
+            Problem::warning(
+                "databases",
+                "no databases are defined: every client will get 3D000",
+            )
+            .fix("add a [databases.NAME] table with a url"),
+        );
+    }
+    validate_pool("pool", &c.pool, problems);
+    for (name, db) in &c.databases {
+        validate_pool(&format!("databases.{name}.pool"), &db.pool, problems);
+        if db.host.is_empty() {
+            problems.push(Problem::error(
+                format!("databases.{name}.host"),
+                "empty host",
+            ));
+        }
+        if db.port == 0 {
+            problems.push(
+                Problem::error(format!("databases.{name}.port"), "port 0")
+                    .fix("use the server's port, e.g. 5432"),
+            );
+        }
+    }
+    for (name, u) in &c.users {
+        validate_pool(&format!("users.{name}.pool"), &u.pool, problems);
+        if let Some(pw) = &u.password
+            && weir_wire::scram::Verifier::is_verifier(pw.expose())
+            && pw.expose().parse::<weir_wire::scram::Verifier>().is_err()
+        {
+            problems.push(
+                Problem::error(
+                    format!("users.{name}.password"),
+                    "malformed SCRAM-SHA-256 verifier",
+                )
+                .fix("copy it whole from pg_authid.rolpassword, or give the plain password"),
+            );
+        }
+        let needs_password = u.auth.unwrap_or(c.auth_type) != AuthType::Trust;
+        if needs_password && u.password.is_none() {
+            problems.push(
+                Problem::error(format!("users.{name}.password"), "missing: this user cannot log in")
+                    .fix("set a password (plain, md5 or SCRAM verifier), list it in auth.file, or set auth = \"trust\""),
+            );
+        }
+        if u.auth == Some(AuthType::Md5)
+            && u.password
+                .as_ref()
+                .is_some_and(|p| weir_wire::scram::Verifier::is_verifier(p.expose()))
+        {
+            problems.push(
+                Problem::error(
+                    format!("users.{name}.auth"),
+                    "md5 login needs a plain or md5 password, not a SCRAM verifier",
+                )
+                .fix("use auth = \"scram-sha-256\" or store the password in plain or md5 form"),
+            );
+        }
+    }
+}
+
+fn validate_pool(path: &str, p: &PoolOverrides, problems: &mut Problems) {
+    if p.size == Some(0) {
+        problems.push(
+            Problem::error(format!("{path}.size"), "0 server connections").fix("use 1 or more"),
+        );
+    }
+    if let Some(s) = p.size
+        && s > 100
+    {
+        problems.push(
+            Problem::warning(
+                format!("{path}.size"),
+                format!("{s} server connections in one pool"),
+            )
+            .fix("a pool above 100 rarely helps; check the server's max_connections"),
+        );
+    }
+    for (key, v) in [
+        ("query_wait_timeout", p.query_wait_timeout),
+        ("connect_timeout", p.connect_timeout),
+    ] {
+        if let Some(d) = v
+            && d.as_millis() < 10
+        {
+            problems.push(
+                Problem::error(
+                    format!("{path}.{key}"),
+                    format!("{} is below the 10ms floor", humantime::format_duration(d)),
+                )
+                .fix("use a duration such as \"5s\""),
+            );
+        }
+    }
+}
+
+/// The no-file quick start: one database, one user whose password is the server's.
+pub struct QuickStart {
+    pub listen: SocketAddr,
+    pub server_url: String,
+    pub pool_size: u32,
+    pub pool_mode: PoolMode,
+}
+
+impl QuickStart {
+    pub fn build(&self) -> Result<Config, Problems> {
+        let mut problems = Problems::default();
+        let url = parse_url(&self.server_url).map_err(|m| {
+            Problems(vec![
+                Problem::error("--server", m).fix("use postgres://USER:PASSWORD@HOST:PORT/DBNAME"),
+            ])
+        })?;
+        let Some(user) = url.user.clone() else {
+            return Err(Problems(vec![
+                Problem::error("--server", "the URL names no user")
+                    .fix("postgres://USER:PASSWORD@HOST:PORT/DBNAME"),
+            ]));
+        };
+        let dbname = url.dbname.clone().unwrap_or_else(|| user.clone());
+        let pool = PoolOverrides {
+            mode: Some(self.pool_mode),
+            size: Some(self.pool_size),
+            ..Default::default()
+        };
+        let mut config = Config {
+            proxy: ProxySettings {
+                listen: vec![self.listen],
+                ..Default::default()
+            },
+            pool: pool.clone(),
+            ..Default::default()
+        };
+        let auth = if url.password.is_some() {
+            None
+        } else {
+            Some(AuthType::Trust)
+        };
+        config.databases.insert(
+            dbname.clone(),
+            Database {
+                host: url.host,
+                port: url.port,
+                dbname,
+                user: Some(user.clone()),
+                password: url.password.clone(),
+                auth,
+                pool: PoolOverrides::default(),
+            },
+        );
+        config.users.insert(
+            user,
+            User {
+                password: url.password,
+                auth,
+                pool: PoolOverrides::default(),
+            },
+        );
+        validate(&config, &mut problems);
+        if problems.has_errors() {
+            Err(problems)
+        } else {
+            Ok(config)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

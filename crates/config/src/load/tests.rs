@@ -1,0 +1,189 @@
+use super::*;
+use std::time::Duration;
+
+const EXAMPLE: &str = r#"
+[proxy]
+listen = ["127.0.0.1:6432", "[::1]:6432"]
+
+[pool]
+mode = "transaction"
+size = 10
+query_wait_timeout = "2s"
+
+[auth]
+type = "md5"
+
+[databases.app]
+url = "postgres://app_owner:p%40ss@db.internal:5433/app_prod"
+pool.size = 5
+
+[databases.reports]
+host = "/var/run/postgresql"
+auth = "scram-sha-256"
+
+[users.alice]
+password = "secret"
+pool.mode = "session"
+
+[users.bob]
+password = "md532e12f215ba27cb750c9e093ce4b5127"
+"#;
+
+#[test]
+fn example_resolves_with_layers() {
+    let (c, warnings) = from_toml_str(EXAMPLE, None).unwrap();
+    assert!(!warnings.has_errors());
+    assert_eq!(c.proxy.listen.len(), 2);
+    let app = &c.databases["app"];
+    assert_eq!(
+        (app.host.as_str(), app.port, app.dbname.as_str()),
+        ("db.internal", 5433, "app_prod")
+    );
+    assert_eq!(app.user.as_deref(), Some("app_owner"));
+    assert_eq!(app.password.as_ref().unwrap().expose(), "p@ss");
+    assert_eq!(c.databases["reports"].dbname, "reports");
+
+    // defaults < [pool] < database < user
+    let s = c.pool_settings("app", "bob");
+    assert_eq!(
+        (s.size, s.mode, s.query_wait_timeout),
+        (5, PoolMode::Transaction, Duration::from_secs(2))
+    );
+    let s = c.pool_settings("app", "alice");
+    assert_eq!((s.size, s.mode), (5, PoolMode::Session));
+    let s = c.pool_settings("reports", "bob");
+    assert_eq!(s.size, 10);
+    assert_eq!(s.connect_timeout, PoolSettings::default().connect_timeout);
+
+    assert_eq!(c.auth_type("app", "bob"), AuthType::Md5);
+    assert_eq!(c.auth_type("reports", "bob"), AuthType::ScramSha256);
+
+    let login = c.server_login("app", "bob").unwrap();
+    assert_eq!(login.user, "app_owner", "the database's user is forced");
+    let login = c.server_login("reports", "alice").unwrap();
+    assert_eq!(
+        (login.user.as_str(), login.password.unwrap().expose()),
+        ("alice", "secret")
+    );
+}
+
+#[test]
+fn unknown_keys_are_all_reported_with_suggestions() {
+    let text = "[pool]\nsise = 3\nquery_wait_timout = \"1s\"\n[databases.app]\nurl = \"postgres://u:p@h/d\"\npool.mod = \"session\"\n";
+    let err = from_toml_str(text, None).unwrap_err();
+    let msgs: Vec<String> = err.errors().map(|p| p.to_string()).collect();
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("pool.sise") && m.contains("`size`")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("pool.query_wait_timout") && m.contains("`query_wait_timeout`"))
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("databases.app.pool.mod") && m.contains("`mode`"))
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key_and_line() {
+    let err = from_toml_str("[pool]\nsize = \"ten\"\n", None).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("size") && msg.contains("line 2"), "{msg}");
+}
+
+#[test]
+fn semantic_errors_are_collected_together() {
+    let text = "[proxy]\nlisten = \"nowhere\"\n[pool]\nsize = 0\nconnect_timeout = \"1ms\"\n[users.x]\nauth = \"md5\"\n";
+    let err = from_toml_str(text, None).unwrap_err();
+    let paths: Vec<&str> = err.errors().map(|p| p.path.as_str()).collect();
+    for want in [
+        "proxy.listen[0]",
+        "pool.size",
+        "pool.connect_timeout",
+        "users.x.password",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}
+
+#[test]
+fn bad_url_is_an_error_with_fix() {
+    let err = from_toml_str("[databases.a]\nurl = \"mysql://x@y/z\"\n", None).unwrap_err();
+    let p = err.errors().next().unwrap();
+    assert_eq!(p.path, "databases.a.url");
+    assert!(p.fix.as_deref().unwrap().contains("postgres://"));
+}
+
+#[test]
+fn big_pool_is_a_warning_not_an_error() {
+    let (_, problems) = from_toml_str("[pool]\nsize = 150\n[databases.a]\n", None).unwrap();
+    assert_eq!(problems.warnings().count(), 1);
+}
+
+#[test]
+fn url_forms() {
+    let u = parse_url("postgresql://u@%2Ftmp/db").unwrap();
+    assert_eq!(u.host, "/tmp");
+    let u = parse_url("postgres:///db?host=/run/pg").unwrap();
+    assert_eq!(
+        (u.host.as_str(), u.port, u.dbname.as_deref()),
+        ("/run/pg", 5432, Some("db"))
+    );
+    assert!(u.user.is_none() && u.password.is_none());
+    assert!(parse_url("postgres://h/db?weird=1").is_err());
+}
+
+#[test]
+fn auth_file_format() {
+    let text = "; comment\n\"alice\" \"secret\"\n  \"b\"\"ob\" \"md5abc\"\n\n";
+    let entries = parse_auth_file(text).unwrap();
+    assert_eq!(
+        entries,
+        vec![
+            ("alice".into(), "secret".into()),
+            ("b\"ob".into(), "md5abc".into())
+        ]
+    );
+    let err = parse_auth_file("alice secret\n").unwrap_err();
+    assert_eq!(err.path, "auth.file line 1");
+}
+
+#[test]
+fn auth_file_fills_users() {
+    let dir = std::env::temp_dir().join(format!("weir-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("userlist.txt"), "\"carol\" \"pw\"\n").unwrap();
+    let (c, _) = from_toml_str(
+        "[auth]\nfile = \"userlist.txt\"\n[databases.a]\n",
+        Some(&dir),
+    )
+    .unwrap();
+    assert_eq!(c.users["carol"].password.as_ref().unwrap().expose(), "pw");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let (c, _) = from_toml_str(EXAMPLE, None).unwrap();
+    let dump = format!("{c:?}");
+    assert!(!dump.contains("secret") && !dump.contains("p@ss"), "{dump}");
+}
+
+#[test]
+fn quick_start_serves_one_database() {
+    let c = QuickStart {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        server_url: "postgres://app:pw@127.0.0.1:5432/appdb".into(),
+        pool_size: 7,
+        pool_mode: PoolMode::Transaction,
+    }
+    .build()
+    .unwrap();
+    assert_eq!(c.pool_settings("appdb", "app").size, 7);
+    assert_eq!(c.users["app"].password.as_ref().unwrap().expose(), "pw");
+    assert_eq!(c.server_login("appdb", "app").unwrap().user, "app");
+}
