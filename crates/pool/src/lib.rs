@@ -126,6 +126,14 @@ impl<M: Manager> Clone for Pool<M> {
     }
 }
 
+impl<M: Manager> std::fmt::Debug for Pool<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("stats", &self.snapshot())
+            .finish()
+    }
+}
+
 impl<M: Manager> Pool<M> {
     pub fn new(manager: M, max_size: usize) -> Self {
         Pool {

@@ -1,0 +1,145 @@
+//! Cancel keys. Each client gets Weir's own key; while it holds a server connection its slot
+//! points at that server's key, so a CancelRequest reaches only the query of that client.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use weir_wire::backend::BackendKey;
+use weir_wire::frontend::CancelKey;
+
+use crate::server::ServerAddr;
+
+/// Where a client's running query can be cancelled.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: Arc<ServerAddr>,
+    pub key: BackendKey,
+}
+
+#[derive(Debug)]
+struct Slot {
+    secret: i32,
+    target: Mutex<Option<CancelTarget>>,
+}
+
+#[derive(Debug)]
+pub struct CancelRegistry {
+    slots: Mutex<HashMap<i32, Arc<Slot>>>,
+    next_pid: AtomicI32,
+}
+
+impl Default for CancelRegistry {
+    fn default() -> Self {
+        CancelRegistry {
+            slots: Mutex::new(HashMap::new()),
+            next_pid: AtomicI32::new(rand::RngExt::random_range(&mut rand::rng(), 1..1 << 30)),
+        }
+    }
+}
+
+impl CancelRegistry {
+    /// Issues a fresh key for a client. The slot is removed when the registration drops.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let secret: i32 = rand::RngExt::random(&mut rand::rng());
+        let slot = Arc::new(Slot {
+            secret,
+            target: Mutex::new(None),
+        });
+        let mut slots = self.slots.lock().unwrap();
+        let pid = loop {
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if pid != 0 && !slots.contains_key(&pid) {
+                break pid;
+            }
+        };
+        slots.insert(pid, slot.clone());
+        Registration {
+            registry: self.clone(),
+            key: CancelKey { pid, secret },
+            slot,
+        }
+    }
+
+    /// The server-side target for a client's key, if the key is valid and the client is
+    /// running something right now.
+    pub fn target(&self, key: CancelKey) -> Option<CancelTarget> {
+        let slot = self.slots.lock().unwrap().get(&key.pid).cloned()?;
+        if !weir_wire::scram::ct_eq(&slot.secret.to_be_bytes(), &key.secret.to_be_bytes()) {
+            return None;
+        }
+        slot.target.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A client's cancel key, held for the life of its session.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    key: CancelKey,
+    slot: Arc<Slot>,
+}
+
+impl Registration {
+    pub fn key(&self) -> CancelKey {
+        self.key
+    }
+
+    /// Points the key at the server connection now serving the client.
+    pub fn attach(&self, addr: Arc<ServerAddr>, key: BackendKey) {
+        *self.slot.target.lock().unwrap() = Some(CancelTarget { addr, key });
+    }
+
+    pub fn detach(&self) {
+        *self.slot.target.lock().unwrap() = None;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.slots.lock().unwrap().remove(&self.key.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_reaches_only_its_own_target() {
+        let reg = Arc::new(CancelRegistry::default());
+        let a = reg.register();
+        let b = reg.register();
+        assert_ne!(a.key().pid, b.key().pid);
+        let addr = Arc::new(ServerAddr::Tcp {
+            host: "h".into(),
+            port: 1,
+        });
+        a.attach(
+            addr,
+            BackendKey {
+                pid: 10,
+                secret: 20,
+            },
+        );
+        assert_eq!(reg.target(a.key()).unwrap().key.pid, 10);
+        assert!(reg.target(b.key()).is_none(), "b is not running anything");
+        let forged = CancelKey {
+            pid: a.key().pid,
+            secret: a.key().secret.wrapping_add(1),
+        };
+        assert!(reg.target(forged).is_none(), "wrong secret");
+        a.detach();
+        assert!(reg.target(a.key()).is_none());
+        drop(a);
+        assert_eq!(reg.len(), 1);
+    }
+}

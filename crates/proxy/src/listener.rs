@@ -1,0 +1,147 @@
+//! Listening sockets and the state every session shares.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinHandle;
+use weir_config::Config;
+
+use crate::auth::UserDirectory;
+use crate::cancel::CancelRegistry;
+use crate::pools::Pools;
+use crate::session;
+use crate::stream::Stream;
+
+/// State shared by every session, passed as a handle (no globals), so several proxies can
+/// run in one process, as the tests do.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub users: ArcSwap<UserDirectory>,
+    pub pools: Pools,
+    pub cancel: Arc<CancelRegistry>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            users: ArcSwap::from_pointee(UserDirectory::new(&config)),
+            config: ArcSwap::from_pointee(config),
+            pools: Pools::default(),
+            cancel: Arc::new(CancelRegistry::default()),
+        }
+    }
+}
+
+/// Builds a running proxy.
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds every listen address (port 0 picks a free port) and starts accepting. Must be
+    /// called inside a Tokio runtime.
+    pub async fn start(config: Config) -> io::Result<ProxyHandle> {
+        let shared = Arc::new(Shared::new(config.clone()));
+        let mut tasks = Vec::new();
+        let mut addrs = Vec::new();
+        for addr in &config.proxy.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            addrs.push(l.local_addr()?);
+            tasks.push(tokio::spawn(accept_tcp(l, shared.clone())));
+        }
+        let mut unix_path = None;
+        if let Some(dir) = &config.proxy.unix_socket_dir {
+            let port = addrs.first().map_or(6432, |a| a.port());
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let _ = std::fs::remove_file(&path);
+            let l = UnixListener::bind(&path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", path.display()),
+                )
+            })?;
+            tasks.push(tokio::spawn(accept_unix(l, shared.clone())));
+            unix_path = Some(path);
+        }
+        for a in &addrs {
+            tracing::info!(listen = %a, "weir is accepting connections");
+        }
+        Ok(ProxyHandle {
+            addrs,
+            unix_path,
+            shared,
+            tasks,
+        })
+    }
+}
+
+async fn accept_tcp(l: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match l.accept().await {
+            Ok((sock, _)) => {
+                let _ = sock.set_nodelay(true);
+                tokio::spawn(session::serve(shared.clone(), Stream::Tcp(sock)));
+            }
+            Err(e) => accept_error(e).await,
+        }
+    }
+}
+
+async fn accept_unix(l: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match l.accept().await {
+            Ok((sock, _)) => {
+                tokio::spawn(session::serve(shared.clone(), Stream::Unix(sock)));
+            }
+            Err(e) => accept_error(e).await,
+        }
+    }
+}
+
+/// Out of file descriptors and the like: say so and back off instead of spinning.
+async fn accept_error(e: io::Error) {
+    tracing::error!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    pub addrs: Vec<SocketAddr>,
+    pub unix_path: Option<PathBuf>,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// The first TCP address (the one to connect to in tests).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting and closes the pools. Sessions still running end as their server
+    /// connections close.
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.pools.close_all();
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,383 @@
+//! Session parameters: what a client believes each run-time parameter is, what each server
+//! connection has, and the one query that makes a server match a client before its
+//! transaction runs.
+//!
+//! Reported parameters (those PostgreSQL sends ParameterStatus for) are tracked from the
+//! server's own reports, so a client's `SET TimeZone` is carried to its next server
+//! connection. Parameters that are not reported (search_path, statement_timeout, ...) are
+//! carried only when the client gave them at startup; a `SET` of one inside a transaction-mode
+//! session stays on the server connection it ran on (see the README).
+
+/// One parameter: lower-cased key for lookups (GUC names are case-insensitive), the name as
+/// first seen, and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Param {
+    key: Box<str>,
+    name: Box<str>,
+    value: Box<str>,
+}
+
+/// A small ordered map of parameters. A handful of entries: a Vec beats a HashMap here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamSet {
+    items: Vec<Param>,
+}
+
+impl ParamSet {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.items
+            .iter()
+            .find(|p| p.key.eq_ignore_ascii_case(name))
+            .map(|p| &*p.value)
+    }
+
+    /// Sets a value; returns whether it changed.
+    pub fn set(&mut self, name: &str, value: &str) -> bool {
+        match self
+            .items
+            .iter_mut()
+            .find(|p| p.key.eq_ignore_ascii_case(name))
+        {
+            Some(p) if &*p.value == value => false,
+            Some(p) => {
+                p.value = value.into();
+                true
+            }
+            None => {
+                self.items.push(Param {
+                    key: name.to_ascii_lowercase().into(),
+                    name: name.into(),
+                    value: value.into(),
+                });
+                true
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.items.retain(|p| !p.key.eq_ignore_ascii_case(name));
+    }
+
+    pub fn clear(&mut self) {
+        self.items.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// `(name, value)` pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.items.iter().map(|p| (&*p.name, &*p.value))
+    }
+}
+
+/// Reported parameters a client cannot change; never synchronised.
+const READ_ONLY: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+    "scram_iterations",
+];
+
+/// Startup keys that are not run-time parameters.
+const NOT_PARAMETERS: &[&str] = &["user", "database", "replication", "options"];
+
+fn is_read_only(key: &str) -> bool {
+    READ_ONLY.iter().any(|k| k.eq_ignore_ascii_case(key))
+}
+
+/// A name Weir can put unquoted in `SET name TO ...`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// PostgreSQL accepts several spellings of UTF8; report the canonical one as it would.
+fn normalize(key: &str, value: &str) -> String {
+    if key.eq_ignore_ascii_case("client_encoding") {
+        let squashed: String = value.chars().filter(|c| *c != '-' && *c != '_').collect();
+        if squashed.eq_ignore_ascii_case("utf8") || squashed.eq_ignore_ascii_case("unicode") {
+            return "UTF8".into();
+        }
+        return value.to_ascii_uppercase();
+    }
+    value.to_string()
+}
+
+/// Splits a libpq `options` string (`-c name=value --name=value`, backslash escapes) into
+/// parameters.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next().ok_or("`-c` without a setting")?
+        } else if let Some(s) = w.strip_prefix("--") {
+            s.to_string()
+        } else if let Some(s) = w.strip_prefix("-c") {
+            s.to_string()
+        } else {
+            return Err(format!(
+                "unsupported option `{w}`; only -c name=value and --name=value are accepted"
+            ));
+        };
+        let (k, v) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("`{setting}` is not name=value"))?;
+        out.push((k.replace('-', "_"), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// What one client believes: every reported parameter plus what it asked for at startup.
+#[derive(Debug, Clone, Default)]
+pub struct ClientParams {
+    pub wanted: ParamSet,
+}
+
+impl ClientParams {
+    /// Starts from the pool's defaults (what the server reported at login) and applies the
+    /// client's startup parameters and `options`.
+    pub fn new(defaults: &ParamSet, startup: &[(String, String)]) -> Result<ClientParams, String> {
+        let mut wanted = defaults.clone();
+        for (k, v) in startup {
+            if k.starts_with("_pq_.") || NOT_PARAMETERS.iter().any(|n| n.eq_ignore_ascii_case(k)) {
+                continue;
+            }
+            set_checked(&mut wanted, k, v)?;
+        }
+        if let Some((_, opts)) = startup.iter().find(|(k, _)| k == "options") {
+            for (k, v) in parse_options(opts)? {
+                set_checked(&mut wanted, &k, &v)?;
+            }
+        }
+        Ok(ClientParams { wanted })
+    }
+
+    /// The parameters to report to the client at login: those the server reports.
+    pub fn reported<'a>(
+        &'a self,
+        defaults: &'a ParamSet,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.wanted
+            .iter()
+            .filter(|(k, _)| defaults.get(k).is_some())
+    }
+}
+
+fn set_checked(set: &mut ParamSet, k: &str, v: &str) -> Result<(), String> {
+    if !is_plain_name(k) {
+        return Err(format!("invalid parameter name \"{k}\""));
+    }
+    if is_read_only(k) {
+        return Err(format!("parameter \"{k}\" cannot be changed"));
+    }
+    set.set(k, &normalize(k, v));
+    Ok(())
+}
+
+/// What one server connection has: the values it reported, and what Weir set on it that has
+/// not been changed since.
+#[derive(Debug, Clone, Default)]
+pub struct ServerParams {
+    pub reported: ParamSet,
+    pub set_by_weir: ParamSet,
+}
+
+impl ServerParams {
+    /// Records a ParameterStatus. `ours` is true while Weir's own synchronising query runs;
+    /// otherwise the client changed the value and Weir's record of it is void.
+    pub fn on_report(&mut self, name: &str, value: &str, ours: bool) {
+        self.reported.set(name, value);
+        if !ours {
+            self.set_by_weir.remove(name);
+        }
+    }
+
+    /// Forgets what Weir set (after DISCARD ALL or a reset query).
+    pub fn forget_sets(&mut self) {
+        self.set_by_weir.clear();
+    }
+
+    /// Builds the query that makes this server match `client`, or `None` if it already does.
+    /// Records the values as set, so the caller must send the query.
+    pub fn sync_query(&mut self, client: &ClientParams) -> Option<String> {
+        let mut q = String::new();
+        for (name, value) in client.wanted.iter() {
+            if is_read_only(name) {
+                continue;
+            }
+            let matches = match self.set_by_weir.get(name) {
+                Some(v) => v == value,
+                None => self.reported.get(name) == Some(value),
+            };
+            if !matches {
+                push_set(&mut q, name, value);
+                self.set_by_weir.set(name, value);
+            }
+        }
+        let stale: Vec<String> = self
+            .set_by_weir
+            .iter()
+            .filter(|(k, _)| client.wanted.get(k).is_none())
+            .map(|(k, _)| k.to_string())
+            .collect();
+        for k in stale {
+            q.push_str("RESET ");
+            q.push_str(&k.to_ascii_lowercase());
+            q.push(';');
+            self.set_by_weir.remove(&k);
+        }
+        (!q.is_empty()).then_some(q)
+    }
+}
+
+fn push_set(q: &mut String, name: &str, value: &str) {
+    q.push_str("SET ");
+    q.push_str(&name.to_ascii_lowercase());
+    q.push_str(" TO E'");
+    for c in value.chars() {
+        match c {
+            '\'' => q.push_str("''"),
+            '\\' => q.push_str("\\\\"),
+            c => q.push(c),
+        }
+    }
+    q.push_str("';");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> ParamSet {
+        let mut d = ParamSet::default();
+        for (k, v) in [
+            ("server_version", "15.8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("TimeZone", "Etc/UTC"),
+            ("application_name", ""),
+        ] {
+            d.set(k, v);
+        }
+        d
+    }
+
+    fn startup(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_params_override_defaults_case_insensitively() {
+        let c = ClientParams::new(
+            &defaults(),
+            &startup(&[
+                ("user", "u"),
+                ("datestyle", "German"),
+                ("client_encoding", "utf-8"),
+                ("search_path", "app"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.wanted.get("DateStyle"), Some("German"));
+        assert_eq!(c.wanted.get("client_encoding"), Some("UTF8"));
+        assert_eq!(c.wanted.get("user"), None);
+        let d = defaults();
+        let reported: Vec<_> = c.reported(&d).map(|(k, _)| k).collect();
+        assert!(reported.contains(&"DateStyle") && !reported.contains(&"search_path"));
+    }
+
+    #[test]
+    fn options_are_parsed() {
+        let opts =
+            parse_options(r"-c search_path=a\ b --statement-timeout=5s -cwork_mem=64MB").unwrap();
+        assert_eq!(
+            opts,
+            vec![
+                ("search_path".into(), "a b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into())
+            ]
+        );
+        assert!(parse_options("-x").is_err());
+    }
+
+    #[test]
+    fn read_only_and_odd_names_are_refused() {
+        assert!(ClientParams::new(&defaults(), &startup(&[("server_version", "1")])).is_err());
+        assert!(ClientParams::new(&defaults(), &startup(&[("a;b", "1")])).is_err());
+    }
+
+    #[test]
+    fn sync_sets_only_differences_and_resets_leftovers() {
+        let mut server = ServerParams {
+            reported: defaults(),
+            ..Default::default()
+        };
+        let a = ClientParams::new(
+            &defaults(),
+            &startup(&[("TimeZone", "UTC"), ("search_path", "it's")]),
+        )
+        .unwrap();
+        let q = server.sync_query(&a).unwrap();
+        assert_eq!(q, "SET timezone TO E'UTC';SET search_path TO E'it''s';");
+        // The server reports its normalised value during Weir's own query.
+        server.on_report("TimeZone", "UTC", true);
+        assert_eq!(server.sync_query(&a), None, "already in sync");
+
+        let b = ClientParams::new(&defaults(), &startup(&[])).unwrap();
+        let q = server.sync_query(&b).unwrap();
+        assert_eq!(q, "SET timezone TO E'Etc/UTC';RESET search_path;");
+    }
+
+    #[test]
+    fn client_set_voids_weirs_record() {
+        let mut server = ServerParams {
+            reported: defaults(),
+            ..Default::default()
+        };
+        let a = ClientParams::new(&defaults(), &startup(&[("TimeZone", "UTC")])).unwrap();
+        server.sync_query(&a);
+        server.on_report("TimeZone", "UTC", true);
+        // The client runs SET TimeZone itself, on this server.
+        server.on_report("TimeZone", "Asia/Tokyo", false);
+        assert_eq!(
+            server.sync_query(&a).as_deref(),
+            Some("SET timezone TO E'UTC';")
+        );
+    }
+
+    #[test]
+    fn backslashes_are_escaped() {
+        let mut q = String::new();
+        push_set(&mut q, "x", r"a\b");
+        assert_eq!(q, r"SET x TO E'a\\b';");
+    }
+}

@@ -1,0 +1,247 @@
+//! Prepared statements in transaction mode.
+//!
+//! A client's named statement maps to a server-side name derived from its text and parameter
+//! types (`weir_` + 128-bit hash), so two clients preparing the same SQL share one server
+//! statement and the same name with different SQL never collides. Each server connection keeps
+//! a bounded record of which statements it has; a statement is prepared there lazily, the first
+//! time a client on that connection needs it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use weir_wire::frontend::Parse;
+
+/// Identity of a server-side statement: a hash of its text and parameter types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StatementId(pub u128);
+
+pub const NAME_LEN: usize = 5 + 32;
+
+impl StatementId {
+    pub fn of(parse: &Parse<'_>) -> StatementId {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(parse.query);
+        h.update(&[0]);
+        h.update(parse.param_types);
+        StatementId(h.digest128())
+    }
+
+    /// The server-side name: `weir_` and 32 hex digits (fits NAMEDATALEN).
+    pub fn name(&self) -> [u8; NAME_LEN] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; NAME_LEN];
+        out[..5].copy_from_slice(b"weir_");
+        for i in 0..32 {
+            out[5 + i] = HEX[((self.0 >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
+}
+
+/// A statement a client prepared: its server identity and the Parse to send a server that
+/// lacks it (already renamed).
+#[derive(Debug)]
+pub struct Statement {
+    pub id: StatementId,
+    pub parse: Bytes,
+}
+
+impl Statement {
+    pub fn new(parse: &Parse<'_>) -> Statement {
+        let id = StatementId::of(parse);
+        let mut buf =
+            BytesMut::with_capacity(parse.query.len() + parse.param_types.len() + NAME_LEN + 8);
+        Parse {
+            name: &id.name(),
+            query: parse.query,
+            param_types: parse.param_types,
+        }
+        .encode(&mut buf);
+        Statement {
+            id,
+            parse: buf.freeze(),
+        }
+    }
+}
+
+/// One client's statement names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    map: HashMap<Box<[u8]>, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.map.get(name)
+    }
+
+    pub fn insert(&mut self, name: &[u8], s: Arc<Statement>) {
+        self.map.insert(name.into(), s);
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> bool {
+        self.map.remove(name).is_some()
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The statements one server connection has, with a least-recently-used bound.
+#[derive(Debug)]
+pub struct ServerStatements {
+    last_use: HashMap<StatementId, u64>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl ServerStatements {
+    pub fn new(capacity: usize) -> Self {
+        ServerStatements {
+            last_use: HashMap::new(),
+            tick: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The tick the next use will get. A batch records it before it starts, so eviction can
+    /// spare everything the batch itself uses.
+    pub fn next_tick(&self) -> u64 {
+        self.tick + 1
+    }
+
+    /// Whether the server has `id`; marks it used.
+    pub fn touch(&mut self, id: StatementId) -> bool {
+        self.tick += 1;
+        match self.last_use.get_mut(&id) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `id` as prepared. If that exceeds the bound, returns the least recently used
+    /// statement to close, unless it was used at or after `protect_from` (by the current batch),
+    /// or eviction is not allowed now (`may_evict`: a transaction is open, so a portal
+    /// could still depend on it). Then the bound is exceeded until a later insert.
+    pub fn insert(
+        &mut self,
+        id: StatementId,
+        protect_from: u64,
+        may_evict: bool,
+    ) -> Option<StatementId> {
+        self.tick += 1;
+        self.last_use.insert(id, self.tick);
+        if self.last_use.len() <= self.capacity || !may_evict {
+            return None;
+        }
+        let (&victim, &t) = self.last_use.iter().min_by_key(|(_, t)| **t)?;
+        if t >= protect_from {
+            return None;
+        }
+        self.last_use.remove(&victim);
+        Some(victim)
+    }
+
+    pub fn remove(&mut self, id: StatementId) {
+        self.last_use.remove(&id);
+    }
+
+    /// Puts back a statement whose Close never ran (skipped after an error).
+    pub fn restore(&mut self, id: StatementId) {
+        self.last_use.insert(id, 0);
+    }
+
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<'a>(q: &'a [u8], types: &'a [u8]) -> Parse<'a> {
+        Parse {
+            name: b"s",
+            query: q,
+            param_types: types,
+        }
+    }
+
+    #[test]
+    fn same_text_same_id_different_types_different_id() {
+        let none = [0u8, 0];
+        let int = [0u8, 1, 0, 0, 0, 23];
+        assert_eq!(
+            StatementId::of(&parse(b"select 1", &none)),
+            StatementId::of(&parse(b"select 1", &none))
+        );
+        assert_ne!(
+            StatementId::of(&parse(b"select $1", &none)),
+            StatementId::of(&parse(b"select $1", &int))
+        );
+        assert_ne!(
+            StatementId::of(&parse(b"select 1", &none)),
+            StatementId::of(&parse(b"select 2", &none))
+        );
+    }
+
+    #[test]
+    fn renamed_parse_keeps_text_and_types() {
+        let types = [0u8, 1, 0, 0, 0, 23];
+        let p = parse(b"select $1", &types);
+        let s = Statement::new(&p);
+        let (_, body) = weir_wire::frame::complete(&s.parse, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let back = Parse::decode(body).unwrap();
+        assert_eq!(back.name, &s.id.name()[..]);
+        assert!(back.name.starts_with(b"weir_"));
+        assert_eq!(
+            (back.query, back.param_types),
+            (&b"select $1"[..], &types[..])
+        );
+    }
+
+    #[test]
+    fn lru_evicts_oldest_but_spares_current_batch() {
+        let mut c = ServerStatements::new(2);
+        let (a, b, x) = (StatementId(1), StatementId(2), StatementId(3));
+        assert_eq!(c.insert(a, c.next_tick(), true), None);
+        assert_eq!(c.insert(b, c.next_tick(), true), None);
+        assert!(c.touch(a));
+        // A new batch: b is least recently used and not part of it.
+        let batch = c.next_tick();
+        assert_eq!(c.insert(x, batch, true), Some(b));
+        assert!(!c.touch(b));
+        // Same batch uses everything: nothing evicted, bound exceeded for now.
+        let batch = c.next_tick();
+        c.touch(a);
+        c.touch(x);
+        assert_eq!(c.insert(b, batch, true), None);
+        assert_eq!(c.len(), 3);
+        // Inside a transaction nothing is evicted either.
+        assert_eq!(c.insert(StatementId(9), c.next_tick(), false), None);
+    }
+}

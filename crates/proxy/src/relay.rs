@@ -1,0 +1,763 @@
+//! The relay's bookkeeping, kept free of sockets so every sequence can be unit-tested.
+//!
+//! [`Relay::from_client`] turns a client's complete messages into what goes to the server
+//! (renaming prepared statements, injecting a Parse a server lacks, answering what needs no
+//! server), and queues one [`Expect`] per reply the client is owed. [`Relay::from_server`]
+//! walks the server's replies against that queue: it forwards, drops the replies to what Weir
+//! injected, inserts the replies Weir synthesised at the right place, and learns the
+//! transaction status. A server connection may go back to the pool only when
+//! [`Relay::is_idle`]: nothing owed, status idle, no COPY, no half-relayed message.
+//!
+//! Large messages (DataRow, CopyData, ...) are relayed as they arrive, without waiting for
+//! the whole message; only ReadyForQuery, ErrorResponse and ParameterStatus are read whole.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use weir_wire::backend::{self, ParameterStatus, TxStatus};
+use weir_wire::frame::{FrameError, HEADER_LEN, Header};
+use weir_wire::frontend::{self, Bind, Malformed, Named, Parse, Query, Target, tag};
+use weir_wire::{ErrorResponse, Severity, SqlState};
+
+use crate::params::ClientParams;
+use crate::prepared::{ClientStatements, Statement, StatementId};
+use crate::server::ServerState;
+
+/// A reply the client is owed, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// ParseComplete for a Parse sent to the server; `forward` is false when Weir injected it.
+    ParseComplete {
+        forward: bool,
+        stmt: Option<StatementId>,
+    },
+    BindComplete,
+    /// Ends with RowDescription or NoData (a ParameterDescription may come first).
+    Describe,
+    /// Ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// CloseComplete; `evicted` names a statement Weir closed to keep the cache bounded.
+    CloseComplete {
+        forward: bool,
+        evicted: Option<StatementId>,
+    },
+    Sync,
+    /// A simple Query (or FunctionCall): everything up to ReadyForQuery belongs to it.
+    Query {
+        forward: bool,
+    },
+    /// A reply Weir makes itself, sent when it reaches the front.
+    Synth(Synth),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synth {
+    ParseComplete,
+    CloseComplete,
+    CommandComplete(&'static str),
+    ReadyForQuery,
+}
+
+/// The server broke the protocol as Weir understands it. The server connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerProtocolError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    #[error("server sent '{}' while Weir expected {expected}", char::from(*got))]
+    Unexpected { got: u8, expected: String },
+}
+
+/// What a client sent that ends its connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientProtocolError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    #[error("unexpected message type '{}' in this state", char::from(*.0))]
+    NotAllowed(u8),
+}
+
+/// How far [`Relay::from_client`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientStep {
+    /// All complete messages handled; this many bytes consumed.
+    Done(usize),
+    /// Stopped before a message that needs a server connection; bytes consumed so far.
+    NeedServer(usize),
+    /// Terminate received after this many bytes.
+    Terminate(usize),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Partial {
+    remaining: usize,
+    forward: bool,
+}
+
+/// The longest ReadyForQuery/ErrorResponse/ParameterStatus Weir reads whole from a server.
+const INSPECT_LIMIT: u32 = 1 << 20;
+
+#[derive(Debug)]
+pub struct Relay {
+    queue: VecDeque<Expect>,
+    status: TxStatus,
+    copy_in: bool,
+    copy_out: bool,
+    server_partial: Partial,
+    client_partial: usize,
+    /// After Weir answered a batch with an error itself: drop messages until Sync.
+    skip_until_sync: bool,
+    /// Map client statement names to shared server statements (transaction mode).
+    pub mapping: bool,
+    pub max_message_size: u32,
+    /// The server sent a FATAL error, already relayed to the client.
+    pub fatal_relayed: bool,
+}
+
+impl Relay {
+    pub fn new(mapping: bool, max_message_size: u32) -> Relay {
+        Relay {
+            queue: VecDeque::with_capacity(8),
+            status: TxStatus::Idle,
+            copy_in: false,
+            copy_out: false,
+            server_partial: Partial::default(),
+            client_partial: 0,
+            skip_until_sync: false,
+            mapping,
+            max_message_size,
+            fatal_relayed: false,
+        }
+    }
+
+    /// Nothing owed, no transaction, no COPY, nothing half-relayed: the server connection
+    /// can serve someone else.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.status == TxStatus::Idle
+            && !self.copy_in
+            && !self.copy_out
+            && self.server_partial.remaining == 0
+            && self.client_partial == 0
+    }
+
+    /// Whether [`Relay::from_client`] can make progress on `buf`: a whole message, part of a
+    /// streamed CopyData, or a length it will reject.
+    pub fn client_ready(&self, buf: &[u8]) -> bool {
+        if self.client_partial > 0 {
+            return !buf.is_empty();
+        }
+        if buf.len() < HEADER_LEN {
+            return false;
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        buf[0] == tag::COPY_DATA
+            || len < 4
+            || len > self.max_message_size
+            || buf.len() > len as usize
+    }
+
+    /// Nothing owed by a server (a transaction may be open).
+    pub fn nothing_owed(&self) -> bool {
+        self.queue.iter().all(|e| matches!(e, Expect::Synth(_)))
+            && !self.copy_in
+            && !self.copy_out
+            && self.server_partial.remaining == 0
+            && self.client_partial == 0
+    }
+
+    pub fn status(&self) -> TxStatus {
+        self.status
+    }
+
+    pub fn owed(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues a query Weir sends on its own behalf (parameter sync, rollback); its replies are
+    /// dropped.
+    pub fn inject_query(&mut self, sql: &str, to_server: &mut BytesMut) {
+        Query {
+            sql: sql.as_bytes(),
+        }
+        .encode(to_server);
+        self.queue.push_back(Expect::Query { forward: false });
+    }
+
+    /// Weir answered the client's batch with an error itself (no server could be had): end
+    /// a simple query with ReadyForQuery, or drop extended-protocol messages until Sync.
+    pub fn fail_batch(&mut self, first_tag: u8, to_client: &mut BytesMut) {
+        if first_tag == tag::QUERY || first_tag == tag::FUNCTION_CALL {
+            TxStatus::Idle.encode(to_client);
+        } else {
+            self.skip_until_sync = true;
+        }
+    }
+
+    /// Handles the complete client messages at the front of `input`.
+    pub fn from_client(
+        &mut self,
+        input: &[u8],
+        statements: &mut ClientStatements,
+        mut server: Option<&mut ServerState>,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<ClientStep, ClientProtocolError> {
+        let mut pos = 0;
+        // A CopyData being streamed: pass the rest through.
+        if self.client_partial > 0 {
+            let n = self.client_partial.min(input.len());
+            if server.is_some() {
+                to_server.extend_from_slice(&input[..n]);
+            }
+            self.client_partial -= n;
+            pos = n;
+            if self.client_partial > 0 {
+                return Ok(ClientStep::Done(pos));
+            }
+        }
+        let may_evict = self.queue.is_empty() && self.status == TxStatus::Idle;
+        let protect_from = server.as_ref().map_or(0, |s| s.statements.next_tick());
+        while pos < input.len() {
+            let rest = &input[pos..];
+            // CopyData streams, so only its length is not held to the buffering limit.
+            let Some(h) = Header::parse(rest, u32::MAX)? else {
+                break;
+            };
+            if h.tag != tag::COPY_DATA && h.len > self.max_message_size {
+                return Err(FrameError::TooLarge {
+                    tag: h.tag,
+                    len: h.len,
+                    limit: self.max_message_size,
+                }
+                .into());
+            }
+            let total = h.total_len();
+            if rest.len() < total {
+                // Only CopyData is streamed (or dropped, with no server to take it); anything
+                // else waits until whole.
+                if h.tag == tag::COPY_DATA && !self.skip_until_sync {
+                    if server.is_some() {
+                        to_server.extend_from_slice(rest);
+                    }
+                    self.client_partial = total - rest.len();
+                    pos = input.len();
+                }
+                break;
+            }
+            let msg = &rest[..total];
+            let body = &rest[HEADER_LEN..total];
+            if self.skip_until_sync {
+                match h.tag {
+                    tag::SYNC => {
+                        self.skip_until_sync = false;
+                        self.queue.push_back(Expect::Synth(Synth::ReadyForQuery));
+                    }
+                    tag::TERMINATE => return Ok(ClientStep::Terminate(pos)),
+                    _ => {}
+                }
+                pos += total;
+                self.emit_synth(to_client);
+                continue;
+            }
+            match h.tag {
+                tag::QUERY => {
+                    let q = Query::decode(body)?;
+                    let kind = if self.mapping {
+                        classify_sql(q.sql)
+                    } else {
+                        SqlKind::Other
+                    };
+                    match kind {
+                        SqlKind::Deallocate(name) if statements.remove(&name) => {
+                            self.queue
+                                .push_back(Expect::Synth(Synth::CommandComplete("DEALLOCATE")));
+                            self.queue.push_back(Expect::Synth(Synth::ReadyForQuery));
+                        }
+                        SqlKind::DeallocateAll => {
+                            statements.clear();
+                            self.queue
+                                .push_back(Expect::Synth(Synth::CommandComplete("DEALLOCATE ALL")));
+                            self.queue.push_back(Expect::Synth(Synth::ReadyForQuery));
+                        }
+                        kind => {
+                            let Some(srv) = server.as_deref_mut() else {
+                                return Ok(ClientStep::NeedServer(pos));
+                            };
+                            if kind == SqlKind::DiscardAll {
+                                statements.clear();
+                                srv.statements.clear();
+                                srv.params.forget_sets();
+                            }
+                            to_server.extend_from_slice(msg);
+                            self.queue.push_back(Expect::Query { forward: true });
+                        }
+                    }
+                }
+                tag::PARSE => {
+                    let Some(srv) = server.as_deref_mut() else {
+                        return Ok(ClientStep::NeedServer(pos));
+                    };
+                    let p = Parse::decode(body)?;
+                    if self.mapping && !p.name.is_empty() {
+                        let st = match statements.get(p.name) {
+                            Some(s) if s.id == StatementId::of(&p) => s.clone(),
+                            _ => {
+                                let s = Arc::new(Statement::new(&p));
+                                statements.insert(p.name, s.clone());
+                                s
+                            }
+                        };
+                        if srv.statements.touch(st.id) {
+                            self.queue.push_back(Expect::Synth(Synth::ParseComplete));
+                        } else {
+                            self.prepare_on(srv, &st, protect_from, may_evict, to_server, true);
+                        }
+                    } else {
+                        to_server.extend_from_slice(msg);
+                        self.queue.push_back(Expect::ParseComplete {
+                            forward: true,
+                            stmt: None,
+                        });
+                    }
+                }
+                tag::BIND => {
+                    let Some(srv) = server.as_deref_mut() else {
+                        return Ok(ClientStep::NeedServer(pos));
+                    };
+                    let b = Bind::decode(body)?;
+                    match self.mapped(statements, b.statement) {
+                        Some(st) => {
+                            self.ensure_on(srv, &st, protect_from, may_evict, to_server);
+                            Bind {
+                                portal: b.portal,
+                                statement: &st.id.name(),
+                                rest: b.rest,
+                            }
+                            .encode(to_server);
+                        }
+                        None => to_server.extend_from_slice(msg),
+                    }
+                    self.queue.push_back(Expect::BindComplete);
+                }
+                tag::DESCRIBE => {
+                    let Some(srv) = server.as_deref_mut() else {
+                        return Ok(ClientStep::NeedServer(pos));
+                    };
+                    let d = Named::decode(body)?;
+                    match (d.target, self.mapped(statements, d.name)) {
+                        (Target::Statement, Some(st)) => {
+                            self.ensure_on(srv, &st, protect_from, may_evict, to_server);
+                            Named {
+                                target: Target::Statement,
+                                name: &st.id.name(),
+                            }
+                            .encode(tag::DESCRIBE, to_server);
+                        }
+                        _ => to_server.extend_from_slice(msg),
+                    }
+                    self.queue.push_back(Expect::Describe);
+                }
+                tag::CLOSE => {
+                    let c = Named::decode(body)?;
+                    if self.mapping && c.target == Target::Statement && !c.name.is_empty() {
+                        // Server statements are shared; only the client's name goes away.
+                        statements.remove(c.name);
+                        self.queue.push_back(Expect::Synth(Synth::CloseComplete));
+                    } else {
+                        let Some(_) = server.as_deref_mut() else {
+                            return Ok(ClientStep::NeedServer(pos));
+                        };
+                        to_server.extend_from_slice(msg);
+                        self.queue.push_back(Expect::CloseComplete {
+                            forward: true,
+                            evicted: None,
+                        });
+                    }
+                }
+                tag::EXECUTE | tag::FUNCTION_CALL => {
+                    let Some(_) = server.as_deref_mut() else {
+                        return Ok(ClientStep::NeedServer(pos));
+                    };
+                    to_server.extend_from_slice(msg);
+                    self.queue.push_back(if h.tag == tag::EXECUTE {
+                        Expect::Execute
+                    } else {
+                        Expect::Query { forward: true }
+                    });
+                }
+                tag::SYNC => match server.as_deref_mut() {
+                    Some(_) => {
+                        to_server.extend_from_slice(msg);
+                        self.queue.push_back(Expect::Sync);
+                    }
+                    // No server and nothing open: answer it here.
+                    None => self.queue.push_back(Expect::Synth(Synth::ReadyForQuery)),
+                },
+                tag::FLUSH => {
+                    if server.is_some() {
+                        to_server.extend_from_slice(msg);
+                    }
+                }
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                    // Outside COPY the server ignores these, as PostgreSQL does; without a
+                    // server there is nothing to ignore them.
+                    if server.is_some() {
+                        to_server.extend_from_slice(msg);
+                    }
+                    if h.tag != tag::COPY_DATA {
+                        self.copy_in = false;
+                    }
+                }
+                tag::TERMINATE => return Ok(ClientStep::Terminate(pos)),
+                other => return Err(ClientProtocolError::NotAllowed(other)),
+            }
+            pos += total;
+            self.emit_synth(to_client);
+        }
+        Ok(ClientStep::Done(pos))
+    }
+
+    fn mapped(&self, statements: &ClientStatements, name: &[u8]) -> Option<Arc<Statement>> {
+        if self.mapping && !name.is_empty() {
+            statements.get(name).cloned()
+        } else {
+            None
+        }
+    }
+
+    /// Makes sure the server has `st`, injecting its Parse if not.
+    fn ensure_on(
+        &mut self,
+        srv: &mut ServerState,
+        st: &Statement,
+        protect_from: u64,
+        may_evict: bool,
+        to_server: &mut BytesMut,
+    ) {
+        if !srv.statements.touch(st.id) {
+            self.prepare_on(srv, st, protect_from, may_evict, to_server, false);
+        }
+    }
+
+    fn prepare_on(
+        &mut self,
+        srv: &mut ServerState,
+        st: &Statement,
+        protect_from: u64,
+        may_evict: bool,
+        to_server: &mut BytesMut,
+        forward: bool,
+    ) {
+        if let Some(victim) = srv.statements.insert(st.id, protect_from, may_evict) {
+            Named {
+                target: Target::Statement,
+                name: &victim.name(),
+            }
+            .encode(tag::CLOSE, to_server);
+            self.queue.push_back(Expect::CloseComplete {
+                forward: false,
+                evicted: Some(victim),
+            });
+        }
+        to_server.extend_from_slice(&st.parse);
+        self.queue.push_back(Expect::ParseComplete {
+            forward,
+            stmt: Some(st.id),
+        });
+    }
+
+    /// Sends every synthesised reply now at the front of the queue.
+    pub fn emit_synth(&mut self, out: &mut BytesMut) {
+        while let Some(Expect::Synth(s)) = self.queue.front() {
+            match s {
+                Synth::ParseComplete => out.extend_from_slice(backend::PARSE_COMPLETE),
+                Synth::CloseComplete => out.extend_from_slice(backend::CLOSE_COMPLETE),
+                Synth::CommandComplete(t) => backend::encode_command_complete(out, t.as_bytes()),
+                Synth::ReadyForQuery => self.status.encode(out),
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// Walks server bytes. Returns the bytes consumed and whether the client's copy is in
+    /// `scratch` (true) or is exactly `input[..consumed]` (false: the fast path, no copy).
+    pub fn from_server(
+        &mut self,
+        input: &[u8],
+        srv: &mut ServerState,
+        client: &mut ClientParams,
+        scratch: &mut BytesMut,
+    ) -> Result<(usize, bool), ServerProtocolError> {
+        let mut out = Out {
+            input,
+            scratch,
+            copying: false,
+        };
+        let mut pos = 0;
+        if self.server_partial.remaining > 0 {
+            let n = self.server_partial.remaining.min(input.len());
+            out.pass(0, n, self.server_partial.forward);
+            self.server_partial.remaining -= n;
+            pos = n;
+        }
+        while pos < input.len() {
+            let rest = &input[pos..];
+            let Some(h) = Header::parse(rest, u32::MAX)? else {
+                break;
+            };
+            let total = h.total_len();
+            let whole = rest.len() >= total;
+            let needs_body = matches!(
+                h.tag,
+                backend::tag::READY_FOR_QUERY
+                    | backend::tag::ERROR_RESPONSE
+                    | backend::tag::PARAMETER_STATUS
+            );
+            if needs_body && !whole {
+                if h.len > INSPECT_LIMIT {
+                    return Err(FrameError::TooLarge {
+                        tag: h.tag,
+                        len: h.len,
+                        limit: INSPECT_LIMIT,
+                    }
+                    .into());
+                }
+                break;
+            }
+            if matches!(self.queue.front(), Some(Expect::Synth(_))) {
+                out.divert(pos);
+                self.emit_synth(out.scratch);
+            }
+            let body = if whole {
+                &rest[HEADER_LEN..total]
+            } else {
+                &[][..]
+            };
+            let forward = self.on_server_message(h.tag, body, srv, client, &mut out, pos)?;
+            if whole {
+                out.pass(pos, pos + total, forward);
+                pos += total;
+                if matches!(self.queue.front(), Some(Expect::Synth(_))) {
+                    out.divert(pos);
+                    self.emit_synth(out.scratch);
+                }
+            } else {
+                out.pass(pos, input.len(), forward);
+                self.server_partial = Partial {
+                    remaining: total - rest.len(),
+                    forward,
+                };
+                pos = input.len();
+            }
+        }
+        Ok((pos, out.copying))
+    }
+
+    /// Decides whether one server message goes to the client, updating the bookkeeping.
+    fn on_server_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+        srv: &mut ServerState,
+        client: &mut ClientParams,
+        out: &mut Out<'_>,
+        pos: usize,
+    ) -> Result<bool, ServerProtocolError> {
+        use backend::tag as b;
+        let ours = matches!(self.queue.front(), Some(Expect::Query { forward: false }));
+        let unexpected = |got: u8, front: Option<&Expect>| ServerProtocolError::Unexpected {
+            got,
+            expected: format!("{front:?}"),
+        };
+        Ok(match t {
+            b::READY_FOR_QUERY => {
+                self.status = TxStatus::decode(body)?;
+                self.copy_in = false;
+                self.copy_out = false;
+                match self.queue.pop_front() {
+                    Some(Expect::Sync) => true,
+                    Some(Expect::Query { forward }) => forward,
+                    front => return Err(unexpected(t, front.as_ref())),
+                }
+            }
+            b::ERROR_RESPONSE => {
+                let err = ErrorResponse::decode(body).ok_or(Malformed {
+                    what: "ErrorResponse",
+                })?;
+                if err.severity == Severity::Fatal {
+                    srv.broken = true;
+                    self.fatal_relayed = true;
+                }
+                self.copy_in = false;
+                self.copy_out = false;
+                match self.queue.front() {
+                    Some(Expect::Query { forward: true }) | None => true,
+                    Some(Expect::Query { forward: false }) => {
+                        // Weir's own parameter sync failed: tell the client as a warning, since
+                        // its session does not have the value it asked for.
+                        out.divert(pos);
+                        ErrorResponse::new(
+                            Severity::Warning,
+                            SqlState::WARNING,
+                            format!("weir could not apply a session parameter: {}", err.message),
+                        )
+                        .encode(out.scratch);
+                        false
+                    }
+                    Some(_) => {
+                        // Extended protocol: the server now skips to Sync, so do the replies.
+                        while let Some(e) = self.queue.front() {
+                            match e {
+                                Expect::Sync | Expect::Query { .. } => break,
+                                Expect::ParseComplete { stmt: Some(id), .. } => {
+                                    srv.statements.remove(*id)
+                                }
+                                Expect::CloseComplete {
+                                    evicted: Some(id), ..
+                                } => srv.statements.restore(*id),
+                                _ => {}
+                            }
+                            self.queue.pop_front();
+                        }
+                        true
+                    }
+                }
+            }
+            b::PARAMETER_STATUS => {
+                let p = ParameterStatus::decode(body)?;
+                let (name, value) = (
+                    String::from_utf8_lossy(p.name),
+                    String::from_utf8_lossy(p.value),
+                );
+                srv.params.on_report(&name, &value, ours);
+                if !ours {
+                    client.wanted.set(&name, &value);
+                }
+                !ours
+            }
+            b::PARSE_COMPLETE => match self.queue.pop_front() {
+                Some(Expect::ParseComplete { forward, .. }) => forward,
+                front => return Err(unexpected(t, front.as_ref())),
+            },
+            b::BIND_COMPLETE => match self.queue.pop_front() {
+                Some(Expect::BindComplete) => true,
+                front => return Err(unexpected(t, front.as_ref())),
+            },
+            b::CLOSE_COMPLETE => match self.queue.pop_front() {
+                Some(Expect::CloseComplete { forward, .. }) => forward,
+                front => return Err(unexpected(t, front.as_ref())),
+            },
+            b::ROW_DESCRIPTION | b::NO_DATA => {
+                if matches!(self.queue.front(), Some(Expect::Describe)) {
+                    self.queue.pop_front();
+                }
+                !ours
+            }
+            b::COMMAND_COMPLETE | b::EMPTY_QUERY_RESPONSE | b::PORTAL_SUSPENDED => {
+                if matches!(self.queue.front(), Some(Expect::Execute)) {
+                    self.queue.pop_front();
+                }
+                self.copy_in = false;
+                self.copy_out = false;
+                !ours
+            }
+            b::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                !ours
+            }
+            b::COPY_OUT_RESPONSE => {
+                self.copy_out = true;
+                !ours
+            }
+            b::COPY_BOTH_RESPONSE => {
+                self.copy_in = true;
+                self.copy_out = true;
+                !ours
+            }
+            _ => !ours,
+        })
+    }
+}
+
+/// Output of [`Relay::from_server`]: either the untouched prefix of the input (fast path) or,
+/// once anything is dropped or inserted, a copy in `scratch`.
+struct Out<'a> {
+    input: &'a [u8],
+    scratch: &'a mut BytesMut,
+    copying: bool,
+}
+
+impl Out<'_> {
+    /// Switches to copying: everything before `pos` was forwarded as is.
+    fn divert(&mut self, pos: usize) {
+        if !self.copying {
+            self.scratch.extend_from_slice(&self.input[..pos]);
+            self.copying = true;
+        }
+    }
+
+    fn pass(&mut self, from: usize, to: usize, forward: bool) {
+        if !forward {
+            self.divert(from);
+        } else if self.copying {
+            self.scratch.extend_from_slice(&self.input[from..to]);
+        }
+    }
+}
+
+/// Simple-protocol commands that touch prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SqlKind {
+    Deallocate(Vec<u8>),
+    DeallocateAll,
+    DiscardAll,
+    Other,
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query.
+fn classify_sql(sql: &[u8]) -> SqlKind {
+    let text = match std::str::from_utf8(sql) {
+        Ok(t) => t.trim().trim_end_matches(';').trim(),
+        Err(_) => return SqlKind::Other,
+    };
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next().unwrap_or("");
+    if first.eq_ignore_ascii_case("discard") {
+        return match (words.next(), words.next()) {
+            (Some(w), None) if w.eq_ignore_ascii_case("all") => SqlKind::DiscardAll,
+            _ => SqlKind::Other,
+        };
+    }
+    if !first.eq_ignore_ascii_case("deallocate") {
+        return SqlKind::Other;
+    }
+    let mut name = words.next();
+    if name.is_some_and(|w| w.eq_ignore_ascii_case("prepare")) {
+        name = words.next();
+    }
+    match (name, words.next()) {
+        (Some(n), None) if n.eq_ignore_ascii_case("all") => SqlKind::DeallocateAll,
+        (Some(n), None) => {
+            let n = if n.len() >= 2 && n.starts_with('"') && n.ends_with('"') {
+                n[1..n.len() - 1].replace("\"\"", "\"")
+            } else {
+                n.to_ascii_lowercase()
+            };
+            SqlKind::Deallocate(n.into_bytes())
+        }
+        _ => SqlKind::Other,
+    }
+}
+
+/// Encodes an empty-bodied frontend message (for tests and injected Syncs).
+pub fn encode_sync(to_server: &mut BytesMut) {
+    frontend::encode_empty(tag::SYNC, to_server);
+}
+
+#[cfg(test)]
+mod tests;

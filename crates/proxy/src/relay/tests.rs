@@ -1,0 +1,747 @@
+use super::*;
+use crate::params::{ParamSet, ServerParams};
+use crate::prepared::ServerStatements;
+use bytes::BufMut;
+use weir_wire::put_message;
+
+fn server(cache: usize) -> ServerState {
+    ServerState {
+        params: ServerParams::default(),
+        statements: ServerStatements::new(cache),
+        broken: false,
+    }
+}
+
+fn client_params() -> ClientParams {
+    ClientParams {
+        wanted: ParamSet::default(),
+    }
+}
+
+// ---- frontend message builders ----
+fn q(sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Query {
+        sql: sql.as_bytes(),
+    }
+    .encode(&mut b);
+    b
+}
+fn parse(name: &str, sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Parse {
+        name: name.as_bytes(),
+        query: sql.as_bytes(),
+        param_types: &[0, 0],
+    }
+    .encode(&mut b);
+    b
+}
+fn bind(stmt: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Bind {
+        portal: b"",
+        statement: stmt.as_bytes(),
+        rest: &[0, 0, 0, 0, 0, 0],
+    }
+    .encode(&mut b);
+    b
+}
+fn describe_stmt(name: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Named {
+        target: Target::Statement,
+        name: name.as_bytes(),
+    }
+    .encode(tag::DESCRIBE, &mut b);
+    b
+}
+fn close_stmt(name: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Named {
+        target: Target::Statement,
+        name: name.as_bytes(),
+    }
+    .encode(tag::CLOSE, &mut b);
+    b
+}
+fn execute() -> BytesMut {
+    let mut b = BytesMut::new();
+    put_message(&mut b, tag::EXECUTE, |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    b
+}
+fn simple(t: u8) -> BytesMut {
+    let mut b = BytesMut::new();
+    frontend::encode_empty(t, &mut b);
+    b
+}
+fn cat(parts: &[BytesMut]) -> BytesMut {
+    let mut b = BytesMut::new();
+    for p in parts {
+        b.extend_from_slice(p);
+    }
+    b
+}
+
+// ---- backend message builders ----
+fn rfq(s: u8) -> BytesMut {
+    let mut b = BytesMut::new();
+    TxStatus::from_byte(s).unwrap().encode(&mut b);
+    b
+}
+fn be(t: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    put_message(&mut b, t, |b| b.extend_from_slice(body));
+    b
+}
+fn cc(tagtext: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    backend::encode_command_complete(&mut b, tagtext.as_bytes());
+    b
+}
+fn err(code: SqlState, sev: Severity) -> BytesMut {
+    let mut b = BytesMut::new();
+    ErrorResponse::new(sev, code, "boom").encode(&mut b);
+    b
+}
+fn param_status(k: &str, v: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    ParameterStatus {
+        name: k.as_bytes(),
+        value: v.as_bytes(),
+    }
+    .encode(&mut b);
+    b
+}
+
+/// Tags of the messages in a buffer, in order.
+fn tags(buf: &[u8]) -> String {
+    let mut out = String::new();
+    let mut rest = buf;
+    while let Some((h, _)) = weir_wire::frame::complete(rest, u32::MAX).unwrap() {
+        out.push(h.tag as char);
+        rest = &rest[h.total_len()..];
+    }
+    assert!(rest.is_empty(), "trailing partial message");
+    out
+}
+
+/// Runs server bytes through the relay and returns what the client receives.
+fn deliver(relay: &mut Relay, srv: &mut ServerState, input: &[u8]) -> BytesMut {
+    let mut scratch = BytesMut::new();
+    let (n, copied) = relay
+        .from_server(input, srv, &mut client_params(), &mut scratch)
+        .unwrap();
+    assert_eq!(n, input.len(), "all complete input consumed");
+    if copied {
+        scratch
+    } else {
+        BytesMut::from(&input[..n])
+    }
+}
+
+struct Sent {
+    step: ClientStep,
+    to_server: BytesMut,
+    to_client: BytesMut,
+}
+
+fn send(
+    relay: &mut Relay,
+    stmts: &mut ClientStatements,
+    srv: Option<&mut ServerState>,
+    input: &[u8],
+) -> Sent {
+    let mut to_server = BytesMut::new();
+    let mut to_client = BytesMut::new();
+    let step = relay
+        .from_client(input, stmts, srv, &mut to_server, &mut to_client)
+        .unwrap();
+    Sent {
+        step,
+        to_server,
+        to_client,
+    }
+}
+
+#[test]
+fn simple_query_round_trip_uses_fast_path() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut s = server(8);
+    let mut st = ClientStatements::default();
+    let sent = send(&mut r, &mut st, Some(&mut s), &q("select 1"));
+    assert_eq!(sent.step, ClientStep::Done(sent.to_server.len()));
+    assert_eq!(tags(&sent.to_server), "Q");
+    assert!(!r.is_idle());
+    let reply = cat(&[
+        be(b'T', b"\0\0"),
+        be(b'D', b"\0\0"),
+        cc("SELECT 1"),
+        rfq(b'I'),
+    ]);
+    let mut scratch = BytesMut::new();
+    let (n, copied) = r
+        .from_server(&reply, &mut s, &mut client_params(), &mut scratch)
+        .unwrap();
+    assert_eq!(
+        (n, copied),
+        (reply.len(), false),
+        "no copy when everything is forwarded"
+    );
+    assert!(r.is_idle());
+}
+
+#[test]
+fn transaction_keeps_connection_until_idle() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut s = server(8);
+    let mut st = ClientStatements::default();
+    send(&mut r, &mut st, Some(&mut s), &q("begin"));
+    deliver(&mut r, &mut s, &cat(&[cc("BEGIN"), rfq(b'T')]));
+    assert!(
+        !r.is_idle() && r.nothing_owed(),
+        "in a transaction, nothing owed"
+    );
+    send(&mut r, &mut st, Some(&mut s), &q("commit"));
+    deliver(&mut r, &mut s, &cat(&[cc("COMMIT"), rfq(b'I')]));
+    assert!(r.is_idle());
+}
+
+#[test]
+fn pipelined_syncs_all_owed() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut s = server(8);
+    let mut st = ClientStatements::default();
+    let batch = cat(&[
+        parse("", "select 1"),
+        bind(""),
+        execute(),
+        simple(b'S'),
+        bind(""),
+        execute(),
+        simple(b'S'),
+    ]);
+    send(&mut r, &mut st, Some(&mut s), &batch);
+    deliver(
+        &mut r,
+        &mut s,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert!(!r.is_idle(), "second Sync still owed");
+    deliver(
+        &mut r,
+        &mut s,
+        &cat(&[be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert!(r.is_idle());
+}
+
+#[test]
+fn named_statement_is_renamed_and_prepared_lazily_per_server() {
+    let mut r = Relay::new(true, 1 << 20);
+    let (mut a, mut b) = (server(8), server(8));
+    let mut st = ClientStatements::default();
+
+    // First use, on server A: the client's Parse goes out renamed.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s1", "select 1"), bind("s1"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBES");
+    assert!(sent.to_server.windows(5).any(|w| w == b"weir_"));
+    assert!(
+        !sent.to_server.windows(3).any(|w| w == b"s1\0"),
+        "client name never reaches the server"
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "12CZ");
+
+    // Next transaction lands on server B, which lacks it: Weir injects the Parse and hides its reply.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut b),
+        &cat(&[bind("s1"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBES");
+    let got = deliver(
+        &mut r,
+        &mut b,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "2CZ");
+    assert!(r.is_idle());
+
+    // Back on A, which has it: nothing injected.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s1"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "BES");
+}
+
+#[test]
+fn parse_of_statement_server_has_is_answered_in_place() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let (mut c1, mut c2) = (ClientStatements::default(), ClientStatements::default());
+    send(
+        &mut r,
+        &mut c1,
+        Some(&mut a),
+        &cat(&[parse("x", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    // Another client prepares the same text under another name on the same server.
+    let sent = send(
+        &mut r,
+        &mut c2,
+        Some(&mut a),
+        &cat(&[
+            parse("other", "select 1"),
+            describe_stmt("other"),
+            simple(b'S'),
+        ]),
+    );
+    assert_eq!(tags(&sent.to_server), "DS", "Parse not sent again");
+    assert_eq!(
+        tags(&sent.to_client),
+        "1",
+        "ParseComplete synthesised at once: nothing owed before it"
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b't', b"\0\0"), be(b'n', b""), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "tnZ");
+    assert!(r.is_idle());
+}
+
+#[test]
+fn synthesised_reply_waits_for_earlier_replies() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("x", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    // Bind (owed by the server), then a Parse the server has (synthesised), then Sync.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("x"), parse("x", "select 1"), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_client), "", "BindComplete must come first");
+    let got = deliver(&mut r, &mut a, &cat(&[be(b'2', b""), rfq(b'I')]));
+    assert_eq!(tags(&got), "21Z");
+}
+
+#[test]
+fn same_name_different_sql_per_client() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let (mut c1, mut c2) = (ClientStatements::default(), ClientStatements::default());
+    let s1 = send(
+        &mut r,
+        &mut c1,
+        Some(&mut a),
+        &cat(&[parse("s", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    let s2 = send(
+        &mut r,
+        &mut c2,
+        Some(&mut a),
+        &cat(&[parse("s", "select 2"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    assert_ne!(c1.get(b"s").unwrap().id, c2.get(b"s").unwrap().id);
+    assert_eq!(
+        tags(&s2.to_server),
+        "PS",
+        "different text is prepared separately"
+    );
+    assert_ne!(s1.to_server, s2.to_server);
+}
+
+#[test]
+fn close_and_deallocate_are_answered_without_a_server() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("s1", "select 1"),
+            parse("s2", "select 2"),
+            simple(b'S'),
+        ]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'1', b""), rfq(b'I')]),
+    );
+
+    let sent = send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[close_stmt("s1"), simple(b'S')]),
+    );
+    assert!(matches!(sent.step, ClientStep::Done(_)));
+    assert_eq!(tags(&sent.to_client), "3Z");
+    assert!(st.get(b"s1").is_none());
+    assert_eq!(a.statements.len(), 2, "the shared server statement stays");
+
+    let sent = send(&mut r, &mut st, None, &q("DEALLOCATE s2"));
+    assert_eq!(tags(&sent.to_client), "CZ");
+    assert!(st.is_empty());
+
+    // Unknown name: the server's own error is what the client should see.
+    let sent = send(&mut r, &mut st, None, &q("deallocate nope"));
+    assert_eq!(sent.step, ClientStep::NeedServer(0));
+}
+
+#[test]
+fn discard_all_clears_both_sides_and_runs_on_server() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s1", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    let sent = send(&mut r, &mut st, Some(&mut a), &q("discard all;"));
+    assert_eq!(tags(&sent.to_server), "Q");
+    assert!(st.is_empty() && a.statements.is_empty());
+}
+
+#[test]
+fn error_mid_batch_skips_to_sync_and_forgets_failed_prepare() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("bad", "selec 1"),
+            bind("bad"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState(*b"42601"), Severity::Error), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "EZ");
+    assert!(r.is_idle());
+    assert!(
+        a.statements.is_empty(),
+        "a Parse that failed is not recorded as prepared"
+    );
+}
+
+#[test]
+fn parameter_sync_replies_are_hidden() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut cp = client_params();
+    let mut to_server = BytesMut::new();
+    r.inject_query("SET timezone TO E'UTC';", &mut to_server);
+    let mut st = ClientStatements::default();
+    let mut to_client = BytesMut::new();
+    r.from_client(
+        &q("select 1"),
+        &mut st,
+        Some(&mut a),
+        &mut to_server,
+        &mut to_client,
+    )
+    .unwrap();
+    assert_eq!(tags(&to_server), "QQ");
+    let reply = cat(&[
+        param_status("TimeZone", "UTC"),
+        cc("SET"),
+        rfq(b'I'),
+        cc("SELECT 1"),
+        rfq(b'I'),
+    ]);
+    let mut scratch = BytesMut::new();
+    let (n, copied) = r
+        .from_server(&reply, &mut a, &mut cp, &mut scratch)
+        .unwrap();
+    assert_eq!(n, reply.len());
+    assert!(copied);
+    assert_eq!(tags(&scratch), "CZ");
+    assert_eq!(a.params.reported.get("timezone"), Some("UTC"));
+    assert_eq!(
+        cp.wanted.get("timezone"),
+        None,
+        "the client's view is not changed by Weir's own SET"
+    );
+}
+
+#[test]
+fn client_set_is_tracked() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut cp = client_params();
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &q("set timezone = 'Asia/Tokyo'"),
+    );
+    let mut scratch = BytesMut::new();
+    let reply = cat(&[param_status("TimeZone", "Asia/Tokyo"), cc("SET"), rfq(b'I')]);
+    r.from_server(&reply, &mut a, &mut cp, &mut scratch)
+        .unwrap();
+    assert_eq!(cp.wanted.get("TimeZone"), Some("Asia/Tokyo"));
+}
+
+#[test]
+fn large_rows_stream_in_pieces() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(&mut r, &mut st, Some(&mut a), &q("select big"));
+    let row = be(b'D', &vec![7u8; 100_000]);
+    let whole = cat(&[row, cc("SELECT 1"), rfq(b'I')]);
+    // Feed it as a socket would: 4 KB at a time into a buffer; what is consumed leaves it.
+    let mut rbuf = BytesMut::new();
+    let mut received = BytesMut::new();
+    for chunk in whole.chunks(4096) {
+        rbuf.extend_from_slice(chunk);
+        let mut scratch = BytesMut::new();
+        let (n, copied) = r
+            .from_server(&rbuf, &mut a, &mut client_params(), &mut scratch)
+            .unwrap();
+        received.extend_from_slice(if copied { &scratch[..] } else { &rbuf[..n] });
+        let _ = rbuf.split_to(n);
+        assert!(
+            rbuf.len() < 4096,
+            "the row is relayed as it arrives, not buffered whole"
+        );
+    }
+    assert!(rbuf.is_empty());
+    assert_eq!(received, whole);
+    assert!(r.is_idle());
+}
+
+#[test]
+fn fatal_marks_server_broken() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &err(SqlState::ADMIN_SHUTDOWN, Severity::Fatal),
+    );
+    assert_eq!(tags(&got), "E");
+    assert!(a.broken && r.fatal_relayed);
+}
+
+#[test]
+fn messages_needing_a_server_stop_the_batch() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let sent = send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[simple(b'S'), parse("", "select 1")]),
+    );
+    assert_eq!(sent.step, ClientStep::NeedServer(5));
+    assert_eq!(
+        tags(&sent.to_client),
+        "Z",
+        "a lone Sync is answered without a server"
+    );
+    let sent = send(&mut r, &mut st, None, &simple(b'X'));
+    assert_eq!(sent.step, ClientStep::Terminate(0));
+}
+
+#[test]
+fn hostile_client_messages_are_errors() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let mut a = server(8);
+    let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+    let e = r
+        .from_client(&be(b'p', b"pw\0"), &mut st, Some(&mut a), &mut ts, &mut tc)
+        .unwrap_err();
+    assert!(matches!(e, ClientProtocolError::NotAllowed(b'p')));
+    let e = r
+        .from_client(
+            &[b'Q', 0x7f, 0xff, 0xff, 0xff],
+            &mut st,
+            Some(&mut a),
+            &mut ts,
+            &mut tc,
+        )
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ClientProtocolError::Frame(FrameError::TooLarge { .. })
+    ));
+    let e = r
+        .from_client(&[b'Q', 0, 0, 0, 2], &mut st, Some(&mut a), &mut ts, &mut tc)
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ClientProtocolError::Frame(FrameError::LengthTooShort { .. })
+    ));
+    let e = r
+        .from_client(
+            &be(b'P', b"no-terminator"),
+            &mut st,
+            Some(&mut a),
+            &mut ts,
+            &mut tc,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ClientProtocolError::Malformed(_)));
+}
+
+#[test]
+fn failed_batch_skips_to_sync() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let mut to_client = BytesMut::new();
+    r.fail_batch(tag::PARSE, &mut to_client);
+    let sent = send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[parse("", "x"), bind(""), execute(), simple(b'S')]),
+    );
+    assert!(matches!(sent.step, ClientStep::Done(_)));
+    assert_eq!(tags(&sent.to_client), "Z");
+}
+
+#[test]
+fn statement_cache_bound_closes_old_statements() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(1);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s1", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s2", "select 2"), simple(b'S')]),
+    );
+    assert_eq!(
+        tags(&sent.to_server),
+        "CPS",
+        "old statement closed before the new one is prepared"
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'3', b""), be(b'1', b""), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "1Z", "Weir's CloseComplete is hidden");
+    assert_eq!(a.statements.len(), 1);
+    // s1 is used again: prepared again on demand.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s1"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "CPBES");
+}
+
+#[test]
+fn session_mode_passes_names_through() {
+    let mut r = Relay::new(false, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    let batch = cat(&[
+        parse("s1", "select 1"),
+        bind("s1"),
+        close_stmt("s1"),
+        simple(b'S'),
+    ]);
+    let sent = send(&mut r, &mut st, Some(&mut a), &batch);
+    assert_eq!(sent.to_server, batch);
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), be(b'3', b""), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "123Z");
+}
+
+#[test]
+fn copy_in_streams_large_copy_data() {
+    let mut r = Relay::new(true, 1 << 16);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(&mut r, &mut st, Some(&mut a), &q("copy t from stdin"));
+    deliver(&mut r, &mut a, &be(b'G', &[0, 0, 0]));
+    assert!(!r.nothing_owed());
+    // A CopyData larger than max_message_size still passes: it is streamed, not buffered.
+    let data = be(b'd', &vec![1u8; 200_000]);
+    let mut forwarded = 0;
+    for chunk in data.chunks(30_000) {
+        let sent = send(&mut r, &mut st, Some(&mut a), chunk);
+        assert_eq!(sent.step, ClientStep::Done(chunk.len()));
+        forwarded += sent.to_server.len();
+    }
+    assert_eq!(forwarded, data.len());
+    send(&mut r, &mut st, Some(&mut a), &simple(b'c'));
+    deliver(&mut r, &mut a, &cat(&[cc("COPY 1"), rfq(b'I')]));
+    assert!(r.is_idle());
+}
+
+#[test]
+fn classify() {
+    assert_eq!(
+        classify_sql(b"DEALLOCATE PREPARE foo"),
+        SqlKind::Deallocate(b"foo".to_vec())
+    );
+    assert_eq!(
+        classify_sql(b" deallocate \"Foo\" ; "),
+        SqlKind::Deallocate(b"Foo".to_vec())
+    );
+    assert_eq!(classify_sql(b"DEALLOCATE ALL"), SqlKind::DeallocateAll);
+    assert_eq!(classify_sql(b"discard all"), SqlKind::DiscardAll);
+    assert_eq!(classify_sql(b"discard plans"), SqlKind::Other);
+    assert_eq!(classify_sql(b"select 1"), SqlKind::Other);
+}

@@ -1,0 +1,369 @@
+//! A connection to a PostgreSQL server: opening it (TCP or Unix socket, login with
+//! SCRAM-SHA-256, md5, cleartext or trust), and the state Weir tracks on it.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend as pgfront;
+use tokio::net::{TcpStream, UnixStream};
+use weir_config::ServerLogin;
+use weir_wire::backend::{self, Authentication, BackendKey, ParameterStatus, TxStatus};
+use weir_wire::frontend::Startup;
+use weir_wire::{ErrorResponse, frame};
+
+use crate::params::ServerParams;
+use crate::prepared::ServerStatements;
+use crate::stream::{PeekState, Stream};
+
+/// Where a server listens; kept to send CancelRequests there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp { host: String, port: u16 },
+    Unix(std::path::PathBuf),
+}
+
+impl ServerAddr {
+    pub fn of(login: &ServerLogin) -> ServerAddr {
+        if login.host.starts_with('/') {
+            ServerAddr::Unix(
+                std::path::Path::new(&login.host).join(format!(".s.PGSQL.{}", login.port)),
+            )
+        } else {
+            ServerAddr::Tcp {
+                host: login.host.clone(),
+                port: login.port,
+            }
+        }
+    }
+
+    pub async fn connect(&self) -> io::Result<Stream> {
+        match self {
+            ServerAddr::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            ServerAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Why opening a server connection failed. Says which side failed and whether trying again
+/// might help.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot reach server {addr}: {source}")]
+    Unreachable { addr: String, source: io::Error },
+    #[error("server {addr} did not complete login within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("server {addr} refused the login: {error}")]
+    Rejected { addr: String, error: ErrorResponse },
+    #[error("server {addr}: {message}")]
+    Protocol { addr: String, message: String },
+    #[error("cannot log in to server {addr} as \"{user}\": {message}")]
+    Credentials {
+        addr: String,
+        user: String,
+        message: String,
+    },
+}
+
+impl ServerError {
+    /// True when nothing was started on the server, so retrying cannot run anything twice.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Unreachable { .. } | ServerError::Timeout { .. } => true,
+            ServerError::Rejected { error, .. } => {
+                matches!(&error.code.0, b"57P03" | b"53300" | b"57P01")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An open, logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: Stream,
+    /// Bytes read but not yet relayed.
+    pub rbuf: BytesMut,
+    pub key: BackendKey,
+    pub addr: std::sync::Arc<ServerAddr>,
+    pub state: ServerState,
+    pub id: u64,
+}
+
+/// What Weir tracks on a server connection, apart from its socket (so the relay can update
+/// it while reading the socket's buffer).
+#[derive(Debug)]
+pub struct ServerState {
+    pub params: ServerParams,
+    pub statements: ServerStatements,
+    /// Set when the connection must not be reused (FATAL seen, protocol confusion).
+    pub broken: bool,
+}
+
+/// Read buffer size for server connections.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+impl ServerConn {
+    /// Opens and logs in, all within `timeout`.
+    pub async fn connect(
+        login: &ServerLogin,
+        timeout: Duration,
+        statement_cache: usize,
+        id: u64,
+    ) -> Result<ServerConn, ServerError> {
+        let addr = ServerAddr::of(login);
+        match tokio::time::timeout(
+            timeout,
+            Self::connect_inner(login, addr.clone(), statement_cache, id),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn connect_inner(
+        login: &ServerLogin,
+        addr: ServerAddr,
+        statement_cache: usize,
+        id: u64,
+    ) -> Result<ServerConn, ServerError> {
+        let a = addr.to_string();
+        let mut stream = addr
+            .connect()
+            .await
+            .map_err(|source| ServerError::Unreachable {
+                addr: a.clone(),
+                source,
+            })?;
+        let io_err = |e: io::Error| ServerError::Protocol {
+            addr: a.clone(),
+            message: format!("connection lost during login: {e}"),
+        };
+        let mut out = BytesMut::with_capacity(256);
+        Startup {
+            minor: 0,
+            params: vec![
+                ("user".into(), login.user.clone()),
+                ("database".into(), login.dbname.clone()),
+            ],
+        }
+        .encode(&mut out);
+        stream.write_all(&out).await.map_err(io_err)?;
+
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = ServerParams::default();
+        let mut key = None;
+        let protocol = |m: &str| ServerError::Protocol {
+            addr: a.clone(),
+            message: m.to_string(),
+        };
+        let password =
+            || -> Result<&str, ServerError> {
+                login.password.as_ref().map(|p| p.expose()).ok_or_else(|| {
+                    ServerError::Credentials {
+                        addr: a.clone(),
+                        user: login.user.clone(),
+                        message: "the server asks for a password and none is configured".into(),
+                    }
+                })
+            };
+        loop {
+            let (tag, body) = loop {
+                if let Some((h, body)) =
+                    frame::complete(&rbuf, 1 << 20).map_err(|e| protocol(&e.to_string()))?
+                {
+                    let len = h.total_len();
+                    let body = body.to_vec();
+                    rbuf.advance(len);
+                    break (h.tag, body);
+                }
+                if stream.read_buf(&mut rbuf).await.map_err(io_err)? == 0 {
+                    return Err(protocol("closed the connection during login"));
+                }
+            };
+            out.clear();
+            match tag {
+                backend::tag::AUTHENTICATION => {
+                    match Authentication::decode(&body).map_err(|e| protocol(&e.to_string()))? {
+                        Authentication::Ok => {}
+                        Authentication::CleartextPassword => {
+                            let pw = password()?;
+                            if pw.starts_with("md5") || pw.starts_with("SCRAM-SHA-256$") {
+                                return Err(credentials(
+                                    &a,
+                                    login,
+                                    "the server wants a plain password, only a hash is configured",
+                                ));
+                            }
+                            pgfront::password_message(pw.as_bytes(), &mut out)
+                                .map_err(|e| protocol(&e.to_string()))?;
+                        }
+                        Authentication::Md5Password { salt } => {
+                            let pw = password()?;
+                            let stored = if weir_wire::md5::is_stored_secret(pw) {
+                                pw.to_string()
+                            } else if pw.starts_with("SCRAM-SHA-256$") {
+                                return Err(credentials(
+                                    &a,
+                                    login,
+                                    "the server wants md5, only a SCRAM verifier is configured",
+                                ));
+                            } else {
+                                weir_wire::md5::stored_secret(&login.user, pw.as_bytes())
+                            };
+                            let resp = weir_wire::md5::expected_response(&stored, salt);
+                            pgfront::password_message(resp.as_bytes(), &mut out)
+                                .map_err(|e| protocol(&e.to_string()))?;
+                        }
+                        Authentication::Sasl { mechanisms } => {
+                            if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
+                                return Err(protocol("no supported SASL mechanism offered"));
+                            }
+                            let pw = password()?;
+                            if pw.starts_with("SCRAM-SHA-256$")
+                                || weir_wire::md5::is_stored_secret(pw)
+                            {
+                                return Err(credentials(
+                                    &a,
+                                    login,
+                                    "the server wants SCRAM, which needs the plain password",
+                                ));
+                            }
+                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                            pgfront::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(|e| protocol(&e.to_string()))?;
+                            scram = Some(s);
+                        }
+                        Authentication::SaslContinue(data) => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("unexpected SASL continue"))?;
+                            s.update(data)
+                                .map_err(|e| protocol(&format!("SCRAM: {e}")))?;
+                            pgfront::sasl_response(s.message(), &mut out)
+                                .map_err(|e| protocol(&e.to_string()))?;
+                        }
+                        Authentication::SaslFinal(data) => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("unexpected SASL final"))?;
+                            s.finish(data).map_err(|e| {
+                                protocol(&format!("server SCRAM signature invalid: {e}"))
+                            })?;
+                        }
+                        Authentication::Other(code) => {
+                            return Err(protocol(&format!(
+                                "unsupported authentication request {code}"
+                            )));
+                        }
+                    }
+                    if !out.is_empty() {
+                        stream.write_all(&out).await.map_err(io_err)?;
+                    }
+                }
+                backend::tag::PARAMETER_STATUS => {
+                    let p = ParameterStatus::decode(&body).map_err(|e| protocol(&e.to_string()))?;
+                    params.reported.set(
+                        &String::from_utf8_lossy(p.name),
+                        &String::from_utf8_lossy(p.value),
+                    );
+                }
+                backend::tag::BACKEND_KEY_DATA => {
+                    key = Some(BackendKey::decode(&body).map_err(|e| protocol(&e.to_string()))?);
+                }
+                backend::tag::READY_FOR_QUERY => {
+                    TxStatus::decode(&body).map_err(|e| protocol(&e.to_string()))?;
+                    let key = key.ok_or_else(|| protocol("no BackendKeyData"))?;
+                    return Ok(ServerConn {
+                        stream,
+                        rbuf,
+                        key,
+                        addr: std::sync::Arc::new(addr),
+                        state: ServerState {
+                            params,
+                            statements: ServerStatements::new(statement_cache),
+                            broken: false,
+                        },
+                        id,
+                    });
+                }
+                backend::tag::ERROR_RESPONSE => {
+                    let error = ErrorResponse::decode(&body)
+                        .ok_or_else(|| protocol("malformed ErrorResponse"))?;
+                    return Err(ServerError::Rejected {
+                        addr: a.clone(),
+                        error,
+                    });
+                }
+                backend::tag::NOTICE_RESPONSE | backend::tag::NEGOTIATE_PROTOCOL_VERSION => {}
+                other => {
+                    return Err(protocol(&format!(
+                        "unexpected message '{}' during login",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// A non-blocking look at an idle connection: closed by the server, or sent something
+    /// unprompted (a FATAL before a shutdown, say)? Either way it must not be used.
+    pub fn is_alive(&mut self) -> bool {
+        if self.state.broken || !self.rbuf.is_empty() {
+            return false;
+        }
+        self.stream.peek_state() == PeekState::Quiet
+    }
+}
+
+fn credentials(addr: &str, login: &ServerLogin, message: &str) -> ServerError {
+    ServerError::Credentials {
+        addr: addr.to_string(),
+        user: login.user.clone(),
+        message: message.to_string(),
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        // Say goodbye so the server logs a clean disconnect; best effort, never blocks.
+        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+    }
+}
+
+/// Sends a CancelRequest for `key` to the server at `addr`.
+pub async fn send_cancel(addr: &ServerAddr, key: BackendKey, timeout: Duration) -> io::Result<()> {
+    let fut = async {
+        let mut s = addr.connect().await?;
+        let mut buf = BytesMut::with_capacity(16);
+        weir_wire::frontend::encode_cancel_request(&mut buf, key.pid, key.secret);
+        s.write_all(&buf).await?;
+        // The server closes the connection once it has read the request.
+        let mut sink = BytesMut::with_capacity(16);
+        let _ = s.read_buf(&mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}

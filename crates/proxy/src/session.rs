@@ -1,0 +1,707 @@
+//! One client's life: startup, login, then the relay loop.
+//!
+//! While the client holds no server connection the session waits for the client's socket
+//! only, holding no server and no read buffer of a server. When a message needs a server,
+//! it checks one out (FIFO, up to `query_wait_timeout`), brings the server's session
+//! parameters in line with the client's, and relays in both directions with non-blocking
+//! writes, so a slow side never stalls the other into a deadlock. In transaction mode the
+//! server connection goes back to the pool as soon as [`Relay::is_idle`] says so.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use weir_config::PoolMode;
+use weir_pool::{GetError, Pooled};
+use weir_wire::backend::{self, ParameterStatus, TxStatus};
+use weir_wire::frame;
+use weir_wire::frontend::Startup;
+use weir_wire::{ErrorResponse, Severity, SqlState};
+
+use crate::auth::{self, AuthError};
+use crate::cancel::Registration;
+use crate::listener::Shared;
+use crate::params::ClientParams;
+use crate::pools::{ServerManager, ServerPool};
+use crate::prepared::ClientStatements;
+use crate::relay::{ClientProtocolError, ClientStep, Relay, ServerProtocolError};
+use crate::server::{READ_CHUNK, ServerError, send_cancel};
+use crate::startup::{self, Hello};
+use crate::stream::Stream;
+
+/// How long a client has to complete startup and login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stop reading from a side whose output is this far behind.
+const HIGH_WATER: usize = 256 * 1024;
+/// Client read size.
+const CLIENT_CHUNK: usize = 16 * 1024;
+/// Time allowed to clean a server connection when a client leaves.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted connection to the end.
+pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
+    let peer = client.peer();
+    let mut buf = BytesMut::with_capacity(1024);
+    let hello =
+        match tokio::time::timeout(LOGIN_TIMEOUT, startup::read_hello(&mut client, &mut buf)).await
+        {
+            Err(_) => {
+                send_fatal(
+                    &mut client,
+                    ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out"),
+                )
+                .await;
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "startup failed");
+                if let Some(r) = e.to_response() {
+                    send_fatal(&mut client, r).await;
+                }
+                return;
+            }
+            Ok(Ok(h)) => h,
+        };
+    match hello {
+        Hello::Cancel(key) => {
+            if let Some(t) = shared.cancel.target(key) {
+                let timeout = shared.config.load().pool_settings("", "").connect_timeout;
+                if let Err(e) = send_cancel(&t.addr, t.key, timeout).await {
+                    tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
+                }
+            }
+        }
+        Hello::Startup(startup) => {
+            let login = tokio::time::timeout(
+                LOGIN_TIMEOUT,
+                login(&shared, &mut client, &mut buf, &startup),
+            )
+            .await;
+            let session = match login {
+                Err(_) => {
+                    send_fatal(
+                        &mut client,
+                        ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "login timed out"),
+                    )
+                    .await;
+                    return;
+                }
+                Ok(Err(Some(e))) => {
+                    tracing::info!(%peer, error = %e.message, code = %e.code, "login refused");
+                    send_fatal(&mut client, e).await;
+                    return;
+                }
+                Ok(Err(None)) => return,
+                Ok(Ok(s)) => s,
+            };
+            let mut session = Session::new(shared, client, peer, session, buf);
+            session.run().await;
+        }
+    }
+}
+
+/// What login settles for a session.
+struct Login {
+    pool: Arc<ServerPool>,
+    params: ClientParams,
+    cancel: Registration,
+}
+
+/// Checks the database, authenticates, and sends the client the welcome messages.
+/// `Err(None)` means the client went away.
+async fn login(
+    shared: &Arc<Shared>,
+    client: &mut Stream,
+    buf: &mut BytesMut,
+    startup: &Startup,
+) -> Result<Login, Option<ErrorResponse>> {
+    let Some(user) = startup.get("user").filter(|u| !u.is_empty()) else {
+        return Err(Some(ErrorResponse::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    };
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(user);
+    if startup
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "off" && r != "0")
+    {
+        return Err(Some(ErrorResponse::fatal(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported through weir",
+        )));
+    }
+    let config = shared.config.load_full();
+    if !config.databases.contains_key(database) {
+        return Err(Some(
+            ErrorResponse::fatal(
+                SqlState::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" does not exist"),
+            )
+            .with_hint("weir serves only the databases in its configuration"),
+        ));
+    }
+    let users = shared.users.load_full();
+    let method = config.auth_type(database, user);
+    auth::authenticate(client, buf, method, user, &users)
+        .await
+        .map_err(|e: AuthError| e.to_response())?;
+
+    let pool = shared.pools.get(&config, database, user).ok_or_else(|| {
+        Some(ErrorResponse::fatal(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        ))
+    })?;
+    let defaults = pool
+        .defaults()
+        .await
+        .map_err(|e| Some(checkout_error(&pool, e).into_fatal()))?;
+    let params = ClientParams::new(&defaults, &startup.params)
+        .map_err(|m| Some(ErrorResponse::fatal(SqlState(*b"22023"), m)))?;
+    let cancel = shared.cancel.register();
+
+    let mut out = BytesMut::with_capacity(512);
+    for (name, value) in params.reported(&defaults) {
+        ParameterStatus {
+            name: name.as_bytes(),
+            value: value.as_bytes(),
+        }
+        .encode(&mut out);
+    }
+    let key = cancel.key();
+    backend::BackendKey {
+        pid: key.pid,
+        secret: key.secret,
+    }
+    .encode(&mut out);
+    TxStatus::Idle.encode(&mut out);
+    client.write_all(&out).await.map_err(|_| None)?;
+    Ok(Login {
+        pool,
+        params,
+        cancel,
+    })
+}
+
+async fn send_fatal(client: &mut Stream, e: ErrorResponse) {
+    let mut out = BytesMut::new();
+    e.encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&out)).await;
+}
+
+/// An error Weir raises for a checkout that failed.
+struct CheckoutFailure(ErrorResponse);
+
+impl CheckoutFailure {
+    fn into_fatal(mut self) -> ErrorResponse {
+        self.0.severity = Severity::Fatal;
+        self.0
+    }
+}
+
+fn checkout_error(pool: &ServerPool, e: GetError<ServerError>) -> CheckoutFailure {
+    let name = pool.name();
+    CheckoutFailure(match e {
+        GetError::Timeout { waited, max_size, queued } => ErrorResponse::error(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!(
+                "query_wait_timeout: no server connection for pool \"{name}\" after {:.1}s (pool_size {max_size}, {queued} other clients waiting)",
+                waited.as_secs_f64()
+            ),
+        )
+        .with_hint("raise pool_size or query_wait_timeout for this pool, or shorten transactions"),
+        GetError::Closed => {
+            ErrorResponse::error(SqlState::ADMIN_SHUTDOWN, format!("pool \"{name}\" is shutting down"))
+        }
+        GetError::Create(err) => {
+            let code = match &err {
+                ServerError::Rejected { error, .. } => error.code,
+                _ => SqlState::CANNOT_CONNECT,
+            };
+            ErrorResponse::error(code, format!("weir could not open a server connection for pool \"{name}\": {err}"))
+                .with_hint("check that the server is running and the pool's login is right")
+        }
+    })
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// Client closed its socket or sent Terminate.
+    ClientGone,
+    /// The server connection failed while the client was using it.
+    ServerLost(String),
+    /// The client broke the protocol.
+    ClientProtocol(ClientProtocolError),
+    ServerProtocol(ServerProtocolError),
+}
+
+impl From<ClientProtocolError> for End {
+    fn from(e: ClientProtocolError) -> Self {
+        End::ClientProtocol(e)
+    }
+}
+
+impl From<ServerProtocolError> for End {
+    fn from(e: ServerProtocolError) -> Self {
+        End::ServerProtocol(e)
+    }
+}
+
+/// Socket events the relay loop reacts to.
+enum Event {
+    ServerReadable(io::Result<()>),
+    ServerWritable(io::Result<()>),
+    ClientReadable(io::Result<()>),
+    ClientWritable(io::Result<()>),
+}
+
+struct Session {
+    client: Stream,
+    peer: String,
+    pool: Arc<ServerPool>,
+    mode: PoolMode,
+    server: Option<Pooled<ServerManager>>,
+    relay: Relay,
+    statements: ClientStatements,
+    params: ClientParams,
+    cancel: Registration,
+    /// Client bytes read, not yet handled.
+    cbuf: BytesMut,
+    /// Bytes for the server the socket has not taken yet.
+    to_server: BytesMut,
+    /// Bytes for the client the socket has not taken yet.
+    to_client: BytesMut,
+    /// Where rewritten server output is assembled.
+    scratch: BytesMut,
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        client: Stream,
+        peer: String,
+        login: Login,
+        cbuf: BytesMut,
+    ) -> Session {
+        let settings = login.pool.settings().clone();
+        let max_message_size = shared.config.load().proxy.max_message_size;
+        Session {
+            client,
+            peer,
+            mode: settings.mode,
+            relay: Relay::new(settings.mode == PoolMode::Transaction, max_message_size),
+            pool: login.pool,
+            server: None,
+            statements: ClientStatements::default(),
+            params: login.params,
+            cancel: login.cancel,
+            cbuf,
+            to_server: BytesMut::new(),
+            to_client: BytesMut::new(),
+            scratch: BytesMut::new(),
+        }
+    }
+
+    async fn run(&mut self) {
+        let end = self.relay_loop().await;
+        match &end {
+            End::ClientGone => {}
+            End::ServerLost(why) => {
+                tracing::warn!(peer = %self.peer, pool = %self.pool.name(), %why, "server connection lost under a client");
+                if !self.relay.fatal_relayed {
+                    let e = ErrorResponse::fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        format!("server connection lost: {why}"),
+                    )
+                    .with_hint("the transaction in progress, if any, did not complete; reconnect and retry");
+                    self.fatal(e).await;
+                }
+            }
+            End::ClientProtocol(e) => {
+                tracing::info!(peer = %self.peer, error = %e, "closing client: protocol violation");
+                let code = match e {
+                    ClientProtocolError::Frame(weir_wire::FrameError::TooLarge { .. }) => {
+                        SqlState::PROGRAM_LIMIT_EXCEEDED
+                    }
+                    _ => SqlState::PROTOCOL_VIOLATION,
+                };
+                self.fatal(ErrorResponse::fatal(code, e.to_string())).await;
+            }
+            End::ServerProtocol(e) => {
+                tracing::error!(peer = %self.peer, pool = %self.pool.name(), error = %e, "server protocol error");
+                if let Some(s) = &mut self.server {
+                    s.state.broken = true;
+                }
+                self.fatal(ErrorResponse::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("server protocol error: {e}"),
+                ))
+                .await;
+            }
+        }
+        self.finish().await;
+    }
+
+    async fn fatal(&mut self, e: ErrorResponse) {
+        let pending = std::mem::take(&mut self.to_client);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&pending)).await;
+        send_fatal(&mut self.client, e).await;
+    }
+
+    async fn relay_loop(&mut self) -> End {
+        loop {
+            let r = if self.server.is_none() {
+                self.idle_step().await
+            } else {
+                self.busy_step().await
+            };
+            if let Err(end) = r {
+                return end;
+            }
+        }
+    }
+
+    /// No server connection: write what the client is owed, then wait for it to send.
+    async fn idle_step(&mut self) -> Result<(), End> {
+        if !self.to_client.is_empty() {
+            let pending = std::mem::take(&mut self.to_client);
+            self.client
+                .write_all(&pending)
+                .await
+                .map_err(|_| End::ClientGone)?;
+        }
+        if !self.relay.client_ready(&self.cbuf) {
+            if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                self.cbuf.reserve(CLIENT_CHUNK);
+            }
+            if self
+                .client
+                .read_buf(&mut self.cbuf)
+                .await
+                .map_err(|_| End::ClientGone)?
+                == 0
+            {
+                return Err(End::ClientGone);
+            }
+        }
+        self.handle_client().await
+    }
+
+    /// With a server connection: one round of whichever socket is ready.
+    async fn busy_step(&mut self) -> Result<(), End> {
+        let ev = {
+            let server = self
+                .server
+                .as_ref()
+                .expect("busy means a server is attached");
+            let read_server = self.to_client.len() < HIGH_WATER;
+            let read_client = self.to_server.len() < HIGH_WATER && self.cbuf.len() < HIGH_WATER;
+            tokio::select! {
+                biased;
+                r = server.stream.readable(), if read_server => Event::ServerReadable(r),
+                r = server.stream.writable(), if !self.to_server.is_empty() => Event::ServerWritable(r),
+                r = self.client.writable(), if !self.to_client.is_empty() => Event::ClientWritable(r),
+                r = self.client.readable(), if read_client => Event::ClientReadable(r),
+            }
+        };
+        match ev {
+            Event::ServerReadable(r) => {
+                r.map_err(|e| End::ServerLost(e.to_string()))?;
+                self.on_server_readable()
+            }
+            Event::ServerWritable(r) => {
+                r.map_err(|e| End::ServerLost(e.to_string()))?;
+                let server = self.server.as_ref().expect("attached");
+                flush_pending(&server.stream, &mut self.to_server)
+                    .map_err(|e| End::ServerLost(e.to_string()))?;
+                self.maybe_release();
+                Ok(())
+            }
+            Event::ClientWritable(r) => {
+                r.map_err(|_| End::ClientGone)?;
+                flush_pending(&self.client, &mut self.to_client).map_err(|_| End::ClientGone)
+            }
+            Event::ClientReadable(r) => {
+                r.map_err(|_| End::ClientGone)?;
+                if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                    self.cbuf.reserve(CLIENT_CHUNK);
+                }
+                match self.client.try_read_buf(&mut self.cbuf) {
+                    Ok(0) => Err(End::ClientGone),
+                    Ok(_) => self.handle_client().await,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                    Err(_) => Err(End::ClientGone),
+                }
+            }
+        }
+    }
+
+    fn on_server_readable(&mut self) -> Result<(), End> {
+        let server: &mut crate::server::ServerConn = self.server.as_mut().expect("attached");
+        if server.rbuf.capacity() - server.rbuf.len() < READ_CHUNK / 4 {
+            server.rbuf.reserve(READ_CHUNK);
+        }
+        match server.stream.try_read_buf(&mut server.rbuf) {
+            Ok(0) => return Err(End::ServerLost("server closed the connection".into())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(End::ServerLost(e.to_string())),
+        }
+        self.scratch.clear();
+        let (n, copied) = self.relay.from_server(
+            &server.rbuf,
+            &mut server.state,
+            &mut self.params,
+            &mut self.scratch,
+        )?;
+        let data = if copied {
+            &self.scratch[..]
+        } else {
+            &server.rbuf[..n]
+        };
+        send(&self.client, &mut self.to_client, data).map_err(|_| End::ClientGone)?;
+        server.rbuf.advance(n);
+        self.maybe_release();
+        Ok(())
+    }
+
+    /// Transaction mode: hand the server connection back once nothing ties it to this client.
+    fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction || !self.relay.is_idle() || !self.to_server.is_empty()
+        {
+            return;
+        }
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        if !server.rbuf.is_empty() {
+            self.server = Some(server);
+            return;
+        }
+        self.cancel.detach();
+        if server.state.broken {
+            server.discard();
+        } else {
+            server.release();
+        }
+    }
+
+    /// Handles the complete messages in `cbuf`, checking out a server when one is needed.
+    async fn handle_client(&mut self) -> Result<(), End> {
+        loop {
+            let server = self.server.as_mut().map(|s| &mut s.state);
+            let step = self.relay.from_client(
+                &self.cbuf,
+                &mut self.statements,
+                server,
+                &mut self.to_server,
+                &mut self.to_client,
+            )?;
+            match step {
+                ClientStep::Done(n) => {
+                    self.cbuf.advance(n);
+                    break;
+                }
+                ClientStep::Terminate(n) => {
+                    self.cbuf.advance(n);
+                    self.flush_to_server()?;
+                    return Err(End::ClientGone);
+                }
+                ClientStep::NeedServer(n) => {
+                    self.cbuf.advance(n);
+                    if let Err(failure) = self.checkout().await? {
+                        // Answer this batch with the error and carry on: the client may retry.
+                        failure.0.encode(&mut self.to_client);
+                        let first = self.cbuf[0];
+                        if first == weir_wire::frontend::tag::QUERY {
+                            let len = frame::Header::parse(&self.cbuf, u32::MAX)
+                                .ok()
+                                .flatten()
+                                .map_or(0, |h| h.total_len());
+                            self.cbuf.advance(len);
+                        }
+                        self.relay.fail_batch(first, &mut self.to_client);
+                    }
+                }
+            }
+        }
+        self.flush_to_server()?;
+        if !self.to_client.is_empty() && self.server.is_some() {
+            let pending = std::mem::take(&mut self.to_client);
+            send(&self.client, &mut self.to_client, &pending).map_err(|_| End::ClientGone)?;
+        }
+        Ok(())
+    }
+
+    fn flush_to_server(&mut self) -> Result<(), End> {
+        if let Some(server) = &self.server
+            && !self.to_server.is_empty()
+        {
+            flush_pending(&server.stream, &mut self.to_server)
+                .map_err(|e| End::ServerLost(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for a server connection while watching the client (a client that leaves stops
+    /// waiting). The outer error ends the session; the inner one is for the client.
+    async fn checkout(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
+        let pool = self.pool.clone();
+        let timeout = pool.settings().query_wait_timeout;
+        let get = pool.pool.get(timeout);
+        tokio::pin!(get);
+        let result = loop {
+            let watch = self.cbuf.len() < HIGH_WATER;
+            tokio::select! {
+                r = &mut get => break r,
+                r = self.client.readable(), if watch => {
+                    r.map_err(|_| End::ClientGone)?;
+                    self.cbuf.reserve(CLIENT_CHUNK);
+                    match self.client.try_read_buf(&mut self.cbuf) {
+                        Ok(0) => return Err(End::ClientGone),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(End::ClientGone),
+                    }
+                }
+            }
+        };
+        let mut server = match result {
+            Ok(s) => s,
+            Err(e) => {
+                let failure = checkout_error(&pool, e);
+                tracing::warn!(peer = %self.peer, pool = %pool.name(), error = %failure.0.message, "checkout failed");
+                return Ok(Err(failure));
+            }
+        };
+        if let Some(q) = server.state.params.sync_query(&self.params) {
+            self.relay.inject_query(&q, &mut self.to_server);
+        }
+        self.cancel.attach(server.addr.clone(), server.key);
+        self.server = Some(server);
+        Ok(Ok(()))
+    }
+
+    /// The client is gone: leave its server connection clean for the next client, or close it.
+    async fn finish(&mut self) {
+        self.cancel.detach();
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        if server.state.broken {
+            return;
+        }
+        let clean =
+            self.relay.nothing_owed() && self.to_server.is_empty() && server.rbuf.is_empty();
+        if !clean {
+            // A query may still be running for nobody: stop it, then close the connection.
+            let (addr, key) = (server.addr.clone(), server.key);
+            let timeout = self.pool.settings().connect_timeout;
+            tokio::spawn(async move {
+                let _ = send_cancel(&addr, key, timeout).await;
+            });
+            tracing::debug!(peer = %self.peer, "client left with replies owed; server connection closed");
+            return;
+        }
+        let mut sql = String::new();
+        if self.relay.status() != TxStatus::Idle {
+            sql.push_str("ROLLBACK;");
+        }
+        let reset = &self.pool.settings().reset_query;
+        if self.mode == PoolMode::Session && !reset.is_empty() {
+            sql.push_str(reset);
+        }
+        if !sql.is_empty() {
+            match tokio::time::timeout(CLEANUP_TIMEOUT, run_cleanup(&mut server, &sql)).await {
+                Ok(Ok(TxStatus::Idle)) => {}
+                _ => return,
+            }
+            server.state.params.forget_sets();
+            if self.mode == PoolMode::Session {
+                server.state.statements.clear();
+            }
+        }
+        server.release();
+    }
+}
+
+/// Runs `sql` on a server connection no client is using and reads to ReadyForQuery.
+async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Result<TxStatus> {
+    let mut out = BytesMut::new();
+    weir_wire::frontend::Query {
+        sql: sql.as_bytes(),
+    }
+    .encode(&mut out);
+    server.stream.write_all(&out).await?;
+    loop {
+        let server = &mut **server;
+        while let Some((h, body)) =
+            frame::complete(&server.rbuf, u32::MAX).map_err(io::Error::other)?
+        {
+            let len = h.total_len();
+            match h.tag {
+                backend::tag::READY_FOR_QUERY => {
+                    let st = TxStatus::decode(body).map_err(io::Error::other)?;
+                    server.rbuf.advance(len);
+                    return Ok(st);
+                }
+                backend::tag::PARAMETER_STATUS => {
+                    if let Ok(p) = ParameterStatus::decode(body) {
+                        let (k, v) = (
+                            String::from_utf8_lossy(p.name),
+                            String::from_utf8_lossy(p.value),
+                        );
+                        server.state.params.on_report(&k, &v, true);
+                    }
+                }
+                backend::tag::ERROR_RESPONSE
+                    if ErrorResponse::decode(body)
+                        .is_some_and(|e| e.severity == Severity::Fatal) =>
+                {
+                    server.state.broken = true;
+                }
+                _ => {}
+            }
+            server.rbuf.advance(len);
+        }
+        server.rbuf.reserve(READ_CHUNK);
+        if server.stream.read_buf(&mut server.rbuf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Writes what the socket takes now; keeps the rest in `pending`, in order.
+fn send(stream: &Stream, pending: &mut BytesMut, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if !pending.is_empty() {
+        pending.extend_from_slice(data);
+        return Ok(());
+    }
+    match stream.try_write(data) {
+        Ok(n) => pending.extend_from_slice(&data[n..]),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => pending.extend_from_slice(data),
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+fn flush_pending(stream: &Stream, pending: &mut BytesMut) -> io::Result<()> {
+    while !pending.is_empty() {
+        match stream.try_write(pending) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => pending.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `weir`: a PostgreSQL connection pooler.
+//!
+//! Subcommands:
+//! - `weir run`: serve clients, from a config file or the quick-start flags.
+//! - `weir demo`: a throwaway PostgreSQL with Weir in front and a load through it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use weir_config::{Config, PoolMode, QuickStart};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "A PostgreSQL connection pooler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve PostgreSQL clients.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML). See weir.example.toml.
+    #[arg(long, short, conflicts_with = "server")]
+    config: Option<PathBuf>,
+    /// Quick start without a file: the one server to serve, as postgres://USER:PASS@HOST:PORT/DB.
+    /// Clients log in with that user and password.
+    #[arg(long)]
+    server: Option<String>,
+    /// Quick start: address to listen on.
+    #[arg(long, default_value = "127.0.0.1:6432", requires = "server")]
+    listen: SocketAddr,
+    /// Quick start: server connections in the pool.
+    #[arg(long, default_value_t = 20, requires = "server")]
+    pool_size: u32,
+    /// Quick start: session or transaction.
+    #[arg(long, default_value = "transaction", value_parser = parse_mode, requires = "server")]
+    pool_mode: PoolMode,
+    /// Worker threads (default: the config's proxy.workers, 0 = one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+fn parse_mode(s: &str) -> Result<PoolMode, String> {
+    match s {
+        "session" => Ok(PoolMode::Session),
+        "transaction" => Ok(PoolMode::Transaction),
+        other => Err(format!(
+            "`{other}` is not a pool mode: use session or transaction"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
+    match (&args.config, &args.server) {
+        (Some(path), _) => match weir_config::from_file(path) {
+            Ok((config, warnings)) => {
+                for w in warnings.warnings() {
+                    tracing::warn!("{w}");
+                }
+                Ok(config)
+            }
+            Err(problems) => bail!("{} has problems:\n{problems}", path.display()),
+        },
+        (None, Some(url)) => QuickStart {
+            listen: args.listen,
+            server_url: url.clone(),
+            pool_size: args.pool_size,
+            pool_mode: args.pool_mode,
+        }
+        .build()
+        .map_err(|p| anyhow::anyhow!("{p}")),
+        (None, None) => bail!(
+            "give --config FILE, or --server postgres://USER:PASS@HOST:PORT/DB for a quick start"
+        ),
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
+        .thread_name("weir-worker")
+        .build()
+        .context("start the runtime")
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let workers = args.workers.unwrap_or(config.proxy.workers);
+    runtime(workers)?.block_on(async move {
+        let proxy = weir_proxy::Proxy::start(config).await?;
+        for a in &proxy.addrs {
+            // Printed on stdout so scripts and tests can learn a port-0 address.
+            println!("listening on {a}");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        proxy.stop();
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
