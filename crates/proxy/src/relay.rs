@@ -49,6 +49,9 @@ pub enum Expect {
     },
     /// A reply Weir makes itself, sent when it reaches the front.
     Synth(Synth),
+    /// Where the client's CopyDone/CopyFail falls: PostgreSQL ignores every Sync sent between
+    /// an Execute that starts COPY FROM STDIN and this point, so those Syncs owe nothing.
+    CopyEnd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +112,9 @@ pub struct Relay {
     copy_out: bool,
     server_partial: Partial,
     client_partial: usize,
+    /// The server is known to be in copy-in and the client has not ended it: its Syncs are
+    /// ignored by the server, so none is owed.
+    client_in_copy: bool,
     /// After Weir answered a batch with an error itself: drop messages until Sync.
     skip_until_sync: bool,
     /// Map client statement names to shared server statements (transaction mode).
@@ -127,6 +133,7 @@ impl Relay {
             copy_out: false,
             server_partial: Partial::default(),
             client_partial: 0,
+            client_in_copy: false,
             skip_until_sync: false,
             mapping,
             max_message_size,
@@ -141,8 +148,18 @@ impl Relay {
             && self.status == TxStatus::Idle
             && !self.copy_in
             && !self.copy_out
+            && !self.client_in_copy
             && self.server_partial.remaining == 0
             && self.client_partial == 0
+    }
+
+    /// A COPY is under way or a message is half relayed in either direction.
+    pub fn copying(&self) -> bool {
+        self.copy_in
+            || self.copy_out
+            || self.client_in_copy
+            || self.server_partial.remaining > 0
+            || self.client_partial > 0
     }
 
     /// Whether [`Relay::from_client`] can make progress on `buf`: a whole message, part of a
@@ -163,8 +180,11 @@ impl Relay {
 
     /// Nothing owed by a server (a transaction may be open).
     pub fn nothing_owed(&self) -> bool {
-        self.queue.iter().all(|e| matches!(e, Expect::Synth(_)))
+        self.queue
+            .iter()
+            .all(|e| matches!(e, Expect::Synth(_) | Expect::CopyEnd))
             && !self.copy_in
+            && !self.client_in_copy
             && !self.copy_out
             && self.server_partial.remaining == 0
             && self.client_partial == 0
@@ -299,9 +319,6 @@ impl Relay {
                     }
                 }
                 tag::PARSE => {
-                    let Some(srv) = server.as_deref_mut() else {
-                        return Ok(ClientStep::NeedServer(pos));
-                    };
                     let p = Parse::decode(body)?;
                     if self.mapping && !p.name.is_empty() {
                         let st = match statements.get(p.name) {
@@ -312,12 +329,30 @@ impl Relay {
                                 s
                             }
                         };
-                        if srv.statements.touch(st.id) {
-                            self.queue.push_back(Expect::Synth(Synth::ParseComplete));
-                        } else {
-                            self.prepare_on(srv, &st, protect_from, may_evict, to_server, true);
+                        match server.as_deref_mut() {
+                            Some(srv) => {
+                                if srv.statements.touch(st.id) {
+                                    self.queue.push_back(Expect::Synth(Synth::ParseComplete));
+                                } else {
+                                    self.prepare_on(
+                                        srv,
+                                        &st,
+                                        protect_from,
+                                        may_evict,
+                                        to_server,
+                                        true,
+                                    );
+                                }
+                            }
+                            // No transaction is open: answer now and prepare on first use.
+                            // A client that prepares synchronously (pgbench) then never waits
+                            // for a server while another of its connections holds one.
+                            None => self.queue.push_back(Expect::Synth(Synth::ParseComplete)),
                         }
                     } else {
+                        if server.is_none() {
+                            return Ok(ClientStep::NeedServer(pos));
+                        }
                         to_server.extend_from_slice(msg);
                         self.queue.push_back(Expect::ParseComplete {
                             forward: true,
@@ -393,7 +428,9 @@ impl Relay {
                 tag::SYNC => match server.as_deref_mut() {
                     Some(_) => {
                         to_server.extend_from_slice(msg);
-                        self.queue.push_back(Expect::Sync);
+                        if !self.client_in_copy {
+                            self.queue.push_back(Expect::Sync);
+                        }
                     }
                     // No server and nothing open: answer it here.
                     None => self.queue.push_back(Expect::Synth(Synth::ReadyForQuery)),
@@ -410,7 +447,12 @@ impl Relay {
                         to_server.extend_from_slice(msg);
                     }
                     if h.tag != tag::COPY_DATA {
-                        self.copy_in = false;
+                        if self.client_in_copy {
+                            self.client_in_copy = false;
+                        } else if !self.queue.is_empty() {
+                            // The server may not have started the COPY yet; mark the spot.
+                            self.queue.push_back(Expect::CopyEnd);
+                        }
                     }
                 }
                 tag::TERMINATE => return Ok(ClientStep::Terminate(pos)),
@@ -473,7 +515,15 @@ impl Relay {
 
     /// Sends every synthesised reply now at the front of the queue.
     pub fn emit_synth(&mut self, out: &mut BytesMut) {
-        while let Some(Expect::Synth(s)) = self.queue.front() {
+        while let Some(front) = self.queue.front() {
+            let s = match front {
+                Expect::Synth(s) => s,
+                Expect::CopyEnd => {
+                    self.queue.pop_front();
+                    continue;
+                }
+                _ => break,
+            };
             match s {
                 Synth::ParseComplete => out.extend_from_slice(backend::PARSE_COMPLETE),
                 Synth::CloseComplete => out.extend_from_slice(backend::CLOSE_COMPLETE),
@@ -668,6 +718,7 @@ impl Relay {
             }
             b::COPY_IN_RESPONSE => {
                 self.copy_in = true;
+                self.ignore_syncs_during_copy();
                 !ours
             }
             b::COPY_OUT_RESPONSE => {
@@ -677,10 +728,33 @@ impl Relay {
             b::COPY_BOTH_RESPONSE => {
                 self.copy_in = true;
                 self.copy_out = true;
+                self.ignore_syncs_during_copy();
                 !ours
             }
             _ => !ours,
         })
+    }
+}
+
+impl Relay {
+    /// The server entered copy-in: it will ignore the client's Syncs until the client's
+    /// CopyDone/CopyFail, so those Syncs owe no ReadyForQuery.
+    fn ignore_syncs_during_copy(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Expect::Sync => {
+                    self.queue.remove(i);
+                }
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        // The client has not ended the COPY yet: its coming Syncs are ignored too.
+        self.client_in_copy = true;
     }
 }
 

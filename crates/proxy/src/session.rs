@@ -261,6 +261,17 @@ enum Event {
     ClientWritable(io::Result<()>),
 }
 
+impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::ServerReadable(_) => "server readable",
+            Event::ServerWritable(_) => "server writable",
+            Event::ClientReadable(_) => "client readable",
+            Event::ClientWritable(_) => "client writable",
+        }
+    }
+}
+
 struct Session {
     client: Stream,
     peer: String,
@@ -410,6 +421,7 @@ impl Session {
                 r = self.client.readable(), if read_client => Event::ClientReadable(r),
             }
         };
+        tracing::trace!(peer = %self.peer, event = ev.name(), "busy");
         match ev {
             Event::ServerReadable(r) => {
                 r.map_err(|e| End::ServerLost(e.to_string()))?;
@@ -454,12 +466,14 @@ impl Session {
             Err(e) => return Err(End::ServerLost(e.to_string())),
         }
         self.scratch.clear();
+        tracing::trace!(peer = %self.peer, server = server.id, bytes = ?summarize(&server.rbuf), "from server");
         let (n, copied) = self.relay.from_server(
             &server.rbuf,
             &mut server.state,
             &mut self.params,
             &mut self.scratch,
         )?;
+        tracing::trace!(peer = %self.peer, out = ?summarize(if copied { &self.scratch[..] } else { &server.rbuf[..n] }), status = ?self.relay.status(), owed = self.relay.owed(), "to client");
         let data = if copied {
             &self.scratch[..]
         } else {
@@ -485,6 +499,7 @@ impl Session {
             return;
         }
         self.cancel.detach();
+        tracing::trace!(peer = %self.peer, server = server.id, "released");
         if server.state.broken {
             server.discard();
         } else {
@@ -494,6 +509,7 @@ impl Session {
 
     /// Handles the complete messages in `cbuf`, checking out a server when one is needed.
     async fn handle_client(&mut self) -> Result<(), End> {
+        tracing::trace!(peer = %self.peer, bytes = ?summarize(&self.cbuf), "from client");
         loop {
             let server = self.server.as_mut().map(|s| &mut s.state);
             let step = self.relay.from_client(
@@ -584,6 +600,7 @@ impl Session {
             self.relay.inject_query(&q, &mut self.to_server);
         }
         self.cancel.attach(server.addr.clone(), server.key);
+        tracing::trace!(peer = %self.peer, server = server.id, "checked out");
         self.server = Some(server);
         Ok(Ok(()))
     }
@@ -597,16 +614,16 @@ impl Session {
         if server.state.broken {
             return;
         }
-        let clean =
-            self.relay.nothing_owed() && self.to_server.is_empty() && server.rbuf.is_empty();
-        if !clean {
-            // A query may still be running for nobody: stop it, then close the connection.
-            let (addr, key) = (server.addr.clone(), server.key);
-            let timeout = self.pool.settings().connect_timeout;
-            tokio::spawn(async move {
-                let _ = send_cancel(&addr, key, timeout).await;
-            });
-            tracing::debug!(peer = %self.peer, "client left with replies owed; server connection closed");
+        if self.relay.copying() {
+            // Half a COPY cannot be finished for nobody: stop it and close the connection.
+            self.cancel_on(&server);
+            tracing::debug!(peer = %self.peer, "client left during COPY; server connection closed");
+            return;
+        }
+        let owed =
+            !self.relay.nothing_owed() || !self.to_server.is_empty() || !server.rbuf.is_empty();
+        if owed && !self.drain(&mut server).await {
+            tracing::debug!(peer = %self.peer, "could not drain replies for a departed client; server connection closed");
             return;
         }
         let mut sql = String::new();
@@ -628,6 +645,61 @@ impl Session {
             }
         }
         server.release();
+    }
+}
+
+impl Session {
+    /// Reads and drops what the server still owes a departed client. A query still running
+    /// after a short grace period is cancelled. True if the connection ended up owing nothing.
+    async fn drain(&mut self, server: &mut Pooled<ServerManager>) -> bool {
+        let quick = tokio::time::timeout(Duration::from_millis(200), self.drain_owed(server)).await;
+        match quick {
+            Ok(r) => return r.is_ok(),
+            Err(_) => self.cancel_on(server),
+        }
+        matches!(
+            tokio::time::timeout(CLEANUP_TIMEOUT, self.drain_owed(server)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn drain_owed(&mut self, server: &mut Pooled<ServerManager>) -> io::Result<()> {
+        let server: &mut crate::server::ServerConn = server;
+        if !self.to_server.is_empty() {
+            let pending = std::mem::take(&mut self.to_server);
+            server.stream.write_all(&pending).await?;
+        }
+        loop {
+            if !server.rbuf.is_empty() {
+                self.scratch.clear();
+                let (n, _) = self
+                    .relay
+                    .from_server(
+                        &server.rbuf,
+                        &mut server.state,
+                        &mut self.params,
+                        &mut self.scratch,
+                    )
+                    .map_err(io::Error::other)?;
+                server.rbuf.advance(n);
+            }
+            if self.relay.nothing_owed() && server.rbuf.is_empty() {
+                return Ok(());
+            }
+            server.rbuf.reserve(READ_CHUNK);
+            if server.stream.read_buf(&mut server.rbuf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Asks the server to cancel whatever this connection is running, without waiting.
+    fn cancel_on(&self, server: &crate::server::ServerConn) {
+        let (addr, key) = (server.addr.clone(), server.key);
+        let timeout = self.pool.settings().connect_timeout;
+        tokio::spawn(async move {
+            let _ = send_cancel(&addr, key, timeout).await;
+        });
     }
 }
 
@@ -704,4 +776,20 @@ fn flush_pending(stream: &Stream, pending: &mut BytesMut) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Message tags in a buffer, for trace logs.
+fn summarize(buf: &[u8]) -> String {
+    let mut out = String::new();
+    let mut rest = buf;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        out.push(rest[0] as char);
+        if rest.len() < len + 1 {
+            out.push('…');
+            break;
+        }
+        rest = &rest[len + 1..];
+    }
+    out
 }

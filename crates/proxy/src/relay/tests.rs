@@ -745,3 +745,123 @@ fn classify() {
     assert_eq!(classify_sql(b"discard plans"), SqlKind::Other);
     assert_eq!(classify_sql(b"select 1"), SqlKind::Other);
 }
+
+#[test]
+fn named_parse_without_a_server_is_answered_and_prepared_on_first_use() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let sent = send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[parse("p0", "select 1"), simple(b'S')]),
+    );
+    assert!(matches!(sent.step, ClientStep::Done(_)));
+    assert_eq!(tags(&sent.to_client), "1Z");
+    assert!(sent.to_server.is_empty());
+    let mut a = server(8);
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("p0"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBES");
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    // A bad statement surfaces on first use, and stays bad.
+    send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[parse("bad", "selec"), simple(b'S')]),
+    );
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("bad"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBES");
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState(*b"42601"), Severity::Error), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "EZ");
+    assert!(r.is_idle());
+    assert!(
+        !a.statements.touch(st.get(b"bad").unwrap().id),
+        "the failed statement is not recorded"
+    );
+}
+
+#[test]
+fn syncs_sent_during_extended_copy_in_owe_nothing() {
+    // tokio-postgres: Bind, Execute, Sync; then CopyData..., CopyDone, Sync.
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind(""), execute(), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'2', b""), be(b'G', &[0, 0, 0])]));
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[be(b'd', b"1\n"), simple(b'c'), simple(b'S')]),
+    );
+    let got = deliver(&mut r, &mut a, &cat(&[cc("COPY 1"), rfq(b'I')]));
+    assert_eq!(tags(&got), "CZ");
+    assert!(r.is_idle(), "one ReadyForQuery for two Syncs");
+
+    // The whole exchange pipelined before the server answers anything.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            bind(""),
+            execute(),
+            simple(b'S'),
+            be(b'd', b"1\n"),
+            simple(b'c'),
+            simple(b'S'),
+        ]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'2', b""), be(b'G', &[0, 0, 0]), cc("COPY 1"), rfq(b'I')]),
+    );
+    assert!(r.is_idle());
+
+    // An error mid-copy: the server skips to the client's last Sync.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind(""), execute(), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &cat(&[be(b'2', b""), be(b'G', &[0, 0, 0])]));
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[be(b'd', b"bad\n"), simple(b'c'), simple(b'S')]),
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState(*b"22P02"), Severity::Error), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "EZ");
+    assert!(r.is_idle());
+}

@@ -1,0 +1,129 @@
+//! Client authentication at Weir, server authentication behind it, and clear errors.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_login_method_both_sides() {
+    let s = Setup::new("auth", 2, PoolMode::Transaction).await;
+    // scram_user: SCRAM to Weir, SCRAM to the server. md5_user: md5 both sides.
+    // cleartext_user: SCRAM to Weir, cleartext to the server. trust_user: trust both.
+    for login in [SCRAM_USER, MD5_USER, CLEARTEXT_USER, TRUST_USER] {
+        let c = connect(&s.url(login))
+            .await
+            .unwrap_or_else(|e| panic!("{} cannot log in: {e}", login.user));
+        let who: String = c
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, login.user);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_28p01() {
+    let s = Setup::new("authbad", 1, PoolMode::Transaction).await;
+    for login in [SCRAM_USER, MD5_USER] {
+        let bad = Login {
+            user: login.user,
+            password: "wrong",
+        };
+        let e = connect(&s.url(bad)).await.unwrap_err();
+        assert_eq!(code(&e), "28P01", "{}", login.user);
+    }
+    let nobody = Login {
+        user: "no_such_user",
+        password: "x",
+    };
+    assert_eq!(
+        code(&connect(&s.url(nobody)).await.unwrap_err()),
+        "28P01",
+        "unknown users look like bad passwords"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_database_is_3d000() {
+    let s = Setup::new("authdb", 1, PoolMode::Transaction).await;
+    let a = s.weir.local_addr();
+    let url = format!(
+        "postgres://{}:{}@{}:{}/not_there",
+        SCRAM_USER.user,
+        SCRAM_USER.password,
+        a.ip(),
+        a.port()
+    );
+    let e = connect(&url).await.unwrap_err();
+    assert_eq!(code(&e), "3D000");
+    assert!(e.as_db_error().unwrap().message().contains("not_there"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_down_is_a_clear_error_within_connect_timeout() {
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // This one accepts and then never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming() {
+            held.push(s);
+        }
+    });
+    for (port, expect) in [
+        (closed, "cannot reach server"),
+        (silent_port, "did not complete login"),
+    ] {
+        let s = Setup::with_config("authdown", |pg, db| {
+            let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+            c.databases.get_mut(db).unwrap().port = port;
+            c.pool.connect_timeout = Some(Duration::from_secs(1));
+            c
+        })
+        .await;
+        let start = Instant::now();
+        let e = connect(&s.url(SCRAM_USER)).await.unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(code(&e), "08001");
+        let msg = e.as_db_error().unwrap().message().to_string();
+        assert!(msg.contains(expect), "{msg}");
+        assert!(
+            took < Duration::from_secs(3),
+            "error after {took:?}, connect_timeout is 1 s"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_binary_serves_one_database() {
+    let pg = tokio::task::spawn_blocking(PgServer::shared).await.unwrap();
+    let db = unique_db("quick");
+    let d2 = db.clone();
+    tokio::task::spawn_blocking(move || PgServer::shared().create_database(&d2))
+        .await
+        .unwrap();
+    let weir = WeirProcess::quick_start(&pg.url(SCRAM_USER, &db), 2);
+    let c = connect(&weir.url(SCRAM_USER, &db)).await.unwrap();
+    assert_eq!(
+        c.query_one("select 11", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        11
+    );
+    let bad = Login {
+        user: SCRAM_USER.user,
+        password: "nope",
+    };
+    assert_eq!(
+        code(&connect(&weir.url(bad, &db)).await.unwrap_err()),
+        "28P01"
+    );
+}

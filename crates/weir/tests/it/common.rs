@@ -1,0 +1,208 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub use weir_testkit::*;
+
+/// A fresh database name per test, so pg_stat_activity counts are per test.
+pub fn unique_db(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Like [`connect`], but returns the connection task so a test can kill the socket abruptly.
+pub async fn connect_killable(url: &str) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, task)
+}
+
+/// The SQLSTATE of a tokio-postgres error, as text.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+/// A direct superuser connection to the shared server (not through Weir).
+pub async fn direct(db: &str) -> tokio_postgres::Client {
+    connect(&PgServer::shared().url(SUPERUSER, db))
+        .await
+        .expect("direct connection")
+}
+
+/// A database and Weir in front of the shared server.
+pub struct Setup {
+    pub pg: &'static PgServer,
+    pub db: String,
+    pub weir: weir_proxy::ProxyHandle,
+}
+
+impl Setup {
+    pub async fn new(prefix: &str, pool_size: u32, mode: PoolMode) -> Setup {
+        Self::with_config(prefix, |pg, db| weir_config(pg, db, pool_size, mode)).await
+    }
+
+    pub async fn with_config(prefix: &str, f: impl FnOnce(&PgServer, &str) -> Config) -> Setup {
+        let db = unique_db(prefix);
+        let db2 = db.clone();
+        let pg = tokio::task::spawn_blocking(move || {
+            let pg = PgServer::shared();
+            pg.create_database(&db2);
+            pg
+        })
+        .await
+        .unwrap();
+        let config = f(pg, &db);
+        let weir = start_weir(config).await;
+        Setup { pg, db, weir }
+    }
+
+    pub fn url(&self, login: Login) -> String {
+        weir_url(&self.weir, login, &self.db)
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url(SCRAM_USER))
+            .await
+            .expect("connect through weir")
+    }
+
+    /// Runs SQL directly on the server as superuser, in this test's database.
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg.psql_script(&self.db, sql)
+    }
+
+    /// psql through Weir as `login`.
+    pub fn psql(&self, login: Login) -> Command {
+        let a = self.weir.local_addr();
+        let mut c = Command::new(self.pg.bindir.join("psql"));
+        c.args([
+            "-X",
+            "-h",
+            &a.ip().to_string(),
+            "-p",
+            &a.port().to_string(),
+            "-U",
+            login.user,
+            "-d",
+            &self.db,
+        ])
+        .env("PGPASSWORD", login.password)
+        .env("PGCONNECT_TIMEOUT", "10");
+        c
+    }
+
+    /// Server backends connected to this test's database.
+    pub fn backends(&self) -> usize {
+        self.pg.backends(&self.db, None)
+    }
+}
+
+/// The `weir` binary, started with the quick-start flags on a free port. Killed on drop.
+pub struct WeirProcess {
+    pub child: Child,
+    pub port: u16,
+    pub stderr_path: std::path::PathBuf,
+}
+
+impl WeirProcess {
+    pub fn quick_start(server_url: &str, pool_size: u32) -> WeirProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let stderr_path =
+            std::env::temp_dir().join(format!("weir-test-{}-{port}.log", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--server",
+                server_url,
+            ])
+            .args([
+                "--pool-size",
+                &pool_size.to_string(),
+                "--pool-mode",
+                "transaction",
+                "--workers",
+                "2",
+            ])
+            .env("WEIR_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn weir");
+        let w = WeirProcess {
+            child,
+            port,
+            stderr_path,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return w;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("weir did not start listening: {}", w.log());
+    }
+
+    pub fn url(&self, login: Login, db: &str) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            login.user, login.password, self.port, db
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}

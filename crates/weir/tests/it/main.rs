@@ -1,0 +1,16 @@
+//! Integration tests: Weir in front of a real PostgreSQL (started by weir-testkit), driven by
+//! real clients (tokio-postgres, psql, pgbench) and, for hostile input, raw sockets.
+//!
+//! One test binary, so one PostgreSQL serves every test; each test uses its own database so
+//! pg_stat_activity counts do not mix.
+
+mod common;
+
+mod auth;
+mod cancel;
+mod hostile;
+mod memory;
+mod pooling;
+mod prepared;
+mod protocol;
+mod session;

@@ -1,0 +1,302 @@
+//! The protocol relayed end to end: simple and extended queries, COPY, notices, errors,
+//! startup negotiation, Unix sockets.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::common::*;
+
+fn simple_values(msgs: &[SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_extended_and_errors() {
+    let s = Setup::new("proto", 2, PoolMode::Transaction).await;
+    let c = s.client().await;
+    let rows = c
+        .simple_query("select 1 as a; select 'x' as b")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_values(&rows),
+        vec!["1", "x"],
+        "multi-statement simple query returns both results"
+    );
+    let row = c.query_one("select $1::int + 1", &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // A server error reaches the client with its SQLSTATE, and the session carries on.
+    let e = c.simple_query("select 1/0").await.unwrap_err();
+    assert_eq!(code(&e), "22012");
+    let e = c
+        .query("select nonexistent_column from pg_class", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42703");
+    assert_eq!(
+        c.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_multi_statement_and_notices() {
+    let s = Setup::new("psqlms", 2, PoolMode::Transaction).await;
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = s.psql(SCRAM_USER);
+        move || {
+            cmd.args([
+                "-At",
+                "-c",
+                "select 1; select 2; do $$ begin raise notice 'hello %', 7; end $$; select 3",
+            ])
+            .output()
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1\n2\nDO\n3");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOTICE:  hello 7"),
+        "notice relayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_a_million_rows_in_and_out_unchanged() {
+    let s = Setup::new("copy", 2, PoolMode::Transaction).await;
+    let dir = std::env::temp_dir().join(format!("weir-copy-{}", s.db));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.tsv");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        for i in 0..1_000_000u32 {
+            writeln!(
+                f,
+                "{i}\tpayload {} with tab-free text {}",
+                i.wrapping_mul(2654435761),
+                i % 977
+            )
+            .unwrap();
+        }
+    }
+    let output = dir.join("out.tsv");
+    let script = format!(
+        "create table t (id int primary key, payload text);\n\
+         \\copy t from '{}'\n\
+         \\copy (select * from t order by id) to '{}'\n",
+        input.display(),
+        output.display()
+    );
+    let script_file = dir.join("script.sql");
+    std::fs::write(&script_file, script).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = s.psql(SCRAM_USER);
+        move || {
+            cmd.args([
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-f",
+                script_file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        std::fs::read(&input).unwrap(),
+        std::fs::read(&output).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "COPY out differs from COPY in");
+    assert_eq!(s.sql("select count(*) from t"), "1000000");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_through_extended_driver() {
+    use futures_util::{SinkExt, StreamExt};
+    let s = Setup::new("copyext", 1, PoolMode::Transaction).await;
+    let c = s.client().await;
+    c.batch_execute("create table c (a int, b text)")
+        .await
+        .unwrap();
+    let sink = c.copy_in("copy c from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for i in 0..1000 {
+        sink.send(bytes::Bytes::from(format!("{i}\trow {i}\n")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 1000);
+    let stream = c
+        .copy_out("copy (select a from c order by a) to stdout")
+        .await
+        .unwrap();
+    let chunks: Vec<_> = stream.collect().await;
+    let text: String = chunks
+        .into_iter()
+        .map(|c| String::from_utf8(c.unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(text.lines().count(), 1000);
+    // A failed COPY leaves the connection usable.
+    let e = c
+        .simple_query("copy c from stdin with (format csv, header bogus)")
+        .await
+        .unwrap_err();
+    assert!(e.code().is_some());
+    assert_eq!(
+        c.query_one("select count(*) from c", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        1000
+    );
+}
+
+/// Reads one backend message from a raw socket.
+pub fn read_msg(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut h = [0u8; 5];
+    s.read_exact(&mut h).ok()?;
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).ok()?;
+    Some((h[0], body))
+}
+
+/// A StartupMessage for protocol 3.`minor` with the given parameters.
+pub fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend_from_slice(&body);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_request_declined_and_newer_minor_negotiated() {
+    let s = Setup::new("nego", 1, PoolMode::Transaction).await;
+    let addr = s.weir.local_addr();
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut sock = TcpStream::connect(addr).unwrap();
+        sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .unwrap();
+        let mut answer = [0u8; 1];
+        sock.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"N", "SSLRequest is declined until TLS lands");
+        sock.write_all(&startup_packet(
+            2,
+            &[
+                ("user", TRUST_USER.user),
+                ("database", &db),
+                ("_pq_.future", "1"),
+            ],
+        ))
+        .unwrap();
+        let (t, body) = read_msg(&mut sock).unwrap();
+        assert_eq!(
+            t, b'v',
+            "NegotiateProtocolVersion, not a dropped connection"
+        );
+        assert_eq!(
+            &body[..8],
+            &[0, 0, 0, 0, 0, 0, 0, 1],
+            "minor 0, one option unrecognised"
+        );
+        assert_eq!(&body[8..], b"_pq_.future\0");
+        let mut seen = Vec::new();
+        loop {
+            let (t, _) = read_msg(&mut sock).expect("login continues");
+            seen.push(t);
+            if t == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(seen.first(), Some(&b'R'));
+        assert!(seen.contains(&b'K') && seen.contains(&b'S'));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_listener() {
+    let dir = std::env::temp_dir().join(format!("weir-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d2 = dir.clone();
+    let s = Setup::with_config("unixsock", move |pg, db| {
+        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+        c.proxy.unix_socket_dir = Some(d2);
+        c
+    })
+    .await;
+    let port = s.weir.local_addr().port();
+    let url = format!(
+        "host={} port={port} user={} password={} dbname={}",
+        dir.display(),
+        SCRAM_USER.user,
+        SCRAM_USER.password,
+        s.db
+    );
+    let c = connect(&url).await.expect("connect over the Unix socket");
+    assert_eq!(
+        c.query_one("select 5", &[]).await.unwrap().get::<_, i32>(0),
+        5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_and_many_rows_stream() {
+    let s = Setup::new("bigrows", 1, PoolMode::Transaction).await;
+    let c = s.client().await;
+    let row = c
+        .query_one("select repeat('y', 5000000)", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), 5_000_000);
+    let rows = c
+        .query("select g from generate_series(1, 200000) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 200_000);
+    let big = "z".repeat(3_000_000);
+    let back = c
+        .query_one("select length($1::text)", &[&big])
+        .await
+        .unwrap();
+    assert_eq!(
+        back.get::<_, i32>(0),
+        3_000_000,
+        "a large Bind parameter arrives whole"
+    );
+}
