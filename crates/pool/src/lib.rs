@@ -236,14 +236,14 @@ impl<M: Manager> Pool<M> {
         let inner = &self.inner;
         let old = inner.max_size.swap(new_max, Relaxed);
         if new_max > old {
-            let mut grow = new_max - old;
-            // Cancel pending shrink debt before adding permits.
-            let _ = inner.to_forget.fetch_update(Relaxed, Relaxed, |debt| {
-                let cancel = debt.min(grow);
-                grow -= cancel;
-                Some(debt - cancel)
-            });
-            inner.permits.add_permits(grow);
+            let grow = new_max - old;
+            // Cancel pending shrink debt before adding permits. The closure may run more than
+            // once, so it must not mutate anything it captures.
+            let debt = inner
+                .to_forget
+                .fetch_update(Relaxed, Relaxed, |debt| Some(debt - debt.min(grow)))
+                .expect("the closure always returns Some");
+            inner.permits.add_permits(grow - debt.min(grow));
         } else if new_max < old {
             let shrink = old - new_max;
             let forgotten = inner.permits.forget_permits(shrink);

@@ -45,8 +45,8 @@ impl UserSecret {
 #[derive(Debug)]
 pub struct UserDirectory {
     users: HashMap<String, UserSecret>,
-    /// Used for unknown users, so a login attempt cannot tell whether a user exists.
-    mock: Verifier,
+    /// Key for per-user mock verifiers, so a login attempt cannot tell whether a user exists.
+    mock_secret: [u8; 32],
 }
 
 impl UserDirectory {
@@ -64,10 +64,9 @@ impl UserDirectory {
                     .or_insert_with(|| UserSecret::from_config(user, pw.expose()));
             }
         }
-        let mut raw = [0u8; 16];
-        rand::Rng::fill_bytes(&mut rand::rng(), &mut raw);
-        let mock = Verifier::from_password(&format!("{raw:?}"));
-        UserDirectory { users, mock }
+        let mut mock_secret = [0u8; 32];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut mock_secret);
+        UserDirectory { users, mock_secret }
     }
 
     pub fn get(&self, user: &str) -> Option<&UserSecret> {
@@ -120,7 +119,7 @@ pub async fn authenticate(
         AuthType::Md5 | AuthType::ScramSha256 => {
             let verifier = secret
                 .and_then(|s| s.scram.clone())
-                .unwrap_or_else(|| directory.mock.clone());
+                .unwrap_or_else(|| Verifier::mock(&directory.mock_secret, user));
             let known = secret.is_some_and(|s| s.scram.is_some());
             scram_exchange(stream, buf, verifier, &mut out).await? && known
         }

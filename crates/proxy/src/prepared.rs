@@ -1,7 +1,7 @@
 //! Prepared statements in transaction mode.
 //!
 //! A client's named statement maps to a server-side name derived from its text and parameter
-//! types (`weir_` + 128-bit hash), so two clients preparing the same SQL share one server
+//! types (`weir_` + 128 bits of SHA-256), so two clients preparing the same SQL share one server
 //! statement and the same name with different SQL never collides. Each server connection keeps
 //! a bounded record of which statements it has; a statement is prepared there lazily, the first
 //! time a client on that connection needs it.
@@ -20,11 +20,17 @@ pub const NAME_LEN: usize = 5 + 32;
 
 impl StatementId {
     pub fn of(parse: &Parse<'_>) -> StatementId {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        // A cryptographic hash, so no client can craft SQL whose name collides with another
+        // client's statement and have that client run its text.
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update((parse.query.len() as u64).to_be_bytes());
         h.update(parse.query);
-        h.update(&[0]);
         h.update(parse.param_types);
-        StatementId(h.digest128())
+        let d = h.finalize();
+        StatementId(u128::from_be_bytes(
+            d[..16].try_into().expect("32-byte digest"),
+        ))
     }
 
     /// The server-side name: `weir_` and 32 hex digits (fits NAMEDATALEN).

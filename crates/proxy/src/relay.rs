@@ -32,9 +32,11 @@ pub enum Expect {
         forward: bool,
         stmt: Option<StatementId>,
     },
-    BindComplete,
-    /// Ends with RowDescription or NoData (a ParameterDescription may come first).
-    Describe,
+    /// BindComplete; `stmt` is the mapped statement bound, if any.
+    BindComplete { stmt: Option<StatementId> },
+    /// Ends with RowDescription or NoData (a ParameterDescription may come first); `stmt` is
+    /// the mapped statement described, if any.
+    Describe { stmt: Option<StatementId> },
     /// Ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
     /// CloseComplete; `evicted` names a statement Weir closed to keep the cache bounded.
@@ -42,11 +44,10 @@ pub enum Expect {
         forward: bool,
         evicted: Option<StatementId>,
     },
-    Sync,
+    /// ReadyForQuery for a Sync; `forward` is false for a Sync Weir sent itself.
+    Sync { forward: bool },
     /// A simple Query (or FunctionCall): everything up to ReadyForQuery belongs to it.
-    Query {
-        forward: bool,
-    },
+    Query { forward: bool },
     /// A reply Weir makes itself, sent when it reaches the front.
     Synth(Synth),
     /// Where the client's CopyDone/CopyFail falls: PostgreSQL ignores every Sync sent between
@@ -112,6 +113,11 @@ pub struct Relay {
     copy_out: bool,
     server_partial: Partial,
     client_partial: usize,
+    /// Whether the rest of a half-received CopyData goes to the server or is dropped.
+    client_partial_forward: bool,
+    /// Extended-protocol messages went to the server since the last Sync: until a Sync, the
+    /// server may hold an implicit transaction (or be skipping after an error).
+    unsynced: bool,
     /// The server is known to be in copy-in and the client has not ended it: its Syncs are
     /// ignored by the server, so none is owed.
     client_in_copy: bool,
@@ -133,6 +139,8 @@ impl Relay {
             copy_out: false,
             server_partial: Partial::default(),
             client_partial: 0,
+            client_partial_forward: false,
+            unsynced: false,
             client_in_copy: false,
             skip_until_sync: false,
             mapping,
@@ -146,6 +154,7 @@ impl Relay {
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty()
             && self.status == TxStatus::Idle
+            && !self.unsynced
             && !self.copy_in
             && !self.copy_out
             && !self.client_in_copy
@@ -198,6 +207,19 @@ impl Relay {
         self.queue.len()
     }
 
+    /// Extended-protocol messages were sent without a Sync after them.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Sends a Sync of Weir's own (its ReadyForQuery is dropped), to end an extended-protocol
+    /// batch a departed client left open.
+    pub fn inject_sync(&mut self, to_server: &mut BytesMut) {
+        frontend::encode_empty(tag::SYNC, to_server);
+        self.queue.push_back(Expect::Sync { forward: false });
+        self.unsynced = false;
+    }
+
     /// Queues a query Weir sends on its own behalf (parameter sync, rollback); its replies are
     /// dropped.
     pub fn inject_query(&mut self, sql: &str, to_server: &mut BytesMut) {
@@ -208,13 +230,20 @@ impl Relay {
         self.queue.push_back(Expect::Query { forward: false });
     }
 
-    /// Weir answered the client's batch with an error itself (no server could be had): end
-    /// a simple query with ReadyForQuery, or drop extended-protocol messages until Sync.
-    pub fn fail_batch(&mut self, first_tag: u8, to_client: &mut BytesMut) {
-        if first_tag == tag::QUERY || first_tag == tag::FUNCTION_CALL {
-            TxStatus::Idle.encode(to_client);
-        } else {
-            self.skip_until_sync = true;
+    /// Weir answered the client's batch with an error itself (no server could be had). A
+    /// simple Query or FunctionCall at the front of `input` is consumed and ended with
+    /// ReadyForQuery; for the extended protocol, messages are dropped until Sync. Returns the
+    /// bytes consumed.
+    pub fn fail_batch(&mut self, input: &[u8], to_client: &mut BytesMut) -> usize {
+        match Header::parse(input, u32::MAX) {
+            Ok(Some(h)) if h.tag == tag::QUERY || h.tag == tag::FUNCTION_CALL => {
+                TxStatus::Idle.encode(to_client);
+                h.total_len().min(input.len())
+            }
+            _ => {
+                self.skip_until_sync = true;
+                0
+            }
         }
     }
 
@@ -231,7 +260,7 @@ impl Relay {
         // A CopyData being streamed: pass the rest through.
         if self.client_partial > 0 {
             let n = self.client_partial.min(input.len());
-            if server.is_some() {
+            if self.client_partial_forward && server.is_some() {
                 to_server.extend_from_slice(&input[..n]);
             }
             self.client_partial -= n;
@@ -258,10 +287,11 @@ impl Relay {
             }
             let total = h.total_len();
             if rest.len() < total {
-                // Only CopyData is streamed (or dropped, with no server to take it); anything
-                // else waits until whole.
-                if h.tag == tag::COPY_DATA && !self.skip_until_sync {
-                    if server.is_some() {
+                // Only CopyData is streamed (or dropped, with no server to take it or while
+                // skipping to Sync); anything else waits until whole.
+                if h.tag == tag::COPY_DATA {
+                    self.client_partial_forward = server.is_some() && !self.skip_until_sync;
+                    if self.client_partial_forward {
                         to_server.extend_from_slice(rest);
                     }
                     self.client_partial = total - rest.len();
@@ -304,14 +334,11 @@ impl Relay {
                                 .push_back(Expect::Synth(Synth::CommandComplete("DEALLOCATE ALL")));
                             self.queue.push_back(Expect::Synth(Synth::ReadyForQuery));
                         }
-                        kind => {
-                            let Some(srv) = server.as_deref_mut() else {
+                        _ => {
+                            // DISCARD ALL and the like are tracked from the server's
+                            // CommandComplete, so a rejected one changes nothing.
+                            if server.is_none() {
                                 return Ok(ClientStep::NeedServer(pos));
-                            };
-                            if kind == SqlKind::DiscardAll {
-                                statements.clear();
-                                srv.statements.clear();
-                                srv.params.forget_sets();
                             }
                             to_server.extend_from_slice(msg);
                             self.queue.push_back(Expect::Query { forward: true });
@@ -354,6 +381,7 @@ impl Relay {
                             return Ok(ClientStep::NeedServer(pos));
                         }
                         to_server.extend_from_slice(msg);
+                        self.unsynced = true;
                         self.queue.push_back(Expect::ParseComplete {
                             forward: true,
                             stmt: None,
@@ -365,7 +393,7 @@ impl Relay {
                         return Ok(ClientStep::NeedServer(pos));
                     };
                     let b = Bind::decode(body)?;
-                    match self.mapped(statements, b.statement) {
+                    let stmt = match self.mapped(statements, b.statement) {
                         Some(st) => {
                             self.ensure_on(srv, &st, protect_from, may_evict, to_server);
                             Bind {
@@ -374,17 +402,22 @@ impl Relay {
                                 rest: b.rest,
                             }
                             .encode(to_server);
+                            Some(st.id)
                         }
-                        None => to_server.extend_from_slice(msg),
-                    }
-                    self.queue.push_back(Expect::BindComplete);
+                        None => {
+                            to_server.extend_from_slice(msg);
+                            None
+                        }
+                    };
+                    self.unsynced = true;
+                    self.queue.push_back(Expect::BindComplete { stmt });
                 }
                 tag::DESCRIBE => {
                     let Some(srv) = server.as_deref_mut() else {
                         return Ok(ClientStep::NeedServer(pos));
                     };
                     let d = Named::decode(body)?;
-                    match (d.target, self.mapped(statements, d.name)) {
+                    let stmt = match (d.target, self.mapped(statements, d.name)) {
                         (Target::Statement, Some(st)) => {
                             self.ensure_on(srv, &st, protect_from, may_evict, to_server);
                             Named {
@@ -392,10 +425,15 @@ impl Relay {
                                 name: &st.id.name(),
                             }
                             .encode(tag::DESCRIBE, to_server);
+                            Some(st.id)
                         }
-                        _ => to_server.extend_from_slice(msg),
-                    }
-                    self.queue.push_back(Expect::Describe);
+                        _ => {
+                            to_server.extend_from_slice(msg);
+                            None
+                        }
+                    };
+                    self.unsynced = true;
+                    self.queue.push_back(Expect::Describe { stmt });
                 }
                 tag::CLOSE => {
                     let c = Named::decode(body)?;
@@ -408,6 +446,7 @@ impl Relay {
                             return Ok(ClientStep::NeedServer(pos));
                         };
                         to_server.extend_from_slice(msg);
+                        self.unsynced = true;
                         self.queue.push_back(Expect::CloseComplete {
                             forward: true,
                             evicted: None,
@@ -419,17 +458,19 @@ impl Relay {
                         return Ok(ClientStep::NeedServer(pos));
                     };
                     to_server.extend_from_slice(msg);
-                    self.queue.push_back(if h.tag == tag::EXECUTE {
-                        Expect::Execute
+                    if h.tag == tag::EXECUTE {
+                        self.unsynced = true;
+                        self.queue.push_back(Expect::Execute);
                     } else {
-                        Expect::Query { forward: true }
-                    });
+                        self.queue.push_back(Expect::Query { forward: true });
+                    }
                 }
                 tag::SYNC => match server.as_deref_mut() {
                     Some(_) => {
                         to_server.extend_from_slice(msg);
+                        self.unsynced = false;
                         if !self.client_in_copy {
-                            self.queue.push_back(Expect::Sync);
+                            self.queue.push_back(Expect::Sync { forward: true });
                         }
                     }
                     // No server and nothing open: answer it here.
@@ -507,6 +548,7 @@ impl Relay {
             });
         }
         to_server.extend_from_slice(&st.parse);
+        self.unsynced = true;
         self.queue.push_back(Expect::ParseComplete {
             forward,
             stmt: Some(st.id),
@@ -541,6 +583,7 @@ impl Relay {
         input: &[u8],
         srv: &mut ServerState,
         client: &mut ClientParams,
+        statements: &mut ClientStatements,
         scratch: &mut BytesMut,
     ) -> Result<(usize, bool), ServerProtocolError> {
         let mut out = Out {
@@ -567,6 +610,7 @@ impl Relay {
                 backend::tag::READY_FOR_QUERY
                     | backend::tag::ERROR_RESPONSE
                     | backend::tag::PARAMETER_STATUS
+                    | backend::tag::COMMAND_COMPLETE
             );
             if needs_body && !whole {
                 if h.len > INSPECT_LIMIT {
@@ -579,23 +623,18 @@ impl Relay {
                 }
                 break;
             }
-            if matches!(self.queue.front(), Some(Expect::Synth(_))) {
-                out.divert(pos);
-                self.emit_synth(out.scratch);
-            }
+            self.settle_front(&mut out, pos);
             let body = if whole {
                 &rest[HEADER_LEN..total]
             } else {
                 &[][..]
             };
-            let forward = self.on_server_message(h.tag, body, srv, client, &mut out, pos)?;
+            let forward =
+                self.on_server_message(h.tag, body, srv, client, statements, &mut out, pos)?;
             if whole {
                 out.pass(pos, pos + total, forward);
                 pos += total;
-                if matches!(self.queue.front(), Some(Expect::Synth(_))) {
-                    out.divert(pos);
-                    self.emit_synth(out.scratch);
-                }
+                self.settle_front(&mut out, pos);
             } else {
                 out.pass(pos, input.len(), forward);
                 self.server_partial = Partial {
@@ -608,13 +647,28 @@ impl Relay {
         Ok((pos, out.copying))
     }
 
+    /// Drops markers and sends synthesised replies that have reached the front.
+    fn settle_front(&mut self, out: &mut Out<'_>, pos: usize) {
+        let synth_ahead = self
+            .queue
+            .iter()
+            .take_while(|e| matches!(e, Expect::Synth(_) | Expect::CopyEnd))
+            .any(|e| matches!(e, Expect::Synth(_)));
+        if synth_ahead {
+            out.divert(pos);
+        }
+        self.emit_synth(out.scratch);
+    }
+
     /// Decides whether one server message goes to the client, updating the bookkeeping.
+    #[allow(clippy::too_many_arguments)]
     fn on_server_message(
         &mut self,
         t: u8,
         body: &[u8],
         srv: &mut ServerState,
         client: &mut ClientParams,
+        statements: &mut ClientStatements,
         out: &mut Out<'_>,
         pos: usize,
     ) -> Result<bool, ServerProtocolError> {
@@ -630,8 +684,7 @@ impl Relay {
                 self.copy_in = false;
                 self.copy_out = false;
                 match self.queue.pop_front() {
-                    Some(Expect::Sync) => true,
-                    Some(Expect::Query { forward }) => forward,
+                    Some(Expect::Sync { forward }) | Some(Expect::Query { forward }) => forward,
                     front => return Err(unexpected(t, front.as_ref())),
                 }
             }
@@ -639,17 +692,20 @@ impl Relay {
                 let err = ErrorResponse::decode(body).ok_or(Malformed {
                     what: "ErrorResponse",
                 })?;
-                if err.severity == Severity::Fatal {
+                let fatal = err.severity == Severity::Fatal;
+                if fatal {
                     srv.broken = true;
-                    self.fatal_relayed = true;
                 }
                 self.copy_in = false;
                 self.copy_out = false;
-                match self.queue.front() {
+                self.client_in_copy = false;
+                let forward = match self.queue.front() {
                     Some(Expect::Query { forward: true }) | None => true,
                     Some(Expect::Query { forward: false }) => {
-                        // Weir's own parameter sync failed: tell the client as a warning, since
-                        // its session does not have the value it asked for.
+                        // Weir's own parameter sync failed, so what Weir recorded as set on this
+                        // connection is unknown now: retire the connection after this
+                        // transaction, and tell the client its session lacks a value it asked for.
+                        srv.broken = true;
                         out.divert(pos);
                         ErrorResponse::new(
                             Severity::Warning,
@@ -660,23 +716,14 @@ impl Relay {
                         false
                     }
                     Some(_) => {
-                        // Extended protocol: the server now skips to Sync, so do the replies.
-                        while let Some(e) = self.queue.front() {
-                            match e {
-                                Expect::Sync | Expect::Query { .. } => break,
-                                Expect::ParseComplete { stmt: Some(id), .. } => {
-                                    srv.statements.remove(*id)
-                                }
-                                Expect::CloseComplete {
-                                    evicted: Some(id), ..
-                                } => srv.statements.restore(*id),
-                                _ => {}
-                            }
-                            self.queue.pop_front();
-                        }
+                        self.skip_to_sync(srv, err.code);
                         true
                     }
+                };
+                if fatal && forward {
+                    self.fatal_relayed = true;
                 }
+                forward
             }
             b::PARAMETER_STATUS => {
                 let p = ParameterStatus::decode(body)?;
@@ -695,7 +742,7 @@ impl Relay {
                 front => return Err(unexpected(t, front.as_ref())),
             },
             b::BIND_COMPLETE => match self.queue.pop_front() {
-                Some(Expect::BindComplete) => true,
+                Some(Expect::BindComplete { .. }) => true,
                 front => return Err(unexpected(t, front.as_ref())),
             },
             b::CLOSE_COMPLETE => match self.queue.pop_front() {
@@ -703,12 +750,15 @@ impl Relay {
                 front => return Err(unexpected(t, front.as_ref())),
             },
             b::ROW_DESCRIPTION | b::NO_DATA => {
-                if matches!(self.queue.front(), Some(Expect::Describe)) {
+                if matches!(self.queue.front(), Some(Expect::Describe { .. })) {
                     self.queue.pop_front();
                 }
                 !ours
             }
             b::COMMAND_COMPLETE | b::EMPTY_QUERY_RESPONSE | b::PORTAL_SUSPENDED => {
+                if t == b::COMMAND_COMPLETE {
+                    track_command(body, srv, statements);
+                }
                 if matches!(self.queue.front(), Some(Expect::Execute)) {
                     self.queue.pop_front();
                 }
@@ -737,13 +787,44 @@ impl Relay {
 }
 
 impl Relay {
+    /// An error in an extended-protocol batch: the server skips to the next Sync, so the
+    /// replies owed before it will not come. Keeps the statement records true.
+    fn skip_to_sync(&mut self, srv: &mut ServerState, code: SqlState) {
+        let mut first = true;
+        while let Some(e) = self.queue.front() {
+            match *e {
+                Expect::Sync { .. } | Expect::Query { .. } => break,
+                // The Parse that failed, or one skipped after it: not prepared, unless the
+                // failure says the statement already exists.
+                Expect::ParseComplete { stmt: Some(id), .. }
+                    if !(first && code == DUPLICATE_PREPARED_STATEMENT) =>
+                {
+                    srv.statements.remove(id)
+                }
+                // A Close Weir sent was skipped: the statement is still there.
+                Expect::CloseComplete {
+                    evicted: Some(id), ..
+                } => srv.statements.restore(id),
+                // The server lost a statement Weir thought it had: prepare it again next time.
+                Expect::BindComplete { stmt: Some(id) } | Expect::Describe { stmt: Some(id) }
+                    if first && code == SqlState::INVALID_SQL_STATEMENT_NAME =>
+                {
+                    srv.statements.remove(id)
+                }
+                _ => {}
+            }
+            first = false;
+            self.queue.pop_front();
+        }
+    }
+
     /// The server entered copy-in: it will ignore the client's Syncs until the client's
     /// CopyDone/CopyFail, so those Syncs owe no ReadyForQuery.
     fn ignore_syncs_during_copy(&mut self) {
         let mut i = 1;
         while i < self.queue.len() {
             match self.queue[i] {
-                Expect::Sync => {
+                Expect::Sync { .. } => {
                     self.queue.remove(i);
                 }
                 Expect::CopyEnd => {
@@ -784,16 +865,35 @@ impl Out<'_> {
     }
 }
 
-/// Simple-protocol commands that touch prepared statements.
+const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
+
+/// Keeps statement and parameter records true to commands that drop them, however they
+/// were sent (simple or extended protocol, alone or in a multi-statement query).
+fn track_command(body: &[u8], srv: &mut ServerState, statements: &mut ClientStatements) {
+    let tag = body.strip_suffix(&[0]).unwrap_or(body);
+    match tag {
+        b"DISCARD ALL" => {
+            srv.statements.clear();
+            srv.params.forget_sets();
+            statements.clear();
+        }
+        b"DEALLOCATE ALL" => {
+            srv.statements.clear();
+            statements.clear();
+        }
+        _ => {}
+    }
+}
+
+/// Simple-protocol commands Weir answers itself in transaction mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum SqlKind {
     Deallocate(Vec<u8>),
     DeallocateAll,
-    DiscardAll,
     Other,
 }
 
-/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query.
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` as a whole query.
 fn classify_sql(sql: &[u8]) -> SqlKind {
     let text = match std::str::from_utf8(sql) {
         Ok(t) => t.trim().trim_end_matches(';').trim(),
@@ -801,12 +901,6 @@ fn classify_sql(sql: &[u8]) -> SqlKind {
     };
     let mut words = text.split_ascii_whitespace();
     let first = words.next().unwrap_or("");
-    if first.eq_ignore_ascii_case("discard") {
-        return match (words.next(), words.next()) {
-            (Some(w), None) if w.eq_ignore_ascii_case("all") => SqlKind::DiscardAll,
-            _ => SqlKind::Other,
-        };
-    }
     if !first.eq_ignore_ascii_case("deallocate") {
         return SqlKind::Other;
     }

@@ -36,6 +36,8 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 const HIGH_WATER: usize = 256 * 1024;
 /// Client read size.
 const CLIENT_CHUNK: usize = 16 * 1024;
+/// Replies a client may have outstanding before Weir stops reading its messages.
+const MAX_OWED: usize = 4096;
 /// Time allowed to clean a server connection when a client leaves.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -412,7 +414,12 @@ impl Session {
                 .as_ref()
                 .expect("busy means a server is attached");
             let read_server = self.to_client.len() < HIGH_WATER;
-            let read_client = self.to_server.len() < HIGH_WATER && self.cbuf.len() < HIGH_WATER;
+            // What stays in cbuf is one incomplete message, bounded by the relay's size limit,
+            // so it never holds the client back. Output not yet taken by either side, or too
+            // many replies owed (a flood of messages Weir answers itself), does.
+            let read_client = self.to_server.len() < HIGH_WATER
+                && self.to_client.len() < HIGH_WATER
+                && self.relay.owed() < MAX_OWED;
             tokio::select! {
                 biased;
                 r = server.stream.readable(), if read_server => Event::ServerReadable(r),
@@ -471,6 +478,7 @@ impl Session {
             &server.rbuf,
             &mut server.state,
             &mut self.params,
+            &mut self.statements,
             &mut self.scratch,
         )?;
         tracing::trace!(peer = %self.peer, out = ?summarize(if copied { &self.scratch[..] } else { &server.rbuf[..n] }), status = ?self.relay.status(), owed = self.relay.owed(), "to client");
@@ -534,15 +542,8 @@ impl Session {
                     if let Err(failure) = self.checkout().await? {
                         // Answer this batch with the error and carry on: the client may retry.
                         failure.0.encode(&mut self.to_client);
-                        let first = self.cbuf[0];
-                        if first == weir_wire::frontend::tag::QUERY {
-                            let len = frame::Header::parse(&self.cbuf, u32::MAX)
-                                .ok()
-                                .flatten()
-                                .map_or(0, |h| h.total_len());
-                            self.cbuf.advance(len);
-                        }
-                        self.relay.fail_batch(first, &mut self.to_client);
+                        let n = self.relay.fail_batch(&self.cbuf, &mut self.to_client);
+                        self.cbuf.advance(n);
                     }
                 }
             }
@@ -552,6 +553,9 @@ impl Session {
             let pending = std::mem::take(&mut self.to_client);
             send(&self.client, &mut self.to_client, &pending).map_err(|_| End::ClientGone)?;
         }
+        // A client message can end what held the connection (CopyDone after a COPY the
+        // server already aborted, say) without any reply from the server.
+        self.maybe_release();
         Ok(())
     }
 
@@ -620,29 +624,30 @@ impl Session {
             tracing::debug!(peer = %self.peer, "client left during COPY; server connection closed");
             return;
         }
+        if self.relay.unsynced() {
+            // An extended-protocol batch without its Sync: end it so the server leaves any
+            // implicit transaction or error state.
+            self.relay.inject_sync(&mut self.to_server);
+        }
         let owed =
             !self.relay.nothing_owed() || !self.to_server.is_empty() || !server.rbuf.is_empty();
         if owed && !self.drain(&mut server).await {
             tracing::debug!(peer = %self.peer, "could not drain replies for a departed client; server connection closed");
             return;
         }
-        let mut sql = String::new();
-        if self.relay.status() != TxStatus::Idle {
-            sql.push_str("ROLLBACK;");
+        // Each its own Query: DISCARD ALL cannot run inside the implicit transaction of a
+        // multi-statement query.
+        if self.relay.status() != TxStatus::Idle && !run_cleanup_ok(&mut server, "ROLLBACK").await {
+            return;
         }
         let reset = &self.pool.settings().reset_query;
         if self.mode == PoolMode::Session && !reset.is_empty() {
-            sql.push_str(reset);
-        }
-        if !sql.is_empty() {
-            match tokio::time::timeout(CLEANUP_TIMEOUT, run_cleanup(&mut server, &sql)).await {
-                Ok(Ok(TxStatus::Idle)) => {}
-                _ => return,
+            if !run_cleanup_ok(&mut server, reset).await {
+                return;
             }
+            // The reset query (DISCARD ALL by default) undid Weir's SETs as well.
             server.state.params.forget_sets();
-            if self.mode == PoolMode::Session {
-                server.state.statements.clear();
-            }
+            server.state.statements.clear();
         }
         server.release();
     }
@@ -678,6 +683,7 @@ impl Session {
                         &server.rbuf,
                         &mut server.state,
                         &mut self.params,
+                        &mut self.statements,
                         &mut self.scratch,
                     )
                     .map_err(io::Error::other)?;
@@ -703,7 +709,17 @@ impl Session {
     }
 }
 
-/// Runs `sql` on a server connection no client is using and reads to ReadyForQuery.
+/// Runs a cleanup query within [`CLEANUP_TIMEOUT`]; true if it succeeded and left the
+/// connection idle.
+async fn run_cleanup_ok(server: &mut Pooled<ServerManager>, sql: &str) -> bool {
+    matches!(
+        tokio::time::timeout(CLEANUP_TIMEOUT, run_cleanup(server, sql)).await,
+        Ok(Ok(TxStatus::Idle))
+    )
+}
+
+/// Runs `sql` on a server connection no client is using and reads to ReadyForQuery. Any
+/// error fails the cleanup: the connection is then closed rather than trusted.
 async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Result<TxStatus> {
     let mut out = BytesMut::new();
     weir_wire::frontend::Query {
@@ -711,6 +727,7 @@ async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Resul
     }
     .encode(&mut out);
     server.stream.write_all(&out).await?;
+    let mut failed = None;
     loop {
         let server = &mut **server;
         while let Some((h, body)) =
@@ -721,7 +738,10 @@ async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Resul
                 backend::tag::READY_FOR_QUERY => {
                     let st = TxStatus::decode(body).map_err(io::Error::other)?;
                     server.rbuf.advance(len);
-                    return Ok(st);
+                    return match failed {
+                        Some(e) => Err(io::Error::other(format!("cleanup `{sql}` failed: {e}"))),
+                        None => Ok(st),
+                    };
                 }
                 backend::tag::PARAMETER_STATUS => {
                     if let Ok(p) = ParameterStatus::decode(body) {
@@ -732,11 +752,13 @@ async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Resul
                         server.state.params.on_report(&k, &v, true);
                     }
                 }
-                backend::tag::ERROR_RESPONSE
-                    if ErrorResponse::decode(body)
-                        .is_some_and(|e| e.severity == Severity::Fatal) =>
-                {
-                    server.state.broken = true;
+                backend::tag::ERROR_RESPONSE => {
+                    let e = ErrorResponse::decode(body);
+                    if e.as_ref().is_none_or(|e| e.severity == Severity::Fatal) {
+                        server.state.broken = true;
+                    }
+                    failed =
+                        Some(e.map_or_else(|| "malformed error".to_string(), |e| e.to_string()));
                 }
                 _ => {}
             }

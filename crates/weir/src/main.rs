@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use weir_config::{Config, PoolMode, QuickStart};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A PostgreSQL connection pooler")]
 struct Cli {
@@ -23,6 +25,8 @@ struct Cli {
 enum Command {
     /// Serve PostgreSQL clients.
     Run(RunArgs),
+    /// Start a throwaway PostgreSQL with Weir in front and run a realistic load through it.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -60,9 +64,15 @@ fn parse_mode(s: &str) -> Result<PoolMode, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo prints its own report; keep Weir's log to warnings there.
+    init_logging(if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Demo(args) => runtime(0).and_then(|rt| rt.block_on(demo::demo(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,9 +83,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

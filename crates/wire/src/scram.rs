@@ -52,6 +52,19 @@ impl Verifier {
     pub fn is_verifier(s: &str) -> bool {
         s.starts_with("SCRAM-SHA-256$")
     }
+
+    /// A verifier no password matches, stable per user name: unknown users get an exchange
+    /// that looks like a real one (own salt, same iterations) and always fails, so a login
+    /// attempt cannot tell whether a user exists. `secret` is random per process.
+    pub fn mock(secret: &[u8; 32], user: &str) -> Verifier {
+        let salt = hmac(secret, &[b"salt", user.as_bytes()]);
+        Verifier {
+            iterations: 4096,
+            salt: salt[..16].to_vec(),
+            stored_key: hmac(secret, &[b"stored", user.as_bytes()]),
+            server_key: hmac(secret, &[b"server", user.as_bytes()]),
+        }
+    }
 }
 
 impl std::str::FromStr for Verifier {
@@ -151,8 +164,11 @@ impl ScramServer {
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::Malformed("gs2 header"))?;
-        if !authzid.is_empty() && !authzid.starts_with("a=") {
-            return Err(ScramError::Malformed("authzid"));
+        // As PostgreSQL: the startup packet names the user; an authorization identity is refused.
+        if !authzid.is_empty() {
+            return Err(ScramError::Malformed(
+                "authorization identity is not supported",
+            ));
         }
         let gs2_header = format!("{flag},{authzid},");
         let mut attrs = bare.split(',');
@@ -285,6 +301,27 @@ mod tests {
     }
 
     #[test]
+    fn mock_verifier_is_per_user_and_never_matches() {
+        let secret = [5u8; 32];
+        let (a, b) = (
+            Verifier::mock(&secret, "alice"),
+            Verifier::mock(&secret, "bob"),
+        );
+        assert_ne!(a.salt, b.salt);
+        assert_eq!(a, Verifier::mock(&secret, "alice"), "stable per user");
+        let mut server = ScramServer::new(a);
+        let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
+        let first = server
+            .client_first(MECHANISM.as_bytes(), client.message())
+            .unwrap();
+        client.update(first.as_bytes()).unwrap();
+        assert_eq!(
+            server.client_final(client.message()),
+            Err(ScramError::BadProof)
+        );
+    }
+
+    #[test]
     fn rejects_garbage() {
         let mut server = ScramServer::new(Verifier::from_password("pw"));
         assert!(
@@ -293,6 +330,12 @@ mod tests {
                 .is_err()
         );
         assert!(server.client_first(b"PLAIN", b"n,,n=,r=abc").is_err());
+        assert!(
+            server
+                .client_first(MECHANISM.as_bytes(), b"n,a=admin,n=,r=abc")
+                .is_err(),
+            "authzid"
+        );
         let mut server = ScramServer::new(Verifier::from_password("pw"));
         assert!(server.client_final(b"c=biws,r=x,p=AAAA").is_err());
     }

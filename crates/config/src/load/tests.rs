@@ -187,3 +187,16 @@ fn quick_start_serves_one_database() {
     assert_eq!(c.users["app"].password.as_ref().unwrap().expose(), "pw");
     assert_eq!(c.server_login("appdb", "app").unwrap().user, "app");
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let text = include_str!("../../../../weir.example.toml");
+    let (c, problems) =
+        from_toml_str(text, None).unwrap_or_else(|p| panic!("weir.example.toml: {p}"));
+    assert!(problems.0.is_empty(), "{problems}");
+    assert_eq!(
+        c.pool_settings("app", "app"),
+        PoolSettings::default(),
+        "the example documents the defaults"
+    );
+}

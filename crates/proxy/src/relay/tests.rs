@@ -133,7 +133,13 @@ fn tags(buf: &[u8]) -> String {
 fn deliver(relay: &mut Relay, srv: &mut ServerState, input: &[u8]) -> BytesMut {
     let mut scratch = BytesMut::new();
     let (n, copied) = relay
-        .from_server(input, srv, &mut client_params(), &mut scratch)
+        .from_server(
+            input,
+            srv,
+            &mut client_params(),
+            &mut ClientStatements::default(),
+            &mut scratch,
+        )
         .unwrap();
     assert_eq!(n, input.len(), "all complete input consumed");
     if copied {
@@ -184,7 +190,13 @@ fn simple_query_round_trip_uses_fast_path() {
     ]);
     let mut scratch = BytesMut::new();
     let (n, copied) = r
-        .from_server(&reply, &mut s, &mut client_params(), &mut scratch)
+        .from_server(
+            &reply,
+            &mut s,
+            &mut client_params(),
+            &mut ClientStatements::default(),
+            &mut scratch,
+        )
         .unwrap();
     assert_eq!(
         (n, copied),
@@ -423,7 +435,7 @@ fn close_and_deallocate_are_answered_without_a_server() {
 }
 
 #[test]
-fn discard_all_clears_both_sides_and_runs_on_server() {
+fn discard_all_clears_both_sides_when_the_server_confirms_it() {
     let mut r = Relay::new(true, 1 << 20);
     let mut a = server(8);
     let mut st = ClientStatements::default();
@@ -434,8 +446,19 @@ fn discard_all_clears_both_sides_and_runs_on_server() {
         &cat(&[parse("s1", "select 1"), simple(b'S')]),
     );
     deliver(&mut r, &mut a, &cat(&[be(b'1', b""), rfq(b'I')]));
+    // Rejected (inside a transaction block): nothing is forgotten.
     let sent = send(&mut r, &mut st, Some(&mut a), &q("discard all;"));
     assert_eq!(tags(&sent.to_server), "Q");
+    let mut scratch = BytesMut::new();
+    let reply = cat(&[err(SqlState(*b"25001"), Severity::Error), rfq(b'T')]);
+    r.from_server(&reply, &mut a, &mut client_params(), &mut st, &mut scratch)
+        .unwrap();
+    assert_eq!((st.len(), a.statements.len()), (1, 1));
+    // Confirmed, however it was sent: both sides forget.
+    send(&mut r, &mut st, Some(&mut a), &q("select 1; discard all"));
+    let reply = cat(&[cc("SELECT 1"), cc("DISCARD ALL"), rfq(b'I')]);
+    r.from_server(&reply, &mut a, &mut client_params(), &mut st, &mut scratch)
+        .unwrap();
     assert!(st.is_empty() && a.statements.is_empty());
 }
 
@@ -495,7 +518,13 @@ fn parameter_sync_replies_are_hidden() {
     ]);
     let mut scratch = BytesMut::new();
     let (n, copied) = r
-        .from_server(&reply, &mut a, &mut cp, &mut scratch)
+        .from_server(
+            &reply,
+            &mut a,
+            &mut cp,
+            &mut ClientStatements::default(),
+            &mut scratch,
+        )
         .unwrap();
     assert_eq!(n, reply.len());
     assert!(copied);
@@ -522,8 +551,14 @@ fn client_set_is_tracked() {
     );
     let mut scratch = BytesMut::new();
     let reply = cat(&[param_status("TimeZone", "Asia/Tokyo"), cc("SET"), rfq(b'I')]);
-    r.from_server(&reply, &mut a, &mut cp, &mut scratch)
-        .unwrap();
+    r.from_server(
+        &reply,
+        &mut a,
+        &mut cp,
+        &mut ClientStatements::default(),
+        &mut scratch,
+    )
+    .unwrap();
     assert_eq!(cp.wanted.get("TimeZone"), Some("Asia/Tokyo"));
 }
 
@@ -542,7 +577,13 @@ fn large_rows_stream_in_pieces() {
         rbuf.extend_from_slice(chunk);
         let mut scratch = BytesMut::new();
         let (n, copied) = r
-            .from_server(&rbuf, &mut a, &mut client_params(), &mut scratch)
+            .from_server(
+                &rbuf,
+                &mut a,
+                &mut client_params(),
+                &mut ClientStatements::default(),
+                &mut scratch,
+            )
             .unwrap();
         received.extend_from_slice(if copied { &scratch[..] } else { &rbuf[..n] });
         let _ = rbuf.split_to(n);
@@ -636,7 +677,7 @@ fn failed_batch_skips_to_sync() {
     let mut r = Relay::new(true, 1 << 20);
     let mut st = ClientStatements::default();
     let mut to_client = BytesMut::new();
-    r.fail_batch(tag::PARSE, &mut to_client);
+    assert_eq!(r.fail_batch(&parse("", "x"), &mut to_client), 0);
     let sent = send(
         &mut r,
         &mut st,
@@ -741,7 +782,11 @@ fn classify() {
         SqlKind::Deallocate(b"Foo".to_vec())
     );
     assert_eq!(classify_sql(b"DEALLOCATE ALL"), SqlKind::DeallocateAll);
-    assert_eq!(classify_sql(b"discard all"), SqlKind::DiscardAll);
+    assert_eq!(
+        classify_sql(b"discard all"),
+        SqlKind::Other,
+        "DISCARD ALL goes to the server"
+    );
     assert_eq!(classify_sql(b"discard plans"), SqlKind::Other);
     assert_eq!(classify_sql(b"select 1"), SqlKind::Other);
 }
@@ -864,4 +909,214 @@ fn syncs_sent_during_extended_copy_in_owe_nothing() {
     );
     assert_eq!(tags(&got), "EZ");
     assert!(r.is_idle());
+}
+
+#[test]
+fn extended_batch_without_sync_keeps_the_connection() {
+    // P B E with a large result: the server flushes everything but ReadyForQuery before the
+    // client's Sync arrives. The implicit transaction is still open.
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("", "insert"), bind(""), execute()]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'1', b""),
+            be(b'2', b""),
+            be(b'D', &[0; 9000]),
+            cc("INSERT 0 1"),
+        ]),
+    );
+    assert!(r.nothing_owed() && r.unsynced());
+    assert!(!r.is_idle(), "no release before the Sync");
+    send(&mut r, &mut st, Some(&mut a), &simple(b'S'));
+    deliver(&mut r, &mut a, &rfq(b'I'));
+    assert!(r.is_idle());
+    // A departing client's open batch is ended with Weir's own Sync, whose reply is hidden.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("", "select 1"), bind(""), simple(b'H')]),
+    );
+    let mut to_server = BytesMut::new();
+    r.inject_sync(&mut to_server);
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "12");
+    assert!(r.is_idle());
+}
+
+#[test]
+fn copy_that_never_starts_leaves_no_marker_behind() {
+    // B E S d c S pipelined, and the Execute fails: the server answers both Syncs.
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            bind(""),
+            execute(),
+            simple(b'S'),
+            be(b'd', b"1\n"),
+            simple(b'c'),
+            simple(b'S'),
+        ]),
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'2', b""),
+            err(SqlState(*b"42P01"), Severity::Error),
+            rfq(b'I'),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "2EZZ");
+    assert!(r.is_idle());
+    // Simple protocol: a COPY that fails, with data pipelined behind it.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[q("copy nope from stdin"), be(b'd', b"1\n"), simple(b'c')]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState(*b"42P01"), Severity::Error), rfq(b'I')]),
+    );
+    assert!(r.is_idle());
+}
+
+#[test]
+fn statement_records_heal_from_server_errors() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[parse("s", "select 1"), simple(b'S')]),
+    );
+    // The server already has it (Weir's record was lost): "already exists" keeps the record.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s"), execute(), simple(b'S')]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState(*b"42P05"), Severity::Error), rfq(b'I')]),
+    );
+    let id = st.get(b"s").unwrap().id;
+    assert!(a.statements.touch(id), "42P05 means the server has it");
+    // The server lost it (someone ran DEALLOCATE on it): "does not exist" drops the record.
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "BES");
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            err(SqlState::INVALID_SQL_STATEMENT_NAME, Severity::Error),
+            rfq(b'I'),
+        ]),
+    );
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBES", "prepared again");
+}
+
+#[test]
+fn failed_function_call_batch_is_consumed() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut to_client = BytesMut::new();
+    let call = be(b'F', &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(r.fail_batch(&call, &mut to_client), call.len());
+    assert_eq!(tags(&to_client), "Z");
+}
+
+#[test]
+fn partial_copy_data_is_dropped_while_skipping() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let mut to_client = BytesMut::new();
+    r.fail_batch(&parse("", "x"), &mut to_client);
+    let data = be(b'd', &[1; 1000]);
+    let sent = send(&mut r, &mut st, None, &data[..100]);
+    assert_eq!(sent.step, ClientStep::Done(100), "progress, not a spin");
+    let sent = send(
+        &mut r,
+        &mut st,
+        None,
+        &cat(&[BytesMut::from(&data[100..]), simple(b'S')]),
+    );
+    assert!(matches!(sent.step, ClientStep::Done(_)));
+    assert_eq!(tags(&sent.to_client), "Z");
+}
+
+#[test]
+fn failed_parameter_sync_retires_the_connection() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut to_server = BytesMut::new();
+    r.inject_query("SET statement_timeout TO E'bogus';", &mut to_server);
+    let mut scratch = BytesMut::new();
+    let reply = cat(&[err(SqlState(*b"22023"), Severity::Error), rfq(b'I')]);
+    let (_, copied) = r
+        .from_server(
+            &reply,
+            &mut a,
+            &mut client_params(),
+            &mut ClientStatements::default(),
+            &mut scratch,
+        )
+        .unwrap();
+    assert!(copied);
+    assert_eq!(
+        tags(&scratch),
+        "N",
+        "the client gets a warning, not the error"
+    );
+    assert!(a.broken);
+    // A FATAL during Weir's own query is not "relayed": the session must say the server is gone.
+    let mut r = Relay::new(true, 1 << 20);
+    let mut b = server(8);
+    r.inject_query("SET x TO E'y';", &mut to_server);
+    scratch.clear();
+    r.from_server(
+        &err(SqlState::ADMIN_SHUTDOWN, Severity::Fatal),
+        &mut b,
+        &mut client_params(),
+        &mut ClientStatements::default(),
+        &mut scratch,
+    )
+    .unwrap();
+    assert!(!r.fatal_relayed && b.broken);
 }

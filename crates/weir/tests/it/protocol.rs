@@ -299,4 +299,27 @@ async fn large_values_and_many_rows_stream() {
         3_000_000,
         "a large Bind parameter arrives whole"
     );
+    // The same inside a transaction, where the server connection is already attached, on a
+    // fresh connection (whose buffers have not grown yet).
+    let c = s.client().await;
+    c.batch_execute("begin").await.unwrap();
+    let back = c
+        .query_one("select length($1::text)", &[&big])
+        .await
+        .unwrap();
+    assert_eq!(
+        back.get::<_, i32>(0),
+        3_000_000,
+        "a large Bind while a server is attached"
+    );
+    let rows = c
+        .simple_query(&format!("select length('{big}')"))
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_values(&rows),
+        vec!["3000000"],
+        "a large Query while a server is attached"
+    );
+    c.batch_execute("commit").await.unwrap();
 }

@@ -204,3 +204,61 @@ async fn disconnect_during_running_query_frees_its_locks() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_of_a_departed_client_do_not_leak() {
+    // Transaction mode: A's startup search_path is set on the shared connection; A leaves
+    // inside a transaction; B, with no search_path of its own, must get the default.
+    let s = Setup::new("leak", 1, PoolMode::Transaction).await;
+    s.sql("create schema tenant_a; grant usage on schema tenant_a to public");
+    let a = connect(&format!(
+        "{} options='-c search_path=tenant_a'",
+        keyword_url(&s, SCRAM_USER)
+    ))
+    .await
+    .unwrap();
+    a.batch_execute("begin").await.unwrap();
+    assert_eq!(show(&a, "search_path").await, "tenant_a");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s.client().await;
+    assert_eq!(show(&b, "search_path").await, "\"$user\", public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_reset_runs_after_a_client_leaves_mid_transaction() {
+    let s = Setup::new("sessreset", 1, PoolMode::Session).await;
+    let a = s.client().await;
+    a.batch_execute("set work_mem = '9MB'; begin; create temp table t (x int)")
+        .await
+        .unwrap();
+    let pid_a: i32 = a
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s.client().await;
+    let pid_b: i32 = b
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if pid_a == pid_b {
+        // Reused: ROLLBACK and then DISCARD ALL must both have run.
+        assert_eq!(show(&b, "work_mem").await, "4MB");
+        let t: Option<String> = b
+            .query_one("select to_regclass('pg_temp.t')::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(t, None);
+    }
+    // Either way B starts clean.
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(
+        pid_a, pid_b,
+        "the connection was cleaned and reused, not thrown away"
+    );
+}

@@ -1,0 +1,142 @@
+//! `weir demo`: a throwaway PostgreSQL, Weir in front of it, and a web-like load through
+//! Weir from many more clients than server connections, reported as it runs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use weir_bench::Workload;
+use weir_config::PoolMode;
+use weir_testkit::{PgServer, SCRAM_USER, SUPERUSER};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Concurrent clients (each its own connection to Weir).
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Server connections in Weir's pool.
+    #[arg(long, default_value_t = 20)]
+    pool_size: u32,
+    /// How long to run the load.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Server time of the middle query of each request.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    server_time: Duration,
+}
+
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    println!("Starting a throwaway PostgreSQL from the system's binaries...");
+    let pg = tokio::task::spawn_blocking(|| {
+        let pg = PgServer::start();
+        pg.create_database("demo");
+        pg
+    })
+    .await
+    .context("start PostgreSQL")?;
+    let version = pg.psql_script("demo", "show server_version");
+    let config = weir_testkit::weir_config(&pg, "demo", args.pool_size, PoolMode::Transaction);
+    let weir = weir_proxy::Proxy::start(config).await?;
+    let addr = weir.local_addr();
+    println!(
+        "PostgreSQL {version} listens on 127.0.0.1:{}; Weir listens on {addr}",
+        pg.port
+    );
+    println!(
+        "Weir pools the `demo` database in transaction mode with pool_size {}.",
+        args.pool_size
+    );
+
+    let (admin, conn) =
+        tokio_postgres::connect(&pg.url(SUPERUSER, "demo"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let accounts = 10_000;
+    Workload::prepare_schema(&admin, accounts).await?;
+    admin
+        .batch_execute("grant all on demo_accounts to public")
+        .await?;
+
+    println!(
+        "\nLoad: {} clients, each looping a web request (a lookup, {} of server work, an update half the time) for {}.\n\
+         Try it yourself meanwhile: psql 'postgres://{}:{}@{addr}/demo'\n",
+        args.clients,
+        humantime::format_duration(args.server_time),
+        humantime::format_duration(args.duration),
+        SCRAM_USER.user,
+        SCRAM_USER.password,
+    );
+    let url = weir_testkit::weir_url(&weir, SCRAM_USER, "demo");
+    let pool = weir.shared().pools.all();
+    let mut peak_servers = 0usize;
+    let workload = Workload::WebRequest {
+        server_time: args.server_time,
+        accounts,
+    };
+    let report = weir_bench::run(&url, args.clients, args.duration, workload, |p| {
+        let snap = weir.shared().pools.all().first().map(|p| p.pool.snapshot()).unwrap_or_default();
+        peak_servers = peak_servers.max(snap.size);
+        println!(
+            "[{:>3.0}s] {:>7.0} req/s  p95 {:>7.1} ms  errors {:<4} | pool: {:>3} active {:>3} idle {:>4} waiting",
+            p.elapsed.as_secs_f64(),
+            p.rate,
+            p.p95_ms,
+            p.errors,
+            snap.active,
+            snap.idle,
+            snap.waiting,
+        );
+    })
+    .await;
+    drop(pool);
+    let servers: i64 = admin
+        .query_one(
+            "select count(*) from pg_stat_activity where datname = 'demo' and usename = $1",
+            &[&SCRAM_USER.user],
+        )
+        .await?
+        .get(0);
+    let snap = weir
+        .shared()
+        .pools
+        .all()
+        .first()
+        .map(|p| p.pool.snapshot())
+        .unwrap_or_default();
+
+    println!("\nDone in {:.1} s.", report.elapsed.as_secs_f64());
+    println!(
+        "  requests      {} ({:.0}/s), errors {}{}",
+        report.requests,
+        report.throughput(),
+        report.error_count(),
+        if report.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", report.errors)
+        }
+    );
+    println!(
+        "  latency       p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        report.ms(0.50),
+        report.ms(0.95),
+        report.ms(0.99),
+        report.latency.max() as f64 / 1000.0
+    );
+    println!(
+        "  connections   {} clients shared at most {} server connections (pg_stat_activity now: {servers})",
+        args.clients, peak_servers
+    );
+    let avg_wait = if snap.waited > 0 {
+        snap.wait_us as f64 / snap.waited as f64 / 1000.0
+    } else {
+        0.0
+    };
+    println!(
+        "  pool          {} checkouts, {} waited (mean wait {avg_wait:.1} ms), {} timed out",
+        snap.checkouts, snap.waited, snap.timeouts
+    );
+    weir.stop();
+    drop(admin);
+    tokio::task::spawn_blocking(move || drop(pg)).await?;
+    Ok(())
+}
