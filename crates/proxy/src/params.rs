@@ -66,6 +66,17 @@ impl ParamSet {
         self.items.is_empty()
     }
 
+    /// A hash of the names and values in order.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in &self.items {
+            p.key.hash(&mut h);
+            p.value.hash(&mut h);
+        }
+        h.finish()
+    }
+
     /// `(name, value)` pairs in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.items.iter().map(|p| (&*p.name, &*p.value))
@@ -155,7 +166,10 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
 /// What one client believes: every reported parameter plus what it asked for at startup.
 #[derive(Debug, Clone, Default)]
 pub struct ClientParams {
-    pub wanted: ParamSet,
+    wanted: ParamSet,
+    /// Identifies the content of `wanted`: a server connection last synchronised to the same
+    /// fingerprint needs no query (the common case: every client of an app asks for the same).
+    fingerprint: u64,
 }
 
 impl ClientParams {
@@ -174,7 +188,26 @@ impl ClientParams {
                 set_checked(&mut wanted, &k, &v)?;
             }
         }
-        Ok(ClientParams { wanted })
+        Ok(ClientParams::from_set(wanted))
+    }
+
+    pub fn from_set(wanted: ParamSet) -> ClientParams {
+        let fingerprint = wanted.fingerprint();
+        ClientParams {
+            wanted,
+            fingerprint,
+        }
+    }
+
+    pub fn wanted(&self) -> &ParamSet {
+        &self.wanted
+    }
+
+    /// Records a value the client now has (from a ParameterStatus of its own session).
+    pub fn set(&mut self, name: &str, value: &str) {
+        if self.wanted.set(name, value) {
+            self.fingerprint = self.wanted.fingerprint();
+        }
     }
 
     /// The parameters to report to the client at login: those the server reports.
@@ -205,6 +238,9 @@ fn set_checked(set: &mut ParamSet, k: &str, v: &str) -> Result<(), String> {
 pub struct ServerParams {
     pub reported: ParamSet,
     pub set_by_weir: ParamSet,
+    /// Fingerprint of the client parameters this connection was last made to match, while
+    /// nothing has changed it since.
+    synced: Option<u64>,
 }
 
 impl ServerParams {
@@ -214,17 +250,23 @@ impl ServerParams {
         self.reported.set(name, value);
         if !ours {
             self.set_by_weir.remove(name);
+            self.synced = None;
         }
     }
 
     /// Forgets what Weir set (after DISCARD ALL or a reset query).
     pub fn forget_sets(&mut self) {
         self.set_by_weir.clear();
+        self.synced = None;
     }
 
     /// Builds the query that makes this server match `client`, or `None` if it already does.
     /// Records the values as set, so the caller must send the query.
     pub fn sync_query(&mut self, client: &ClientParams) -> Option<String> {
+        if self.synced == Some(client.fingerprint) {
+            return None;
+        }
+        self.synced = Some(client.fingerprint);
         let mut q = String::new();
         for (name, value) in client.wanted.iter() {
             if is_read_only(name) {
@@ -371,6 +413,35 @@ mod tests {
         assert_eq!(
             server.sync_query(&a).as_deref(),
             Some("SET timezone TO E'UTC';")
+        );
+    }
+
+    #[test]
+    fn identical_clients_need_no_query_after_the_first() {
+        let mut server = ServerParams {
+            reported: defaults(),
+            ..Default::default()
+        };
+        let a = ClientParams::new(&defaults(), &startup(&[("search_path", "app")])).unwrap();
+        let b = ClientParams::new(&defaults(), &startup(&[("search_path", "app")])).unwrap();
+        assert!(server.sync_query(&a).is_some());
+        server.on_report("search_path", "app", true);
+        assert_eq!(
+            server.sync_query(&b),
+            None,
+            "same parameters: nothing to send"
+        );
+        // The client changes a value in its own session: the shortcut no longer applies.
+        server.on_report("TimeZone", "Asia/Tokyo", false);
+        assert_eq!(
+            server.sync_query(&b).as_deref(),
+            Some("SET timezone TO E'Etc/UTC';")
+        );
+        let mut c = b.clone();
+        c.set("TimeZone", "Asia/Tokyo");
+        assert_eq!(
+            server.sync_query(&c).as_deref(),
+            Some("SET timezone TO E'Asia/Tokyo';")
         );
     }
 

@@ -733,7 +733,7 @@ impl Relay {
                 );
                 srv.params.on_report(&name, &value, ours);
                 if !ours {
-                    client.wanted.set(&name, &value);
+                    client.set(&name, &value);
                 }
                 !ours
             }
@@ -895,6 +895,17 @@ enum SqlKind {
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` as a whole query.
 fn classify_sql(sql: &[u8]) -> SqlKind {
+    // Most queries are not DEALLOCATE: decide that from the first word without UTF-8 work.
+    let start = sql
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(sql.len());
+    if !sql[start..]
+        .get(..10)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
+    {
+        return SqlKind::Other;
+    }
     let text = match std::str::from_utf8(sql) {
         Ok(t) => t.trim().trim_end_matches(';').trim(),
         Err(_) => return SqlKind::Other,

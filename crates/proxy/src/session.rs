@@ -420,13 +420,28 @@ impl Session {
             let read_client = self.to_server.len() < HIGH_WATER
                 && self.to_client.len() < HIGH_WATER
                 && self.relay.owed() < MAX_OWED;
-            tokio::select! {
-                biased;
-                r = server.stream.readable(), if read_server => Event::ServerReadable(r),
-                r = server.stream.writable(), if !self.to_server.is_empty() => Event::ServerWritable(r),
-                r = self.client.writable(), if !self.to_client.is_empty() => Event::ClientWritable(r),
-                r = self.client.readable(), if read_client => Event::ClientReadable(r),
-            }
+            let (write_server, write_client) =
+                (!self.to_server.is_empty(), !self.to_client.is_empty());
+            let client = &self.client;
+            // Polled directly rather than through select!: no readiness future is built and
+            // torn down (with the waiter-list lock) per socket per round.
+            std::future::poll_fn(|cx| {
+                use std::task::Poll::Ready;
+                if read_server && let Ready(r) = server.stream.poll_read_ready(cx) {
+                    return Ready(Event::ServerReadable(r));
+                }
+                if write_server && let Ready(r) = server.stream.poll_write_ready(cx) {
+                    return Ready(Event::ServerWritable(r));
+                }
+                if write_client && let Ready(r) = client.poll_write_ready(cx) {
+                    return Ready(Event::ClientWritable(r));
+                }
+                if read_client && let Ready(r) = client.poll_read_ready(cx) {
+                    return Ready(Event::ClientReadable(r));
+                }
+                std::task::Poll::Pending
+            })
+            .await
         };
         tracing::trace!(peer = %self.peer, event = ev.name(), "busy");
         match ev {
@@ -579,6 +594,8 @@ impl Session {
         let result = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             tokio::select! {
+                // The pool first: when a connection is free, the client is not looked at.
+                biased;
                 r = &mut get => break r,
                 r = self.client.readable(), if watch => {
                     r.map_err(|_| End::ClientGone)?;

@@ -1,17 +1,23 @@
-//! A TCP or Unix stream behind one type, used non-blocking: wait for readiness, then
-//! `try_read`/`try_write`. Waiting for readiness needs no buffer, so an idle client holds none.
+//! A TCP or Unix stream behind one type, used non-blocking: wait for readiness, then read or
+//! write without blocking. Waiting for readiness needs no buffer.
+//!
+//! Reads are hand-written on the socket (the hot path): a read that returns less than the
+//! buffer could take drained the socket, so Weir tells Tokio the socket is no longer readable
+//! right away. Tokio would otherwise keep it marked readable until a further read returned
+//! WouldBlock, which costs one empty `recv` per direction per transaction. Tokio's readiness
+//! tick makes the clearing safe: an event that arrives meanwhile is not lost.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 
-/// What a non-consuming look at a socket found.
+/// What a look at a socket's readiness found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeekState {
     Quiet,
-    Data,
     Closed,
 }
 
@@ -29,6 +35,26 @@ impl Stream {
         }
     }
 
+    pub fn poll_read_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    pub fn poll_write_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_write_ready(cx),
+            Stream::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
     pub async fn writable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.writable().await,
@@ -36,11 +62,52 @@ impl Stream {
         }
     }
 
-    /// Reads into the spare capacity of `buf`. `Ok(0)` is end of stream.
-    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+    fn fd(&self) -> RawFd {
         match self {
-            Stream::Tcp(s) => s.try_read_buf(buf),
-            Stream::Unix(s) => s.try_read_buf(buf),
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            Stream::Tcp(s) => s.try_io(interest, f),
+            Stream::Unix(s) => s.try_io(interest, f),
+        }
+    }
+
+    /// Reads into the spare capacity of `buf` (reserve first). `Ok(0)` is end of stream;
+    /// WouldBlock means nothing to read now.
+    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        let cap = spare.len();
+        if cap == 0 {
+            return Err(io::Error::other("read into a full buffer"));
+        }
+        let (fd, ptr) = (self.fd(), spare.as_mut_ptr());
+        let mut got = 0usize;
+        let r = self.try_io(Interest::READABLE, || {
+            // SAFETY: `ptr` points at `cap` writable bytes of `buf`'s spare capacity, which
+            // nothing else touches during the call; `fd` is our open socket.
+            let n = unsafe { libc::recv(fd, ptr.cast(), cap, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            got = n as usize;
+            if got > 0 && got < cap {
+                // Drained: let Tokio clear the readiness now (the bytes are kept in `got`).
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => Err(e),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => {
+                // SAFETY: the kernel initialised `got` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + got) };
+                Ok(got)
+            }
         }
     }
 
@@ -60,8 +127,11 @@ impl Stream {
 
     /// Reads at least one byte more into `buf`, waiting as needed. `Ok(0)` is end of stream.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
         loop {
-            self.readable().await?;
+            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
             match self.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
@@ -79,30 +149,27 @@ impl Stream {
         }
     }
 
-    /// Asks the kernel, without consuming anything, whether the peer sent data or closed.
-    /// Unlike `try_read`, this does not depend on the reactor having seen the event yet.
+    /// Whether the peer has closed (or the socket failed), from what the reactor has already
+    /// seen: no system call. An idle server connection that PostgreSQL terminated (a shutdown,
+    /// `pg_terminate_backend`) shows here once its FIN is in. Readable-but-open is taken as
+    /// alive: a server sends nothing unprompted to an idle session except right before
+    /// closing, and the readable bit is often stale (Tokio skips clearing it when a newer
+    /// event, such as a write-space wakeup, slipped in).
     pub fn peek_state(&self) -> PeekState {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        let r = match self {
+            Stream::Tcp(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
+            Stream::Unix(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
         };
-        let mut byte = 0u8;
-        // SAFETY: fd is a socket owned by self for the duration of the call; the buffer is
-        // one valid byte.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => PeekState::Closed,
-            n if n > 0 => PeekState::Data,
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => PeekState::Quiet,
-            _ => PeekState::Closed,
+        match r {
+            Poll::Pending => PeekState::Quiet,
+            Poll::Ready(Ok(ready)) if ready.is_read_closed() || ready.is_error() => {
+                PeekState::Closed
+            }
+            Poll::Ready(Ok(_)) => PeekState::Quiet,
+            Poll::Ready(Err(_)) => PeekState::Closed,
         }
     }
 

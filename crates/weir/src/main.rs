@@ -118,8 +118,14 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
 }
 
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    // One worker: Tokio's single-threaded scheduler, with no work stealing or cross-thread
+    // wakeups to pay for.
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         b.worker_threads(workers);
     }
     b.enable_all()

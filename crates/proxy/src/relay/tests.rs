@@ -13,9 +13,7 @@ fn server(cache: usize) -> ServerState {
 }
 
 fn client_params() -> ClientParams {
-    ClientParams {
-        wanted: ParamSet::default(),
-    }
+    ClientParams::from_set(ParamSet::default())
 }
 
 // ---- frontend message builders ----
@@ -531,7 +529,7 @@ fn parameter_sync_replies_are_hidden() {
     assert_eq!(tags(&scratch), "CZ");
     assert_eq!(a.params.reported.get("timezone"), Some("UTC"));
     assert_eq!(
-        cp.wanted.get("timezone"),
+        cp.wanted().get("timezone"),
         None,
         "the client's view is not changed by Weir's own SET"
     );
@@ -559,7 +557,7 @@ fn client_set_is_tracked() {
         &mut scratch,
     )
     .unwrap();
-    assert_eq!(cp.wanted.get("TimeZone"), Some("Asia/Tokyo"));
+    assert_eq!(cp.wanted().get("TimeZone"), Some("Asia/Tokyo"));
 }
 
 #[test]

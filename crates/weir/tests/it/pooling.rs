@@ -228,3 +228,41 @@ async fn many_clients_few_servers() {
     }
     assert!(s.backends() <= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_idle_server_connection_is_replaced_unseen() {
+    let s = Setup::new("terminated", 1, PoolMode::Transaction).await;
+    let c = s.client().await;
+    let admin = direct("postgres").await;
+    for round in 0..3 {
+        let pid: i32 = c
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // The connection sits idle in Weir's pool; the server ends it.
+        admin
+            .execute("select pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        while admin
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let next: i32 = c
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the client saw the dead connection: {e}"))
+            .get(0);
+        assert_ne!(next, pid, "a new server connection");
+    }
+}
