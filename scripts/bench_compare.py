@@ -8,8 +8,12 @@ count against each target, alternating the order of targets between cells so tha
 noisy machine shows up as spread rather than as a bias. Prints a Markdown table with the
 Weir/PgBouncer and Weir/direct throughput ratios, and writes it to --out if given.
 
-Usage: scripts/bench_compare.py [--seconds 20] [--clients 1,10,100,500]
-                                [--modes simple,prepared] [--pool-size 20] [--out FILE]
+Each cell is run --repeat times (targets in rotating order); the table shows the median
+throughput and, in brackets, the lowest and highest run.
+
+Usage: scripts/bench_compare.py [--seconds 20] [--clients 1,10,100,500] [--repeat 3]
+                                [--modes simple,prepared] [--pool-size 20] [--workers N]
+                                [--out FILE]
 """
 import argparse
 import glob
@@ -19,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +121,8 @@ def main():
     ap.add_argument("--modes", default="simple,prepared")
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0, help="Weir worker threads (0 = one per core)")
     ap.add_argument("--out")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -177,7 +184,8 @@ def main():
             f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\n\n[pool]\nmode = "transaction"\n'
                     f'size = {args.pool_size}\n\n[auth]\ntype = "trust"\n\n'
                     f'[databases.{db}]\nurl = "postgres://bench@127.0.0.1:{pg_port}/{db}"\n')
-        weir = subprocess.Popen([weir_bin, "run", "--config", toml], stdout=subprocess.DEVNULL,
+        weir = subprocess.Popen([weir_bin, "run", "--config", toml, "--workers", str(args.workers)],
+                                stdout=subprocess.DEVNULL,
                                 stderr=open(os.path.join(work, "weir.log"), "w"), env={**os.environ, "WEIR_LOG": "warn"})
         procs.append(weir)
         wait_port(weir_port, weir, "weir")
@@ -185,19 +193,20 @@ def main():
         targets = [("direct", pg_port, None), ("pgbouncer", pgb_port, pgb.pid), ("weir", weir_port, weir.pid)]
         results = {}
         cell = 0
-        for mode in modes:
-            for c in clients:
-                order = targets[cell % 3:] + targets[:cell % 3]
-                cell += 1
-                for name, port, pid in order:
-                    cpu0 = cpu_seconds(pid) if pid else None
-                    r = run_pgbench(bd, port, c, mode, args.seconds, db)
-                    if pid:
-                        used = cpu_seconds(pid) - cpu0
-                        r["cpu_per_1k"] = used / r["processed"] * 1000 if r["processed"] else None
-                    results[(mode, c, name)] = r
-                    status = f"{r['tps']:.0f} tps" if r["ok"] else f"FAILED: {r['error']}"
-                    print(f"  -M {mode:8} -c {c:4} {name:9} {status}", file=sys.stderr)
+        for rep in range(args.repeat):
+            for mode in modes:
+                for c in clients:
+                    order = targets[cell % 3:] + targets[:cell % 3]
+                    cell += 1
+                    for name, port, pid in order:
+                        cpu0 = cpu_seconds(pid) if pid else None
+                        r = run_pgbench(bd, port, c, mode, args.seconds, db)
+                        if pid:
+                            used = cpu_seconds(pid) - cpu0
+                            r["cpu_per_1k"] = used / r["processed"] * 1000 if r["processed"] else None
+                        results.setdefault((mode, c, name), []).append(r)
+                        status = f"{r['tps']:.0f} tps" if r["ok"] else f"FAILED: {r['error']}"
+                        print(f"  [{rep + 1}/{args.repeat}] -M {mode:8} -c {c:4} {name:9} {status}", file=sys.stderr)
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
@@ -211,27 +220,43 @@ def main():
     lines = []
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    weir_workers = args.workers or os.cpu_count()
     lines.append(f"pgbench -S -j 2 -T {args.seconds}, scale {args.scale}, pool_size {args.pool_size} (transaction "
-                 f"mode) for PgBouncer and Weir; {now}; {os.cpu_count()} cores, {mem:.0f} GiB; "
-                 f"PostgreSQL, PgBouncer and pgbench on the same machine.")
+                 f"mode) for PgBouncer and Weir (Weir with {weir_workers} worker threads); median of "
+                 f"{args.repeat} runs per cell, [lowest-highest] in brackets; targets alternated; {now}; "
+                 f"{os.cpu_count()} cores, {mem:.0f} GiB; PostgreSQL, PgBouncer, Weir and pgbench on the "
+                 f"same machine.")
     lines.append("")
     lines.append("| mode | clients | direct tps | PgBouncer tps | Weir tps | Weir/PgBouncer | Weir/direct | "
-                 "lat ms direct / PgB / Weir | CPU ms per 1k tx PgB / Weir |")
+                 "avg latency ms direct / PgB / Weir | pooler CPU ms per 1k tx PgB / Weir |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---|---|")
 
-    def fmt(r):
-        return f"{r['tps']:.0f}" if r["ok"] else "fails"
+    def ok_runs(runs):
+        return [r for r in runs if r["ok"]]
+
+    def med(runs, key):
+        vals = [r[key] for r in ok_runs(runs) if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def fmt(runs):
+        good = ok_runs(runs)
+        if not good:
+            return "fails"
+        tps = [r["tps"] for r in good]
+        spread = f" [{min(tps):.0f}-{max(tps):.0f}]" if len(tps) > 1 else ""
+        failed = f" ({len(runs) - len(good)} of {len(runs)} runs failed)" if len(good) < len(runs) else ""
+        return f"{statistics.median(tps):.0f}{spread}{failed}"
 
     for mode in modes:
         for c in clients:
             d, b, w = (results[(mode, c, n)] for n in ("direct", "pgbouncer", "weir"))
-            wb = f"{w['tps'] / b['tps']:.2f}" if b["ok"] and w["ok"] and b["tps"] else "n/a"
-            wd = f"{w['tps'] / d['tps']:.2f}" if d["ok"] and w["ok"] and d["tps"] else "n/a"
-            lat = " / ".join(f"{r['lat']:.2f}" if r["ok"] and r["lat"] is not None else "-" for r in (d, b, w))
-            cpu = " / ".join(f"{r['cpu_per_1k'] * 1000:.1f}" if r["ok"] and r.get("cpu_per_1k") else "-"
-                             for r in (b, w))
+            td, tb, tw = med(d, "tps"), med(b, "tps"), med(w, "tps")
+            wb = f"{tw / tb:.2f}" if tb and tw else "n/a"
+            wd = f"{tw / td:.2f}" if td and tw else "n/a"
+            lat = " / ".join(f"{med(r, 'lat'):.2f}" if med(r, "lat") is not None else "-" for r in (d, b, w))
+            cpu = " / ".join(f"{med(r, 'cpu_per_1k') * 1000:.0f}" if med(r, "cpu_per_1k") else "-" for r in (b, w))
             lines.append(f"| {mode} | {c} | {fmt(d)} | {fmt(b)} | {fmt(w)} | {wb} | {wd} | {lat} | {cpu} |")
-    failures = [(k, r["error"]) for k, r in results.items() if not r["ok"]]
+    failures = sorted({(k, r["error"]) for k, runs in results.items() for r in runs if not r["ok"]})
     if failures:
         lines.append("")
         for (mode, c, name), err in failures:

@@ -127,3 +127,32 @@ async fn quick_start_binary_serves_one_database() {
         "28P01"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_file_secrets_and_a_forced_server_user() {
+    // Clients alice (SCRAM verifier) and bob (md5 secret) exist only in Weir's userlist;
+    // every client logs in to the server as scram_user, whose password the database holds.
+    let dir = std::env::temp_dir().join(format!("weir-userlist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let verifier = postgres_protocol::password::scram_sha_256(b"alice_pw");
+    let md5 = postgres_protocol::password::md5(b"bob_pw", "bob");
+    std::fs::write(dir.join("userlist.txt"), format!("\"alice\" \"{verifier}\"\n\"bob\" \"{md5}\"\n")).unwrap();
+    let d2 = dir.clone();
+    let s = Setup::with_config("authfile", move |pg, db| {
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[auth]\nfile = \"userlist.txt\"\n\
+             [databases.{db}]\nurl = \"postgres://{}:{}@127.0.0.1:{}/{db}\"\n[users.bob]\nauth = \"md5\"\n",
+            SCRAM_USER.user, SCRAM_USER.password, pg.port
+        );
+        weir_config::from_toml_str(&text, Some(&d2)).unwrap().0
+    })
+    .await;
+    for (user, pw) in [("alice", "alice_pw"), ("bob", "bob_pw")] {
+        let c = connect(&s.url(Login { user, password: pw })).await.unwrap_or_else(|e| panic!("{user}: {e}"));
+        let who: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(who, SCRAM_USER.user, "{user} runs as the database's user");
+        let bad = Login { user, password: "wrong" };
+        assert_eq!(code(&connect(&s.url(bad)).await.unwrap_err()), "28P01");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
