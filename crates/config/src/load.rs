@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use crate::model::*;
@@ -36,6 +38,7 @@ struct RawProxy {
     unix_socket_dir: Option<PathBuf>,
     workers: Option<usize>,
     max_message_size: Option<u32>,
+    max_client_conn: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -56,6 +59,8 @@ struct RawDatabase {
     auth: Option<AuthType>,
     #[serde(default)]
     pool: PoolOverrides,
+    #[serde(default)]
+    max_client_conn: u32,
 }
 
 #[derive(Deserialize, Default)]
@@ -64,23 +69,32 @@ struct RawUser {
     auth: Option<AuthType>,
     #[serde(default)]
     pool: PoolOverrides,
+    #[serde(default)]
+    max_client_conn: u32,
 }
 
 const TOP_KEYS: &[&str] = &["proxy", "pool", "auth", "databases", "users"];
-const PROXY_KEYS: &[&str] = &["listen", "unix_socket_dir", "workers", "max_message_size"];
-const POOL_KEYS: &[&str] = &[
-    "mode",
-    "size",
-    "query_wait_timeout",
-    "connect_timeout",
-    "reset_query",
-    "prepared_statements_cache",
+const PROXY_KEYS: &[&str] = &[
+    "listen",
+    "unix_socket_dir",
+    "workers",
+    "max_message_size",
+    "max_client_conn",
 ];
+const POOL_KEYS: &[&str] = PoolOverrides::KEYS;
 const AUTH_KEYS: &[&str] = &["type", "file"];
 const DATABASE_KEYS: &[&str] = &[
-    "url", "host", "port", "dbname", "user", "password", "auth", "pool",
+    "url",
+    "host",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "auth",
+    "pool",
+    "max_client_conn",
 ];
-const USER_KEYS: &[&str] = &["password", "auth", "pool"];
+const USER_KEYS: &[&str] = &["password", "auth", "pool", "max_client_conn"];
 
 /// The keys allowed at a dotted path's parent, for "did you mean".
 fn known_keys(path: &[&str]) -> &'static [&'static str] {
@@ -191,6 +205,10 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
             .proxy
             .max_message_size
             .unwrap_or(defaults.max_message_size),
+        max_client_conn: raw
+            .proxy
+            .max_client_conn
+            .unwrap_or(defaults.max_client_conn),
     };
 
     let mut databases = BTreeMap::new();
@@ -209,6 +227,7 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
                     password: u.password,
                     auth: u.auth,
                     pool: u.pool,
+                    max_client_conn: u.max_client_conn,
                 },
             )
         })
@@ -254,6 +273,7 @@ fn resolve_database(name: &str, d: RawDatabase, problems: &mut Problems) -> Opti
         password: None,
         auth: d.auth,
         pool: d.pool,
+        max_client_conn: d.max_client_conn,
     };
     if let Some(url) = &d.url {
         match parse_url(url) {
@@ -426,7 +446,32 @@ fn validate(c: &Config, problems: &mut Problems) {
             );
         }
     }
+    for name in c.databases.keys() {
+        validate_resolved(
+            &format!("databases.{name}.pool"),
+            &c.pool_settings(name, ""),
+            problems,
+        );
+        for (user, u) in &c.users {
+            if u.pool != PoolOverrides::default() {
+                validate_resolved(
+                    &format!("users.{user}.pool"),
+                    &c.pool_settings(name, user),
+                    problems,
+                );
+            }
+        }
+    }
     for (name, u) in &c.users {
+        if u.pool.max_db_connections.is_some() {
+            problems.push(
+                Problem::error(
+                    format!("users.{name}.pool.max_db_connections"),
+                    "max_db_connections caps a database, not a user",
+                )
+                .fix("set it in [pool] or [databases.NAME.pool]"),
+            );
+        }
         validate_pool(&format!("users.{name}.pool"), &u.pool, problems);
         if let Some(pw) = &u.password
             && weir_wire::scram::Verifier::is_verifier(pw.expose())
@@ -480,21 +525,107 @@ fn validate_pool(path: &str, p: &PoolOverrides, problems: &mut Problems) {
             .fix("a pool above 100 rarely helps; check the server's max_connections"),
         );
     }
-    for (key, v) in [
-        ("query_wait_timeout", p.query_wait_timeout),
-        ("connect_timeout", p.connect_timeout),
-    ] {
+    let floor = |key: &str, v: Option<Duration>, zero_ok: bool, problems: &mut Problems| {
         if let Some(d) = v
             && d.as_millis() < 10
+            && !(zero_ok && d.is_zero())
         {
+            let what = if zero_ok { " (0 turns it off)" } else { "" };
             problems.push(
                 Problem::error(
                     format!("{path}.{key}"),
-                    format!("{} is below the 10ms floor", humantime::format_duration(d)),
+                    format!(
+                        "{} is below the 10ms floor{what}",
+                        humantime::format_duration(d)
+                    ),
                 )
                 .fix("use a duration such as \"5s\""),
             );
         }
+    };
+    floor("query_wait_timeout", p.query_wait_timeout, false, problems);
+    floor("connect_timeout", p.connect_timeout, false, problems);
+    floor("reserve_timeout", p.reserve_timeout, false, problems);
+    floor("connect_retry_max", p.connect_retry_max, false, problems);
+    floor("server_check_delay", p.server_check_delay, true, problems);
+    for (key, v) in [
+        ("query_timeout", p.query_timeout),
+        ("idle_transaction_timeout", p.idle_transaction_timeout),
+        ("client_idle_timeout", p.client_idle_timeout),
+        ("server_idle_timeout", p.server_idle_timeout),
+        ("server_lifetime", p.server_lifetime),
+    ] {
+        floor(key, v, true, problems);
+    }
+    if let Some(m) = p.connect_retry_multiplier
+        && !(1.0..=10.0).contains(&m)
+    {
+        problems.push(
+            Problem::error(
+                format!("{path}.connect_retry_multiplier"),
+                format!("{m} is out of range"),
+            )
+            .fix("use a factor from 1.0 (constant pause) to 10.0"),
+        );
+    }
+    if p.connect_concurrency == Some(0) {
+        problems.push(
+            Problem::error(
+                format!("{path}.connect_concurrency"),
+                "0 connects allowed at once",
+            )
+            .fix("use 1 or more (default 4)"),
+        );
+    }
+    for (key, v) in [
+        ("utilisation_warning", p.utilisation_warning),
+        ("utilisation_critical", p.utilisation_critical),
+    ] {
+        if let Some(pct) = v
+            && !(1..=100).contains(&pct)
+        {
+            problems.push(
+                Problem::error(
+                    format!("{path}.{key}"),
+                    format!("{pct}% is not a percentage"),
+                )
+                .fix("use 1 to 100"),
+            );
+        }
+    }
+}
+
+/// Checks that only make sense once the layers are combined.
+fn validate_resolved(path: &str, s: &PoolSettings, problems: &mut Problems) {
+    if s.min_size > s.size {
+        problems.push(
+            Problem::error(
+                format!("{path}.min_size"),
+                format!("min_size {} is above size {}", s.min_size, s.size),
+            )
+            .fix("lower min_size or raise size"),
+        );
+    }
+    if s.utilisation_warning >= s.utilisation_critical {
+        problems.push(
+            Problem::error(
+                format!("{path}.utilisation_warning"),
+                format!(
+                    "warning at {}% is not below critical at {}%",
+                    s.utilisation_warning, s.utilisation_critical
+                ),
+            )
+            .fix("e.g. utilisation_warning = 70, utilisation_critical = 90"),
+        );
+    }
+    if s.connect_retry_initial > s.connect_retry_max {
+        problems.push(
+            Problem::error(
+                format!("{path}.connect_retry_initial"),
+                "the first pause is longer than connect_retry_max",
+            )
+            .fix("make connect_retry_initial at most connect_retry_max"),
+        );
     }
 }
 
@@ -549,6 +680,7 @@ impl QuickStart {
                 password: url.password.clone(),
                 auth,
                 pool: PoolOverrides::default(),
+                max_client_conn: 0,
             },
         );
         config.users.insert(
@@ -557,6 +689,7 @@ impl QuickStart {
                 password: url.password,
                 auth,
                 pool: PoolOverrides::default(),
+                max_client_conn: 0,
             },
         );
         validate(&config, &mut problems);

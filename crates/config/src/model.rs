@@ -68,70 +68,106 @@ impl fmt::Display for AuthType {
     }
 }
 
-/// Settings of one pool, after defaults and overrides are applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolSettings {
-    pub mode: PoolMode,
+/// Declares every pool setting once: the resolved [`PoolSettings`] (with its default), the
+/// optional [`PoolOverrides`] layer read from TOML, how a layer applies, and the list of keys
+/// (for "did you mean").
+macro_rules! pool_settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $(@serde($($serde:tt)*))?
+        $field:ident : $ty:ty = $default:expr;
+    )*) => {
+        /// Settings of one pool, after defaults and overrides are applied.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct PoolSettings {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        impl Default for PoolSettings {
+            fn default() -> Self {
+                PoolSettings { $( $field: $default, )* }
+            }
+        }
+
+        /// Optional pool settings: the `[pool]` section, `databases.<name>.pool` and
+        /// `users.<name>.pool` each override the layer below.
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+        pub struct PoolOverrides {
+            $( $(#[doc = $doc])* $(#[serde($($serde)*)])? pub $field: Option<$ty>, )*
+        }
+
+        impl PoolOverrides {
+            pub fn apply(&self, s: &mut PoolSettings) {
+                $( if let Some(v) = &self.$field { s.$field = v.clone(); } )*
+            }
+
+            /// Every key of a pool table.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
+pool_settings! {
+    /// `session` or `transaction`: when a client gives its server connection back.
+    mode: PoolMode = PoolMode::Transaction;
     /// Server connections this pool may hold at once.
-    pub size: u32,
-    /// How long a client may wait for a server connection before it gets 53300.
-    pub query_wait_timeout: Duration,
+    size: u32 = 20;
+    /// Server connections opened at start (or first use) and kept open.
+    min_size: u32 = 0;
+    /// Extra connections a client may get once it has waited `reserve_timeout`.
+    reserve_size: u32 = 0;
+    /// How long a client waits before the reserve may serve it.
+    @serde(default, with = "humantime_serde")
+    reserve_timeout: Duration = Duration::from_secs(5);
+    /// Cap on server connections across every pool of one database (0: none).
+    max_db_connections: u32 = 0;
+    /// How long a client may wait for a server connection before it gets an error.
+    @serde(default, with = "humantime_serde")
+    query_wait_timeout: Duration = Duration::from_secs(30);
     /// How long opening one server connection (TCP + login) may take.
-    pub connect_timeout: Duration,
+    @serde(default, with = "humantime_serde")
+    connect_timeout: Duration = Duration::from_secs(5);
+    /// First pause before retrying a failed connect; doubles (see multiplier) up to the max.
+    @serde(default, with = "humantime_serde")
+    connect_retry_initial: Duration = Duration::from_millis(50);
+    /// Longest pause between connect attempts (the pause is drawn uniformly up to it).
+    @serde(default, with = "humantime_serde")
+    connect_retry_max: Duration = Duration::from_millis(500);
+    /// Growth of the pause after each failed connect.
+    connect_retry_multiplier: f64 = 2.0;
+    /// Connects in flight at once per pool, so a storm of clients is not a storm of logins.
+    connect_concurrency: u32 = 4;
+    /// An idle server connection is closed after this long (0: never).
+    @serde(default, with = "humantime_serde")
+    server_idle_timeout: Duration = Duration::from_secs(600);
+    /// A server connection is closed after this age, when not in use, with up to 25% jitter
+    /// earlier so connections are not all replaced at once (0: never).
+    @serde(default, with = "humantime_serde")
+    server_lifetime: Duration = Duration::from_secs(3600);
+    /// A server connection is closed after serving this many clients' transactions (0: no limit).
+    server_max_uses: u64 = 0;
+    /// A connection idle longer than this is checked with `server_check_query` before use.
+    @serde(default, with = "humantime_serde")
+    server_check_delay: Duration = Duration::from_secs(30);
+    /// Query for that check ("" checks the socket only).
+    server_check_query: String = "SELECT 1".into();
+    /// A statement running longer is cancelled and the client gets 57014 naming this (0: off).
+    @serde(default, with = "humantime_serde")
+    query_timeout: Duration = Duration::ZERO;
+    /// A client idle inside a transaction longer is disconnected with 25P03 (0: off).
+    @serde(default, with = "humantime_serde")
+    idle_transaction_timeout: Duration = Duration::ZERO;
+    /// A client idle outside a transaction longer is disconnected with 57P05 (0: off).
+    @serde(default, with = "humantime_serde")
+    client_idle_timeout: Duration = Duration::ZERO;
     /// Run when a session-mode client leaves; empty for none.
-    pub reset_query: String,
+    reset_query: String = "DISCARD ALL".into();
     /// Prepared statements kept per server connection (transaction mode).
-    pub prepared_statements_cache: u32,
-}
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        PoolSettings {
-            mode: PoolMode::Transaction,
-            size: 20,
-            query_wait_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
-            reset_query: "DISCARD ALL".into(),
-            prepared_statements_cache: 256,
-        }
-    }
-}
-
-/// Optional pool settings: the `[pool]` section, `databases.<name>.pool` and
-/// `users.<name>.pool` each override the layer below.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct PoolOverrides {
-    pub mode: Option<PoolMode>,
-    pub size: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    pub query_wait_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
-    pub reset_query: Option<String>,
-    pub prepared_statements_cache: Option<u32>,
-}
-
-impl PoolOverrides {
-    pub fn apply(&self, s: &mut PoolSettings) {
-        if let Some(v) = self.mode {
-            s.mode = v;
-        }
-        if let Some(v) = self.size {
-            s.size = v;
-        }
-        if let Some(v) = self.query_wait_timeout {
-            s.query_wait_timeout = v;
-        }
-        if let Some(v) = self.connect_timeout {
-            s.connect_timeout = v;
-        }
-        if let Some(v) = &self.reset_query {
-            s.reset_query = v.clone();
-        }
-        if let Some(v) = self.prepared_statements_cache {
-            s.prepared_statements_cache = v;
-        }
-    }
+    prepared_statements_cache: u32 = 256;
+    /// Utilisation (percent of `size` in use) logged as a warning.
+    utilisation_warning: u32 = 70;
+    /// Utilisation logged as critical.
+    utilisation_critical: u32 = 90;
 }
 
 /// The `[proxy]` section: where Weir listens and how it runs.
@@ -144,6 +180,8 @@ pub struct ProxySettings {
     pub workers: usize,
     /// Largest message Weir buffers whole (everything but CopyData, which streams).
     pub max_message_size: u32,
+    /// Client connections Weir accepts at once; one more gets 53300 at once.
+    pub max_client_conn: u32,
 }
 
 impl Default for ProxySettings {
@@ -153,12 +191,13 @@ impl Default for ProxySettings {
             unix_socket_dir: None,
             workers: 0,
             max_message_size: 64 << 20,
+            max_client_conn: 5000,
         }
     }
 }
 
 /// A client-facing database name and the server behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Database {
     /// Host name or address; a value starting with `/` is a Unix socket directory.
     pub host: String,
@@ -170,19 +209,23 @@ pub struct Database {
     pub password: Option<Secret>,
     pub auth: Option<AuthType>,
     pub pool: PoolOverrides,
+    /// Client connections to this database at once (0: no limit but the global one).
+    pub max_client_conn: u32,
 }
 
 /// A user known to Weir: how it logs in, and pool overrides for it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct User {
     /// A plain password, an md5 secret (`md5...`) or a SCRAM verifier (`SCRAM-SHA-256$...`).
     pub password: Option<Secret>,
     pub auth: Option<AuthType>,
     pub pool: PoolOverrides,
+    /// Client connections of this user at once (0: no limit but the global one).
+    pub max_client_conn: u32,
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub proxy: ProxySettings,
     pub pool: PoolOverrides,

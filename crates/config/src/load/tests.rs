@@ -200,3 +200,27 @@ fn shipped_example_config_is_valid() {
         "the example documents the defaults"
     );
 }
+
+#[test]
+fn pool_settings_cross_checks() {
+    let text = "[pool]\nsize = 5\nmin_size = 6\nutilisation_warning = 95\nconnect_retry_multiplier = 0.5\n\
+                [databases.a]\n[users.u]\npassword = \"x\"\npool.max_db_connections = 3\n";
+    let err = from_toml_str(text, None).unwrap_err();
+    let paths: Vec<&str> = err.errors().map(|p| p.path.as_str()).collect();
+    for want in [
+        "databases.a.pool.min_size",
+        "databases.a.pool.utilisation_warning",
+        "pool.connect_retry_multiplier",
+        "users.u.pool.max_db_connections",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}
+
+#[test]
+fn zero_turns_timeouts_off_but_tiny_values_are_errors() {
+    let (c, _) = from_toml_str("[pool]\nquery_timeout = \"0s\"\n[databases.a]\n", None).unwrap();
+    assert!(c.pool_settings("a", "").query_timeout.is_zero());
+    let err = from_toml_str("[pool]\nquery_timeout = \"1ms\"\n[databases.a]\n", None).unwrap_err();
+    assert!(err.to_string().contains("0 turns it off"), "{err}");
+}

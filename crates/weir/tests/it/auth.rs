@@ -136,7 +136,11 @@ async fn auth_file_secrets_and_a_forced_server_user() {
     std::fs::create_dir_all(&dir).unwrap();
     let verifier = postgres_protocol::password::scram_sha_256(b"alice_pw");
     let md5 = postgres_protocol::password::md5(b"bob_pw", "bob");
-    std::fs::write(dir.join("userlist.txt"), format!("\"alice\" \"{verifier}\"\n\"bob\" \"{md5}\"\n")).unwrap();
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"alice\" \"{verifier}\"\n\"bob\" \"{md5}\"\n"),
+    )
+    .unwrap();
     let d2 = dir.clone();
     let s = Setup::with_config("authfile", move |pg, db| {
         let text = format!(
@@ -148,10 +152,19 @@ async fn auth_file_secrets_and_a_forced_server_user() {
     })
     .await;
     for (user, pw) in [("alice", "alice_pw"), ("bob", "bob_pw")] {
-        let c = connect(&s.url(Login { user, password: pw })).await.unwrap_or_else(|e| panic!("{user}: {e}"));
-        let who: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+        let c = connect(&s.url(Login { user, password: pw }))
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let who: String = c
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(who, SCRAM_USER.user, "{user} runs as the database's user");
-        let bad = Login { user, password: "wrong" };
+        let bad = Login {
+            user,
+            password: "wrong",
+        };
         assert_eq!(code(&connect(&s.url(bad)).await.unwrap_err()), "28P01");
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -267,7 +267,9 @@ async fn session_mode_reset_runs_after_a_client_leaves_mid_transaction() {
 async fn notifications_reach_a_session_mode_listener() {
     use futures_util::StreamExt;
     let s = Setup::new("notify", 2, PoolMode::Session).await;
-    let (listener, mut conn) = tokio_postgres::connect(&s.url(SCRAM_USER), tokio_postgres::NoTls).await.unwrap();
+    let (listener, mut conn) = tokio_postgres::connect(&s.url(SCRAM_USER), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -279,9 +281,15 @@ async fn notifications_reach_a_session_mode_listener() {
     });
     listener.batch_execute("listen jobs").await.unwrap();
     let sender = s.client().await;
-    sender.batch_execute("notify jobs, 'first'; select pg_notify('jobs', 'second')").await.unwrap();
+    sender
+        .batch_execute("notify jobs, 'first'; select pg_notify('jobs', 'second')")
+        .await
+        .unwrap();
     for want in ["first", "second"] {
-        let (channel, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let (channel, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((channel.as_str(), payload.as_str()), ("jobs", want));
     }
 }
