@@ -1,39 +1,63 @@
 //! A generic async pool.
 //!
 //! Layout (public API, behaviour and locked state kept apart):
-//! - [`Pool`] (this file): checkout, release, resize, statistics.
+//! - [`Pool`] (this file): checkout, release, resize, top-up, reaping, statistics.
+//! - [`Manager`]: what the pooled objects are: how to create one, check one before reuse,
+//!   decide at release whether to keep it, and whether a failed create is worth retrying.
 //! - [`Pooled`]: the RAII guard for a checked-out object. Dropping it *discards* the object;
 //!   only [`Pooled::release`] puts it back. A task cancelled mid-transaction therefore can never
 //!   return a dirty object to the pool.
-//! - [`Stats`] / [`Snapshot`]: counters kept with atomics and read at scrape time.
+//! - [`stats`]: counters kept with atomics (and a wait-time histogram) read at scrape time.
 //!
-//! Capacity is a [`tokio::sync::Semaphore`] of `max_size` permits: a checked-out object, or
-//! one being created, holds a permit; idle objects hold none. The semaphore hands released
-//! permits to waiters in arrival order, so waiters are served first-come first-served, and
-//! dropping a waiting future leaves the queue without leaking a permit.
+//! Capacity is a [`tokio::sync::Semaphore`] of `max_size` permits, plus a reserve semaphore a
+//! waiter may draw on after `reserve_timeout`. A checked-out object, or one being created, holds
+//! a permit; idle objects hold none. The semaphores hand released permits to waiters in arrival
+//! order, so waiters are served first-come first-served, and dropping a waiting future leaves the
+//! queue without leaking a permit.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+
+pub mod stats;
+pub use stats::{CloseReason, Snapshot, Stats};
 
 /// Creates and checks the pooled objects.
 pub trait Manager: Send + Sync + 'static {
     type Object: Send + 'static;
     type Error: Send + 'static;
 
-    /// Opens a new object. Called with a permit held, so at most `max_size` exist.
+    /// Opens a new object: one attempt. Called with a permit held, so at most the capacity exist.
     fn create(&self) -> impl Future<Output = Result<Self::Object, Self::Error>> + Send;
 
-    /// A cheap, synchronous check of an idle object about to be handed out. `false` discards
-    /// it and the checkout tries the next one.
-    fn is_usable(&self, _object: &mut Self::Object, _meta: &Meta) -> bool {
-        true
+    /// Whether a failed create should be tried again, and after what pause. `attempt` counts
+    /// from 1. `None` gives the error to the caller.
+    fn retry_after(&self, _error: &Self::Error, _attempt: u32) -> Option<Duration> {
+        None
     }
+
+    /// Checks an idle object about to be handed out. An error discards it with that reason and
+    /// the checkout tries the next one (or creates one).
+    fn recycle(
+        &self,
+        _object: &mut Self::Object,
+        _meta: &Meta,
+    ) -> impl Future<Output = Result<(), CloseReason>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Decides at release whether to keep the object. An error closes it with that reason.
+    fn on_release(&self, _object: &mut Self::Object, _meta: &Meta) -> Result<(), CloseReason> {
+        Ok(())
+    }
+
+    /// Receives every object the pool closes, with the reason (to log it); dropping it closes it.
+    fn closed(&self, _object: Self::Object, _reason: CloseReason) {}
 }
 
 /// Facts about a pooled object that lifetime policies need.
@@ -60,6 +84,8 @@ pub enum GetError<E> {
         waited: Duration,
         max_size: usize,
         queued: usize,
+        /// The last failed create while waiting, if the wait ended retrying one.
+        last_error: Option<E>,
     },
     #[error("pool is closed")]
     Closed,
@@ -67,50 +93,33 @@ pub enum GetError<E> {
     Create(#[source] E),
 }
 
-/// Counters for one pool. Monotonic unless named as a gauge.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub checkouts: AtomicU64,
-    /// Checkouts that found no free permit and queued.
-    pub waited: AtomicU64,
-    /// Microseconds spent queued, summed.
-    pub wait_us: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub created: AtomicU64,
-    pub create_errors: AtomicU64,
-    /// Objects discarded: failed `is_usable`, dropped without release, or trimmed on shrink.
-    pub closed: AtomicU64,
-    /// Gauge: clients queued right now.
-    pub waiting: AtomicUsize,
-    /// Gauge: objects that exist (idle + checked out).
-    pub size: AtomicUsize,
-}
-
-/// A point-in-time copy of the counters and gauges.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub checkouts: u64,
-    pub waited: u64,
-    pub wait_us: u64,
-    pub timeouts: u64,
-    pub created: u64,
-    pub create_errors: u64,
-    pub closed: u64,
-    pub waiting: usize,
-    pub size: usize,
-    pub idle: usize,
-    pub active: usize,
-    pub max_size: usize,
+/// What the reaper should do with one idle object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Close(CloseReason),
+    /// Close only while the pool holds more than its minimum.
+    CloseAboveMin(CloseReason),
 }
 
 struct Inner<M: Manager> {
     manager: M,
     permits: Semaphore,
+    reserve: Semaphore,
+    reserve_timeout: Mutex<Duration>,
     idle: Mutex<VecDeque<Slot<M::Object>>>,
     max_size: AtomicUsize,
     /// Permits to swallow as they come back, after a shrink below the number in use.
     to_forget: AtomicUsize,
     stats: Stats,
+}
+
+impl<M: Manager> Inner<M> {
+    /// Counts and hands over an object being closed.
+    fn close(&self, object: M::Object, reason: CloseReason) {
+        self.stats.closed_one(reason);
+        self.manager.closed(object, reason);
+    }
 }
 
 /// A pool of `M::Object`s. Cheap to clone.
@@ -134,12 +143,31 @@ impl<M: Manager> std::fmt::Debug for Pool<M> {
     }
 }
 
+/// Which semaphore a permit came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Main,
+    Reserve,
+}
+
 impl<M: Manager> Pool<M> {
     pub fn new(manager: M, max_size: usize) -> Self {
+        Self::with_reserve(manager, max_size, 0, Duration::from_secs(5))
+    }
+
+    /// A pool with `reserve_size` extra permits for waiters that have waited `reserve_timeout`.
+    pub fn with_reserve(
+        manager: M,
+        max_size: usize,
+        reserve_size: usize,
+        reserve_timeout: Duration,
+    ) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 manager,
                 permits: Semaphore::new(max_size),
+                reserve: Semaphore::new(reserve_size),
+                reserve_timeout: Mutex::new(reserve_timeout),
                 idle: Mutex::new(VecDeque::with_capacity(max_size)),
                 max_size: AtomicUsize::new(max_size),
                 to_forget: AtomicUsize::new(0),
@@ -160,74 +188,176 @@ impl<M: Manager> Pool<M> {
         self.inner.max_size.load(Relaxed)
     }
 
-    /// Checks out an object, waiting up to `timeout` for capacity. Cancel-safe: dropping the
-    /// future at any point leaks neither a permit nor an object.
+    /// Checks out an object within `timeout` (waiting for capacity, checking idle objects,
+    /// creating and retrying as the manager allows). Cancel-safe: dropping the future at any
+    /// point leaks neither a permit nor an object.
     pub async fn get(&self, timeout: Duration) -> Result<Pooled<M>, GetError<M::Error>> {
+        self.get_inner(timeout, true).await
+    }
+
+    /// Like [`Pool::get`], but a failed create is returned at once instead of retried.
+    pub async fn get_once(&self, timeout: Duration) -> Result<Pooled<M>, GetError<M::Error>> {
+        self.get_inner(timeout, false).await
+    }
+
+    async fn get_inner(
+        &self,
+        timeout: Duration,
+        retry: bool,
+    ) -> Result<Pooled<M>, GetError<M::Error>> {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::from_std(start + timeout);
         let inner = &self.inner;
-        match inner.permits.try_acquire() {
-            Ok(p) => p.forget(),
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(GetError::Closed),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                let start = Instant::now();
-                let _queued = Queued::enter(&inner.stats);
-                inner.stats.waited.fetch_add(1, Relaxed);
-                let res = tokio::time::timeout(timeout, inner.permits.acquire()).await;
-                let waited = start.elapsed();
-                inner
-                    .stats
-                    .wait_us
-                    .fetch_add(waited.as_micros() as u64, Relaxed);
-                match res {
-                    Ok(Ok(p)) => p.forget(),
-                    Ok(Err(_)) => return Err(GetError::Closed),
-                    Err(_) => {
-                        inner.stats.timeouts.fetch_add(1, Relaxed);
-                        return Err(GetError::Timeout {
-                            waited,
-                            max_size: self.max_size(),
-                            queued: inner.stats.waiting.load(Relaxed).saturating_sub(1),
-                        });
-                    }
-                }
-            }
-        }
-        // One permit is ours from here; the guard gives it back unless it moves into a Pooled.
-        let permit = PermitGuard {
-            inner: inner.clone(),
-            armed: true,
+        let permit = match self.acquire(start, deadline).await {
+            Ok(p) => p,
+            Err(e) => return Err(e),
         };
         loop {
             let slot = inner.idle.lock().unwrap().pop_back();
-            let Some(mut slot) = slot else { break };
-            if inner.manager.is_usable(&mut slot.object, &slot.meta) {
-                inner.stats.checkouts.fetch_add(1, Relaxed);
-                return Ok(Pooled::new(permit, slot));
+            let Some(slot) = slot else { break };
+            // Counted as closed if dropped before it is handed out (cancelled mid-check).
+            let mut pending = PendingSlot {
+                slot: Some(slot),
+                inner,
+            };
+            let s = pending.slot.as_mut().expect("just set");
+            let checked =
+                tokio::time::timeout_at(deadline, inner.manager.recycle(&mut s.object, &s.meta))
+                    .await;
+            match checked {
+                Ok(Ok(())) => {
+                    inner.stats.checkout();
+                    return Ok(Pooled::new(permit, pending.take()));
+                }
+                Ok(Err(reason)) => {
+                    inner.stats.replaced.fetch_add(1, Relaxed);
+                    pending.close(reason);
+                }
+                Err(_) => {
+                    pending.close(CloseReason::CheckFailed);
+                    return Err(self.timeout_error(start, None));
+                }
             }
-            inner.stats.size.fetch_sub(1, Relaxed);
-            inner.stats.closed.fetch_add(1, Relaxed);
         }
-        let object = match inner.manager.create().await {
-            Ok(o) => o,
-            Err(e) => {
-                inner.stats.create_errors.fetch_add(1, Relaxed);
-                return Err(GetError::Create(e));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let created = match tokio::time::timeout_at(deadline, inner.manager.create()).await {
+                Ok(r) => r,
+                Err(_) => return Err(self.timeout_error(start, None)),
+            };
+            match created {
+                Ok(object) => {
+                    inner.stats.created_one();
+                    inner.stats.checkout();
+                    let now = Instant::now();
+                    return Ok(Pooled::new(
+                        permit,
+                        Slot {
+                            object,
+                            meta: Meta {
+                                created: now,
+                                last_used: now,
+                                uses: 0,
+                            },
+                        },
+                    ));
+                }
+                Err(e) => {
+                    inner.stats.create_errors.fetch_add(1, Relaxed);
+                    let Some(pause) = retry
+                        .then(|| inner.manager.retry_after(&e, attempt))
+                        .flatten()
+                    else {
+                        return Err(GetError::Create(e));
+                    };
+                    let until = tokio::time::Instant::now() + pause;
+                    if until >= deadline {
+                        tokio::time::sleep_until(deadline).await;
+                        return Err(self.timeout_error(start, Some(e)));
+                    }
+                    inner.stats.retries.fetch_add(1, Relaxed);
+                    tokio::time::sleep_until(until).await;
+                }
             }
+        }
+    }
+
+    /// Waits for a permit: the main pool first, the reserve too once `reserve_timeout` passed.
+    async fn acquire(
+        &self,
+        start: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<PermitGuard<M>, GetError<M::Error>> {
+        let inner = &self.inner;
+        match inner.permits.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                return Ok(PermitGuard {
+                    inner: inner.clone(),
+                    kind: Kind::Main,
+                    armed: true,
+                });
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(GetError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let _queued = Queued::enter(&inner.stats);
+        inner.stats.waited.fetch_add(1, Relaxed);
+        let reserve_at =
+            tokio::time::Instant::from_std(start + *inner.reserve_timeout.lock().unwrap());
+        let main = inner.permits.acquire();
+        tokio::pin!(main);
+        let first = tokio::time::timeout_at(reserve_at.min(deadline), &mut main).await;
+        let result = match first {
+            Ok(r) => r.map(|p| (p, Kind::Main)),
+            Err(_) if reserve_at < deadline => {
+                let r = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        biased;
+                        p = &mut main => p.map(|p| (p, Kind::Main)),
+                        p = inner.reserve.acquire() => p.map(|p| (p, Kind::Reserve)),
+                    }
+                })
+                .await;
+                match r {
+                    Ok(r) => r,
+                    Err(_) => return Err(self.waited_out(start)),
+                }
+            }
+            Err(_) => return Err(self.waited_out(start)),
         };
-        inner.stats.created.fetch_add(1, Relaxed);
-        inner.stats.size.fetch_add(1, Relaxed);
-        inner.stats.checkouts.fetch_add(1, Relaxed);
-        let now = Instant::now();
-        Ok(Pooled::new(
-            permit,
-            Slot {
-                object,
-                meta: Meta {
-                    created: now,
-                    last_used: now,
-                    uses: 0,
-                },
-            },
-        ))
+        let waited = start.elapsed();
+        inner.stats.record_wait(waited);
+        match result {
+            Ok((p, kind)) => {
+                p.forget();
+                if kind == Kind::Reserve {
+                    inner.stats.reserve_used.fetch_add(1, Relaxed);
+                }
+                Ok(PermitGuard {
+                    inner: inner.clone(),
+                    kind,
+                    armed: true,
+                })
+            }
+            Err(_) => Err(GetError::Closed),
+        }
+    }
+
+    fn waited_out(&self, start: Instant) -> GetError<M::Error> {
+        self.inner.stats.record_wait(start.elapsed());
+        self.timeout_error(start, None)
+    }
+
+    fn timeout_error(&self, start: Instant, last_error: Option<M::Error>) -> GetError<M::Error> {
+        self.inner.stats.timeouts.fetch_add(1, Relaxed);
+        GetError::Timeout {
+            waited: start.elapsed(),
+            max_size: self.max_size(),
+            queued: self.inner.stats.waiting.load(Relaxed).saturating_sub(1),
+            last_error,
+        }
     }
 
     /// Changes the capacity. Growing frees waiters at once; shrinking closes idle objects
@@ -256,36 +386,86 @@ impl<M: Manager> Pool<M> {
     fn trim_idle(&self) {
         let inner = &self.inner;
         let max = inner.max_size.load(Relaxed);
-        let mut idle = inner.idle.lock().unwrap();
-        while inner.stats.size.load(Relaxed) > max {
-            if idle.pop_front().is_none() {
-                break;
+        let mut removed = Vec::new();
+        {
+            let mut idle = inner.idle.lock().unwrap();
+            while inner.stats.size.load(Relaxed) - removed.len() > max {
+                match idle.pop_front() {
+                    Some(s) => removed.push(s),
+                    None => break,
+                }
             }
-            inner.stats.size.fetch_sub(1, Relaxed);
-            inner.stats.closed.fetch_add(1, Relaxed);
+        }
+        for s in removed {
+            inner.close(s.object, CloseReason::Shrink);
         }
     }
 
-    /// Removes idle objects for which `keep` says false (idle timeout, lifetime, dead).
-    /// Returns how many were removed. The objects are dropped outside the lock.
-    pub fn retain_idle(&self, mut keep: impl FnMut(&mut M::Object, &Meta) -> bool) -> usize {
-        let removed: Vec<Slot<M::Object>> = {
-            let mut idle = self.inner.idle.lock().unwrap();
-            let mut removed = Vec::new();
+    /// Opens objects until the pool holds `min` (never beyond the capacity, never taking a
+    /// permit a client is waiting for). One attempt each; returns how many were opened, or
+    /// the first error.
+    pub async fn top_up(&self, min: usize) -> Result<usize, M::Error> {
+        let inner = &self.inner;
+        let mut made = 0;
+        while inner.stats.size.load(Relaxed) < min {
+            let Ok(p) = inner.permits.try_acquire() else {
+                break;
+            };
+            p.forget();
+            let guard = PermitGuard {
+                inner: inner.clone(),
+                kind: Kind::Main,
+                armed: true,
+            };
+            let object = inner.manager.create().await.inspect_err(|_| {
+                inner.stats.create_errors.fetch_add(1, Relaxed);
+            })?;
+            inner.stats.created_one();
+            let now = Instant::now();
+            inner.idle.lock().unwrap().push_back(Slot {
+                object,
+                meta: Meta {
+                    created: now,
+                    last_used: now,
+                    uses: 0,
+                },
+            });
+            drop(guard);
+            made += 1;
+        }
+        Ok(made)
+    }
+
+    /// Walks idle objects, least recently used first, closing those `verdict` says to close.
+    /// `min` bounds [`Verdict::CloseAboveMin`]. Returns how many were closed.
+    pub fn reap(
+        &self,
+        min: usize,
+        mut verdict: impl FnMut(&mut M::Object, &Meta) -> Verdict,
+    ) -> usize {
+        let inner = &self.inner;
+        let mut closed: Vec<(Slot<M::Object>, CloseReason)> = Vec::new();
+        {
+            let mut idle = inner.idle.lock().unwrap();
+            let size = inner.stats.size.load(Relaxed);
             let mut i = 0;
             while i < idle.len() {
                 let slot = &mut idle[i];
-                if keep(&mut slot.object, &slot.meta) {
-                    i += 1;
-                } else {
-                    removed.extend(idle.remove(i));
+                let reason = match verdict(&mut slot.object, &slot.meta) {
+                    Verdict::Keep => None,
+                    Verdict::Close(r) => Some(r),
+                    Verdict::CloseAboveMin(r) => (size - closed.len() > min).then_some(r),
+                };
+                match reason {
+                    Some(r) => closed.push((idle.remove(i).expect("index in range"), r)),
+                    None => i += 1,
                 }
             }
-            removed
-        };
-        let n = removed.len();
-        self.inner.stats.size.fetch_sub(n, Relaxed);
-        self.inner.stats.closed.fetch_add(n as u64, Relaxed);
+        }
+        let n = closed.len();
+        for (s, r) in closed {
+            inner.close(s.object, r);
+        }
         n
     }
 
@@ -293,7 +473,8 @@ impl<M: Manager> Pool<M> {
     /// dropped. Checked-out objects are discarded as they come back.
     pub fn close(&self) {
         self.inner.permits.close();
-        self.retain_idle(|_, _| false);
+        self.inner.reserve.close();
+        self.reap(0, |_, _| Verdict::Close(CloseReason::PoolClosed));
     }
 
     pub fn is_closed(&self) -> bool {
@@ -301,23 +482,8 @@ impl<M: Manager> Pool<M> {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let s = &self.inner.stats;
         let idle = self.inner.idle.lock().unwrap().len();
-        let size = s.size.load(Relaxed);
-        Snapshot {
-            checkouts: s.checkouts.load(Relaxed),
-            waited: s.waited.load(Relaxed),
-            wait_us: s.wait_us.load(Relaxed),
-            timeouts: s.timeouts.load(Relaxed),
-            created: s.created.load(Relaxed),
-            create_errors: s.create_errors.load(Relaxed),
-            closed: s.closed.load(Relaxed),
-            waiting: s.waiting.load(Relaxed),
-            size,
-            idle,
-            active: size.saturating_sub(idle),
-            max_size: self.max_size(),
-        }
+        self.inner.stats.snapshot(idle, self.max_size())
     }
 }
 
@@ -337,15 +503,47 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// An idle object taken out for checking; closed (and counted) unless handed out.
+struct PendingSlot<'a, M: Manager> {
+    slot: Option<Slot<M::Object>>,
+    inner: &'a Inner<M>,
+}
+
+impl<M: Manager> PendingSlot<'_, M> {
+    fn take(mut self) -> Slot<M::Object> {
+        self.slot.take().expect("present until taken")
+    }
+
+    fn close(mut self, reason: CloseReason) {
+        if let Some(s) = self.slot.take() {
+            self.inner.close(s.object, reason);
+        }
+    }
+}
+
+impl<M: Manager> Drop for PendingSlot<'_, M> {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot.take() {
+            self.inner.close(s.object, CloseReason::CheckFailed);
+        }
+    }
+}
+
 /// Owns one permit and gives it back on drop (or swallows it to pay shrink debt).
 struct PermitGuard<M: Manager> {
     inner: Arc<Inner<M>>,
+    kind: Kind,
     armed: bool,
 }
 
 impl<M: Manager> Drop for PermitGuard<M> {
     fn drop(&mut self) {
         if !self.armed {
+            return;
+        }
+        if self.kind == Kind::Reserve {
+            self.inner.stats.reserve_used.fetch_sub(1, Relaxed);
+            self.inner.reserve.add_permits(1);
             return;
         }
         let paid = self
@@ -363,6 +561,8 @@ impl<M: Manager> Drop for PermitGuard<M> {
 pub struct Pooled<M: Manager> {
     slot: Option<Slot<M::Object>>,
     permit: PermitGuard<M>,
+    /// Why the object is closed if dropped without release.
+    discard_reason: CloseReason,
 }
 
 impl<M: Manager> Pooled<M> {
@@ -370,6 +570,7 @@ impl<M: Manager> Pooled<M> {
         Pooled {
             slot: Some(slot),
             permit,
+            discard_reason: CloseReason::Broken,
         }
     }
 
@@ -377,36 +578,45 @@ impl<M: Manager> Pooled<M> {
         &self.slot.as_ref().expect("present until consumed").meta
     }
 
-    /// Puts the object back as idle. Only call this when it is clean enough for any user.
+    /// Whether this checkout drew on the reserve.
+    pub fn is_reserve(&self) -> bool {
+        self.permit.kind == Kind::Reserve
+    }
+
+    /// Puts the object back as idle, unless the manager or the capacity says to close it.
+    /// Only call this when it is clean enough for any user.
     pub fn release(mut self) {
         let mut slot = self.slot.take().expect("present until consumed");
         slot.meta.uses += 1;
         slot.meta.last_used = Instant::now();
         let inner = &self.permit.inner;
+        let verdict = inner.manager.on_release(&mut slot.object, &slot.meta);
         let over = inner.stats.size.load(Relaxed) > inner.max_size.load(Relaxed);
-        if over || inner.permits.is_closed() {
-            inner.stats.size.fetch_sub(1, Relaxed);
-            inner.stats.closed.fetch_add(1, Relaxed);
-            drop(slot);
-        } else {
-            inner.idle.lock().unwrap().push_back(slot);
-        }
-        // The permit guard drops with `self`, after the object is back in the idle list, so a
-        // waiter woken by it finds the object.
+        let reason = match verdict {
+            Err(reason) => reason,
+            Ok(()) if inner.permits.is_closed() => CloseReason::PoolClosed,
+            Ok(()) if over => CloseReason::Shrink,
+            Ok(()) => {
+                inner.idle.lock().unwrap().push_back(slot);
+                // The permit guard drops with `self`, after the object is back in the idle
+                // list, so a waiter woken by it finds the object.
+                return;
+            }
+        };
+        inner.close(slot.object, reason);
     }
 
     /// Closes the object instead of returning it.
-    pub fn discard(self) {
+    pub fn discard(mut self, reason: CloseReason) {
+        self.discard_reason = reason;
         drop(self)
     }
 }
 
 impl<M: Manager> Drop for Pooled<M> {
     fn drop(&mut self) {
-        if self.slot.take().is_some() {
-            let stats = &self.permit.inner.stats;
-            stats.size.fetch_sub(1, Relaxed);
-            stats.closed.fetch_add(1, Relaxed);
+        if let Some(s) = self.slot.take() {
+            self.permit.inner.close(s.object, self.discard_reason);
         }
     }
 }

@@ -1,11 +1,14 @@
 use super::*;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 
 #[derive(Default)]
 struct Counter {
     next: AtomicU32,
-    fail: AtomicBool,
+    /// Fail this many creates before succeeding.
+    failures: AtomicU32,
+    /// Errors are not worth retrying.
+    permanent: AtomicBool,
+    max_uses: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -19,7 +22,8 @@ impl Manager for Counter {
     type Error = &'static str;
 
     async fn create(&self) -> Result<Obj, &'static str> {
-        if self.fail.load(Relaxed) {
+        if self.failures.load(Relaxed) > 0 {
+            self.failures.fetch_sub(1, Relaxed);
             return Err("refused");
         }
         Ok(Obj {
@@ -28,12 +32,43 @@ impl Manager for Counter {
         })
     }
 
-    fn is_usable(&self, o: &mut Obj, _: &Meta) -> bool {
-        o.healthy
+    fn retry_after(&self, _e: &&'static str, _attempt: u32) -> Option<Duration> {
+        (!self.permanent.load(Relaxed)).then_some(Duration::from_millis(5))
+    }
+
+    async fn recycle(&self, o: &mut Obj, _: &Meta) -> Result<(), CloseReason> {
+        if o.healthy {
+            Ok(())
+        } else {
+            Err(CloseReason::Dead)
+        }
+    }
+
+    fn on_release(&self, _o: &mut Obj, meta: &Meta) -> Result<(), CloseReason> {
+        let max = self.max_uses.load(Relaxed);
+        if max > 0 && meta.uses >= max {
+            Err(CloseReason::MaxUses)
+        } else {
+            Ok(())
+        }
     }
 }
 
 const LONG: Duration = Duration::from_secs(30);
+
+async fn hold(pool: &Pool<Counter>, n: usize) -> Vec<Pooled<Counter>> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(pool.get(LONG).await.unwrap());
+    }
+    v
+}
+
+async fn until_waiting(pool: &Pool<Counter>, n: usize) {
+    while pool.snapshot().waiting < n {
+        tokio::task::yield_now().await;
+    }
+}
 
 #[tokio::test]
 async fn released_object_is_reused_and_dropped_one_is_discarded() {
@@ -47,6 +82,7 @@ async fn released_object_is_reused_and_dropped_one_is_discarded() {
     drop(a);
     let s = pool.snapshot();
     assert_eq!((s.size, s.closed), (0, 1));
+    assert_eq!(pool.stats().closed(CloseReason::Broken), 1);
     let b = pool.get(LONG).await.unwrap();
     assert_eq!(b.id, 1, "dropped object was not reused");
 }
@@ -54,27 +90,21 @@ async fn released_object_is_reused_and_dropped_one_is_discarded() {
 #[tokio::test]
 async fn never_more_than_max_size() {
     let pool = Pool::new(Counter::default(), 3);
-    let held: Vec<_> = futures_join(&pool, 3).await;
+    let held = hold(&pool, 3).await;
     assert_eq!(pool.snapshot().active, 3);
-    let r = pool.get(Duration::from_millis(20)).await;
-    match r {
+    match pool.get(Duration::from_millis(20)).await {
         Err(GetError::Timeout {
             max_size: 3,
             queued: 0,
             waited,
-        }) => assert!(waited >= Duration::from_millis(20)),
+            last_error: None,
+        }) => {
+            assert!(waited >= Duration::from_millis(20))
+        }
         other => panic!("expected timeout, got {:?}", other.map(|o| o.id)),
     }
     assert_eq!(pool.snapshot().timeouts, 1);
     drop(held);
-}
-
-async fn futures_join(pool: &Pool<Counter>, n: usize) -> Vec<Pooled<Counter>> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(pool.get(LONG).await.unwrap());
-    }
-    v
 }
 
 #[tokio::test]
@@ -84,18 +114,14 @@ async fn waiters_are_served_in_arrival_order() {
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let p = pool.clone();
-        let order = order.clone();
+        let (p, order) = (pool.clone(), order.clone());
         tasks.push(tokio::spawn(async move {
             let o = p.get(LONG).await.unwrap();
             order.lock().unwrap().push(i);
             tokio::task::yield_now().await;
             o.release();
         }));
-        // Let each waiter enqueue before the next one.
-        while pool.snapshot().waiting < i + 1 {
-            tokio::task::yield_now().await;
-        }
+        until_waiting(&pool, i + 1).await;
     }
     first.release();
     for t in tasks {
@@ -112,20 +138,17 @@ async fn cancelled_waiter_leaks_nothing() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.get(LONG).await.map(|o| o.id) })
     };
-    while pool.snapshot().waiting == 0 {
-        tokio::task::yield_now().await;
-    }
+    until_waiting(&pool, 1).await;
     waiter.abort();
     let _ = waiter.await;
     assert_eq!(pool.snapshot().waiting, 0);
     held.release();
-    // The permit must still be available to a new caller.
     let again = pool.get(Duration::from_millis(100)).await.unwrap();
-    assert_eq!(again.id, 0);
+    assert_eq!(again.id, 0, "the permit is still available");
 }
 
 #[tokio::test]
-async fn unusable_idle_object_is_replaced() {
+async fn unusable_idle_object_is_replaced_unseen() {
     let pool = Pool::new(Counter::default(), 1);
     let mut a = pool.get(LONG).await.unwrap();
     a.healthy = false;
@@ -133,20 +156,114 @@ async fn unusable_idle_object_is_replaced() {
     let b = pool.get(LONG).await.unwrap();
     assert_eq!(b.id, 1);
     let s = pool.snapshot();
-    assert_eq!((s.created, s.closed, s.size), (2, 1, 1));
+    assert_eq!((s.created, s.closed, s.size, s.replaced), (2, 1, 1, 1));
+    assert_eq!(pool.stats().closed(CloseReason::Dead), 1);
 }
 
 #[tokio::test]
-async fn create_failure_returns_the_permit() {
+async fn failed_creates_are_retried_within_the_wait() {
     let pool = Pool::new(Counter::default(), 1);
-    pool.manager().fail.store(true, Relaxed);
+    pool.manager().failures.store(3, Relaxed);
+    let o = pool.get(LONG).await.unwrap();
+    assert_eq!(o.id, 0);
+    let s = pool.snapshot();
+    assert_eq!((s.create_errors, s.retries), (3, 3));
+}
+
+#[tokio::test]
+async fn a_wait_that_ends_retrying_says_why() {
+    let pool = Pool::new(Counter::default(), 1);
+    pool.manager().failures.store(1000, Relaxed);
+    match pool.get(Duration::from_millis(50)).await {
+        Err(GetError::Timeout {
+            last_error: Some("refused"),
+            waited,
+            ..
+        }) => {
+            assert!(waited >= Duration::from_millis(50))
+        }
+        other => panic!(
+            "expected a timeout carrying the create error, got {:?}",
+            other.map(|o| o.id)
+        ),
+    }
+    assert_eq!(pool.snapshot().size, 0, "nothing leaked");
+    // Not worth retrying: the error comes back at once.
+    pool.manager().permanent.store(true, Relaxed);
     assert!(matches!(
         pool.get(LONG).await,
         Err(GetError::Create("refused"))
     ));
-    pool.manager().fail.store(false, Relaxed);
-    assert!(pool.get(Duration::from_millis(100)).await.is_ok());
-    assert_eq!(pool.snapshot().create_errors, 1);
+}
+
+#[tokio::test]
+async fn reserve_serves_a_waiter_after_the_reserve_timeout() {
+    let pool = Pool::with_reserve(Counter::default(), 1, 1, Duration::from_millis(30));
+    let held = pool.get(LONG).await.unwrap();
+    let start = Instant::now();
+    let extra = pool.get(LONG).await.unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(30));
+    assert!(extra.is_reserve());
+    assert_eq!(pool.snapshot().reserve_used, 1);
+    assert!(
+        pool.get(Duration::from_millis(60)).await.is_err(),
+        "the reserve is one deep"
+    );
+    extra.release();
+    let s = pool.snapshot();
+    assert_eq!(
+        (s.size, s.reserve_used),
+        (1, 0),
+        "the reserve connection closes when returned over size"
+    );
+    held.release();
+}
+
+#[tokio::test]
+async fn release_verdict_closes_worn_objects() {
+    let pool = Pool::new(Counter::default(), 1);
+    pool.manager().max_uses.store(2, Relaxed);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let o = pool.get(LONG).await.unwrap();
+        ids.push(o.id);
+        o.release();
+    }
+    assert_eq!(ids, vec![0, 0, 1, 1, 2]);
+    assert_eq!(pool.stats().closed(CloseReason::MaxUses), 2);
+}
+
+#[tokio::test]
+async fn top_up_and_reap_keep_the_minimum() {
+    let pool = Pool::new(Counter::default(), 5);
+    assert_eq!(pool.top_up(3).await.unwrap(), 3);
+    assert_eq!(pool.snapshot().idle, 3);
+    assert_eq!(pool.top_up(3).await.unwrap(), 0, "already there");
+    for o in hold(&pool, 5).await {
+        o.release();
+    }
+    assert_eq!(pool.snapshot().idle, 5);
+    let closed = pool.reap(3, |_, _| Verdict::CloseAboveMin(CloseReason::IdleTimeout));
+    assert_eq!(closed, 2);
+    assert_eq!(pool.snapshot().size, 3);
+    assert_eq!(pool.stats().closed(CloseReason::IdleTimeout), 2);
+    // Dead ones go regardless of the minimum.
+    let closed = pool.reap(3, |o, _| {
+        if o.id == 0 {
+            Verdict::Close(CloseReason::Dead)
+        } else {
+            Verdict::Keep
+        }
+    });
+    assert_eq!((closed, pool.snapshot().size), (1, 2));
+}
+
+#[tokio::test]
+async fn top_up_never_takes_a_permit_from_a_client() {
+    let pool = Pool::new(Counter::default(), 1);
+    let _held = pool.get(LONG).await.unwrap();
+    assert_eq!(pool.top_up(1).await.unwrap(), 0);
+    assert_eq!(pool.snapshot().size, 1);
 }
 
 #[tokio::test]
@@ -157,17 +274,13 @@ async fn grow_frees_waiters_and_shrink_trims() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.get(LONG).await.map(|o| o.id) })
     };
-    while pool.snapshot().waiting == 0 {
-        tokio::task::yield_now().await;
-    }
+    until_waiting(&pool, 1).await;
     pool.resize(2);
     assert_eq!(
         waiter.await.unwrap().unwrap(),
         1,
         "growing served the waiter with a new object"
     );
-
-    // Two idle objects, shrink to one: one is closed at once.
     let b = pool.get(LONG).await.unwrap();
     a.release();
     b.release();
@@ -184,14 +297,17 @@ async fn grow_frees_waiters_and_shrink_trims() {
 #[tokio::test]
 async fn shrink_below_in_use_takes_effect_on_release() {
     let pool = Pool::new(Counter::default(), 3);
-    let held = futures_join(&pool, 3).await;
+    let held = hold(&pool, 3).await;
     pool.resize(1);
     assert_eq!(pool.snapshot().size, 3, "in-use objects are not closed");
     for o in held {
         o.release();
     }
-    let s = pool.snapshot();
-    assert_eq!(s.size, 1, "released objects over the limit are closed");
+    assert_eq!(
+        pool.snapshot().size,
+        1,
+        "released objects over the limit are closed"
+    );
     let _a = pool.get(LONG).await.unwrap();
     assert!(pool.get(Duration::from_millis(20)).await.is_err());
 }
@@ -204,20 +320,27 @@ async fn close_fails_waiters() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.get(LONG).await.map(|o| o.id) })
     };
-    while pool.snapshot().waiting == 0 {
-        tokio::task::yield_now().await;
-    }
+    until_waiting(&pool, 1).await;
     pool.close();
     assert!(matches!(waiter.await.unwrap(), Err(GetError::Closed)));
 }
 
 #[tokio::test]
-async fn retain_idle_removes_selected() {
-    let pool = Pool::new(Counter::default(), 3);
-    for o in futures_join(&pool, 3).await {
-        o.release();
+async fn wait_quantiles_count_unqueued_checkouts_as_zero() {
+    let pool = Pool::new(Counter::default(), 1);
+    for _ in 0..9 {
+        pool.get(LONG).await.unwrap().release();
     }
-    let removed = pool.retain_idle(|o, _| o.id != 1);
-    assert_eq!(removed, 1);
-    assert_eq!(pool.snapshot().idle, 2);
+    let held = pool.get(LONG).await.unwrap();
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get(LONG).await.map(|o| o.release()) })
+    };
+    until_waiting(&pool, 1).await;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    held.release();
+    waiter.await.unwrap().unwrap();
+    // 11 checkouts, one waited ~40 ms.
+    assert_eq!(pool.stats().wait_quantile(0.5), Duration::ZERO);
+    assert!(pool.stats().wait_quantile(0.99) >= Duration::from_millis(35));
 }

@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod limits;
 pub mod listener;
 pub mod params;
 pub mod pools;

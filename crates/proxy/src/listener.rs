@@ -12,6 +12,7 @@ use weir_config::Config;
 
 use crate::auth::UserDirectory;
 use crate::cancel::CancelRegistry;
+use crate::limits::ClientCounts;
 use crate::pools::Pools;
 use crate::session;
 use crate::stream::Stream;
@@ -24,6 +25,7 @@ pub struct Shared {
     pub users: ArcSwap<UserDirectory>,
     pub pools: Pools,
     pub cancel: Arc<CancelRegistry>,
+    pub clients: Arc<ClientCounts>,
 }
 
 impl Shared {
@@ -33,6 +35,7 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             pools: Pools::default(),
             cancel: Arc::new(CancelRegistry::default()),
+            clients: Arc::new(ClientCounts::default()),
         }
     }
 }
@@ -68,6 +71,8 @@ impl Proxy {
             tasks.push(tokio::spawn(accept_unix(l, shared.clone())));
             unix_path = Some(path);
         }
+        shared.pools.create_fixed(&config);
+        tasks.push(tokio::spawn(maintain(shared.clone())));
         for a in &addrs {
             tracing::info!(listen = %a, "weir is accepting connections");
         }
@@ -100,6 +105,17 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>) {
             }
             Err(e) => accept_error(e).await,
         }
+    }
+}
+
+/// Every second: close dead, expired and long-idle server connections, open `min_size`
+/// ones, and log pool utilisation crossing its thresholds.
+async fn maintain(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.pools.maintain();
     }
 }
 

@@ -1,23 +1,82 @@
-//! The pools, one per (database, user), and how their server connections are made.
+//! The pools, one per (database, server user): how their server connections are made,
+//! checked, retired and kept topped up, and the per-database connection cap.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
+use rand::RngExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_config::{Config, PoolSettings, ServerLogin};
-use weir_pool::{Manager, Meta, Pool};
+use weir_pool::{CloseReason, Manager, Meta, Pool, Verdict};
+use weir_wire::backend::TxStatus;
 
 use crate::params::ParamSet;
 use crate::server::{ServerConn, ServerError};
 
-/// Opens server connections for one pool and remembers what the server reported on the
-/// first one: the defaults clients are told at login.
+/// Since when a pool's server has been failing to accept connections, and why.
+#[derive(Debug, Clone)]
+pub struct Unreachable {
+    pub since: SystemTime,
+    pub since_instant: Instant,
+    pub last_error: String,
+}
+
+/// Opens, checks and retires server connections for one pool, and remembers what the
+/// server reported on the first one: the defaults clients are told at login.
 #[derive(Debug)]
 pub struct ServerManager {
     pub login: ServerLogin,
     pub settings: PoolSettings,
+    name: String,
     next_id: Arc<AtomicU64>,
     defaults: Mutex<Option<Arc<ParamSet>>>,
+    /// Connects in flight at once.
+    connecting: Semaphore,
+    db: Arc<DatabaseState>,
+    unreachable: Mutex<Option<Unreachable>>,
+}
+
+impl ServerManager {
+    /// Since when connects have been failing, if they are.
+    pub fn unreachable(&self) -> Option<Unreachable> {
+        self.unreachable.lock().unwrap().clone()
+    }
+
+    fn mark_unreachable(&self, e: &ServerError) {
+        let mut u = self.unreachable.lock().unwrap();
+        match &mut *u {
+            Some(u) => u.last_error = e.to_string(),
+            None => {
+                tracing::warn!(pool = %self.name, error = %e, "server unreachable; clients wait while Weir retries");
+                *u = Some(Unreachable {
+                    since: SystemTime::now(),
+                    since_instant: Instant::now(),
+                    last_error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn mark_reachable(&self) {
+        if let Some(u) = self.unreachable.lock().unwrap().take() {
+            tracing::info!(pool = %self.name, down_for = ?u.since_instant.elapsed(), "server reachable again");
+        }
+    }
+
+    /// Exponential backoff with full jitter: uniform in [0, min(max, initial * multiplier^(n-1))].
+    fn backoff(&self, attempt: u32) -> Duration {
+        let s = &self.settings;
+        let exp = s
+            .connect_retry_multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let cap = s
+            .connect_retry_initial
+            .mul_f64(exp.min(1e6))
+            .min(s.connect_retry_max);
+        cap.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
 }
 
 impl Manager for ServerManager {
@@ -25,38 +84,173 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        let _slot = self.connecting.acquire().await.expect("never closed");
+        let db_permit = self.db.acquire().await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = ServerConn::connect(
+        let s = &self.settings;
+        match ServerConn::connect(
             &self.login,
-            self.settings.connect_timeout,
-            self.settings.prepared_statements_cache as usize,
+            s.connect_timeout,
+            s.prepared_statements_cache as usize,
             id,
         )
-        .await?;
-        tracing::debug!(server = %conn.addr, id, pid = conn.key.pid, "server connection opened");
-        let mut d = self.defaults.lock().unwrap();
-        if d.is_none() {
-            *d = Some(Arc::new(conn.state.params.reported.clone()));
+        .await
+        {
+            Ok(mut conn) => {
+                self.mark_reachable();
+                conn.db_permit = db_permit;
+                if !s.server_lifetime.is_zero() {
+                    conn.lifetime = s
+                        .server_lifetime
+                        .mul_f64(1.0 - rand::rng().random_range(0.0..0.25));
+                }
+                tracing::info!(pool = %self.name, server = %conn.addr, id, pid = conn.key.pid, "server connection opened");
+                let mut d = self.defaults.lock().unwrap();
+                if d.is_none() {
+                    *d = Some(Arc::new(conn.state.params.reported.clone()));
+                }
+                Ok(conn)
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    self.mark_unreachable(&e);
+                } else {
+                    tracing::error!(pool = %self.name, error = %e, "server connection failed");
+                }
+                Err(e)
+            }
         }
-        Ok(conn)
     }
 
-    fn is_usable(&self, conn: &mut ServerConn, _meta: &Meta) -> bool {
-        let alive = conn.is_alive();
-        if !alive {
-            tracing::info!(server = %conn.addr, id = conn.id, "idle server connection was closed by the server; replacing it");
+    fn retry_after(&self, e: &ServerError, attempt: u32) -> Option<Duration> {
+        e.is_transient().then(|| self.backoff(attempt))
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
+        if !conn.is_alive() {
+            return Err(CloseReason::Dead);
         }
-        alive
+        if conn.expired(meta.created) {
+            return Err(CloseReason::Lifetime);
+        }
+        let s = &self.settings;
+        if !s.server_check_query.is_empty() && meta.last_used.elapsed() >= s.server_check_delay {
+            let checked =
+                tokio::time::timeout(s.connect_timeout, conn.run(&s.server_check_query)).await;
+            if !matches!(checked, Ok(Ok(TxStatus::Idle))) {
+                return Err(CloseReason::CheckFailed);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_release(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
+        let max_uses = self.settings.server_max_uses;
+        if conn.state.broken {
+            Err(CloseReason::Broken)
+        } else if max_uses > 0 && meta.uses >= max_uses {
+            Err(CloseReason::MaxUses)
+        } else if conn.expired(meta.created) {
+            Err(CloseReason::Lifetime)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn closed(&self, conn: ServerConn, reason: CloseReason) {
+        let level_info = matches!(
+            reason,
+            CloseReason::IdleTimeout | CloseReason::Lifetime | CloseReason::MaxUses
+        );
+        if level_info {
+            tracing::info!(pool = %self.name, id = conn.id, pid = conn.key.pid, %reason, "server connection closed");
+        } else {
+            tracing::warn!(pool = %self.name, id = conn.id, pid = conn.key.pid, %reason, "server connection closed");
+        }
     }
 }
 
-/// One pool: the (database, user) it serves, its settings, and its connections.
+/// What all pools of one database share: its connection cap.
+#[derive(Debug)]
+pub struct DatabaseState {
+    limit: Option<Arc<Semaphore>>,
+    pools: Mutex<Vec<Weak<ServerPool>>>,
+}
+
+impl DatabaseState {
+    fn new(max: u32) -> DatabaseState {
+        DatabaseState {
+            limit: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
+            pools: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A permit under the database's cap (none if uncapped). At the cap, an idle connection of
+    /// any pool of this database is closed to make room; with none idle, waits for one (the
+    /// caller's deadline bounds the wait).
+    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        let limit = self.limit.as_ref()?;
+        loop {
+            if let Ok(p) = limit.clone().try_acquire_owned() {
+                return Some(p);
+            }
+            if self.evict_one() {
+                continue;
+            }
+            tokio::select! {
+                p = limit.clone().acquire_owned() => return p.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    fn evict_one(&self) -> bool {
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for p in pools {
+            let mut taken = false;
+            let n = p.pool.reap(0, |_, _| {
+                if taken {
+                    Verdict::Keep
+                } else {
+                    taken = true;
+                    Verdict::Close(CloseReason::Evicted)
+                }
+            });
+            if n > 0 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Utilisation levels, for warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Normal,
+    Warning,
+    Critical,
+}
+
+/// One pool: the database and server user it serves, its connections, its alert state.
 #[derive(Debug)]
 pub struct ServerPool {
     pub database: String,
     pub user: String,
     pub pool: Pool<ServerManager>,
+    alert: Mutex<(Level, Option<Instant>)>,
+    topping_up: AtomicBool,
+    last_wait_warning: Mutex<Option<Instant>>,
 }
+
+/// How often a level that persists is logged again.
+const ALERT_REPEAT: Duration = Duration::from_secs(30);
 
 impl ServerPool {
     pub fn settings(&self) -> &PoolSettings {
@@ -68,12 +262,17 @@ impl ServerPool {
     }
 
     /// The parameters the server reports at login. Opens a connection if none was ever
-    /// opened, which also proves the server can be reached.
+    /// opened (one attempt), which also proves the server can be reached.
     pub async fn defaults(&self) -> Result<Arc<ParamSet>, weir_pool::GetError<ServerError>> {
         if let Some(d) = self.pool.manager().defaults.lock().unwrap().clone() {
             return Ok(d);
         }
-        let conn = self.pool.get(self.settings().query_wait_timeout).await?;
+        // A server never reached yet is most likely misconfigured: one attempt, so the client
+        // hears why within connect_timeout instead of waiting out query_wait_timeout.
+        let conn = self
+            .pool
+            .get_once(self.settings().query_wait_timeout)
+            .await?;
         conn.release();
         Ok(self
             .pool
@@ -84,42 +283,170 @@ impl ServerPool {
             .clone()
             .expect("set by the first connection"))
     }
+
+    /// Percent of the pool's size in use.
+    pub fn utilisation(&self) -> u32 {
+        let s = self.pool.snapshot();
+        (s.active * 100).checked_div(s.max_size.max(1)).unwrap_or(0) as u32
+    }
+
+    /// Logs a client's long wait, at most once a second per pool.
+    pub fn note_wait(&self, waited: Duration) {
+        if waited < Duration::from_secs(1) {
+            return;
+        }
+        let mut last = self.last_wait_warning.lock().unwrap();
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            let s = self.pool.snapshot();
+            tracing::warn!(pool = %self.name(), waited = ?waited, size = s.max_size, waiting = s.waiting, "long wait for a server connection");
+        }
+    }
+
+    /// One maintenance round: close dead, expired and long-idle connections (keeping
+    /// `min_size`), and log utilisation crossing its thresholds.
+    pub fn reap(&self) {
+        let s = self.settings().clone();
+        self.pool.reap(s.min_size as usize, |conn, meta| {
+            if !conn.is_alive() {
+                Verdict::Close(CloseReason::Dead)
+            } else if conn.expired(meta.created) {
+                Verdict::Close(CloseReason::Lifetime)
+            } else if !s.server_idle_timeout.is_zero()
+                && meta.last_used.elapsed() >= s.server_idle_timeout
+            {
+                Verdict::CloseAboveMin(CloseReason::IdleTimeout)
+            } else {
+                Verdict::Keep
+            }
+        });
+        self.check_utilisation(&s);
+    }
+
+    fn check_utilisation(&self, s: &PoolSettings) {
+        let pct = self.utilisation();
+        let level = if pct >= s.utilisation_critical {
+            Level::Critical
+        } else if pct >= s.utilisation_warning {
+            Level::Warning
+        } else {
+            Level::Normal
+        };
+        let mut alert = self.alert.lock().unwrap();
+        let (prev, last) = *alert;
+        let due = last.is_none_or(|t| t.elapsed() >= ALERT_REPEAT);
+        if level == prev && (level == Level::Normal || !due) {
+            return;
+        }
+        let snap = self.pool.snapshot();
+        match level {
+            Level::Critical => {
+                tracing::error!(pool = %self.name(), utilisation = pct, active = snap.active, size = snap.max_size, waiting = snap.waiting, "pool utilisation critical")
+            }
+            Level::Warning => {
+                tracing::warn!(pool = %self.name(), utilisation = pct, active = snap.active, size = snap.max_size, waiting = snap.waiting, "pool utilisation high")
+            }
+            Level::Normal => {
+                tracing::info!(pool = %self.name(), utilisation = pct, "pool utilisation back to normal")
+            }
+        }
+        *alert = (level, Some(Instant::now()));
+    }
+
+    /// Opens connections up to `min_size` in the background (one round at a time).
+    pub fn top_up(self: &Arc<Self>) {
+        let min = self.settings().min_size as usize;
+        if min == 0
+            || self.pool.snapshot().size >= min
+            || self.topping_up.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.pool.top_up(min).await {
+                tracing::debug!(pool = %me.name(), error = %e, "could not open min_size connections yet");
+            }
+            me.topping_up.store(false, Ordering::Release);
+        });
+    }
 }
 
-/// Every pool, created on first use.
+/// Every pool, created on first use (or at start, for databases with a fixed server user).
 #[derive(Debug, Default)]
 pub struct Pools {
     map: Mutex<HashMap<(String, String), Arc<ServerPool>>>,
+    databases: Mutex<HashMap<String, Arc<DatabaseState>>>,
     next_id: Arc<AtomicU64>,
 }
 
 impl Pools {
-    /// The pool for `database` and `user`, or `None` if the database is not configured.
+    /// The pool `user` gets for `database`, or `None` if the database is not configured.
+    /// Pools are keyed by the server user, so all clients of a database with a fixed user
+    /// share one pool.
     pub fn get(&self, config: &Config, database: &str, user: &str) -> Option<Arc<ServerPool>> {
+        let login = config.server_login(database, user)?;
+        let key = (database.to_string(), login.user.clone());
         let mut map = self.map.lock().unwrap();
-        if let Some(p) = map.get(&(database.to_string(), user.to_string())) {
+        if let Some(p) = map.get(&key) {
             return Some(p.clone());
         }
-        let login = config.server_login(database, user)?;
-        let settings = config.pool_settings(database, user);
-        let size = settings.size as usize;
-        let manager = ServerManager {
-            login,
-            settings,
-            next_id: self.next_id.clone(),
-            defaults: Mutex::new(None),
-        };
+        let settings = config.pool_settings(database, &login.user);
+        let db = self
+            .databases
+            .lock()
+            .unwrap()
+            .entry(database.to_string())
+            .or_insert_with(|| Arc::new(DatabaseState::new(settings.max_db_connections)))
+            .clone();
+        let name = format!("{database}/{}", login.user);
+        let pool = Pool::with_reserve(
+            ServerManager {
+                connecting: Semaphore::new(settings.connect_concurrency.max(1) as usize),
+                login,
+                name,
+                next_id: self.next_id.clone(),
+                defaults: Mutex::new(None),
+                db: db.clone(),
+                unreachable: Mutex::new(None),
+                settings: settings.clone(),
+            },
+            settings.size as usize,
+            settings.reserve_size as usize,
+            settings.reserve_timeout,
+        );
         let pool = Arc::new(ServerPool {
             database: database.into(),
-            user: user.into(),
-            pool: Pool::new(manager, size),
+            user: key.1.clone(),
+            pool,
+            alert: Mutex::new((Level::Normal, None)),
+            topping_up: AtomicBool::new(false),
+            last_wait_warning: Mutex::new(None),
         });
-        map.insert((database.to_string(), user.to_string()), pool.clone());
+        db.pools.lock().unwrap().push(Arc::downgrade(&pool));
+        map.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// Creates the pools that can exist before any client: databases with a fixed user.
+    pub fn create_fixed(&self, config: &Config) {
+        for (name, db) in &config.databases {
+            if let Some(user) = &db.user {
+                self.get(config, name, user);
+            }
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<ServerPool>> {
         self.map.lock().unwrap().values().cloned().collect()
+    }
+
+    /// One maintenance round over every pool.
+    pub fn maintain(&self) {
+        for p in self.all() {
+            p.reap();
+            p.top_up();
+        }
     }
 
     /// Closes every pool: waiters fail, idle connections close.

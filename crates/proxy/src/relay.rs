@@ -128,6 +128,9 @@ pub struct Relay {
     pub max_message_size: u32,
     /// The server sent a FATAL error, already relayed to the client.
     pub fatal_relayed: bool,
+    /// Weir cancelled the running statement itself (query_timeout): the server's 57014 is
+    /// replaced by one with this message.
+    pub cancel_note: Option<String>,
 }
 
 impl Relay {
@@ -146,6 +149,7 @@ impl Relay {
             mapping,
             max_message_size,
             fatal_relayed: false,
+            cancel_note: None,
         }
     }
 
@@ -722,6 +726,18 @@ impl Relay {
                 };
                 if fatal && forward {
                     self.fatal_relayed = true;
+                }
+                if forward
+                    && err.code == SqlState::QUERY_CANCELED
+                    && let Some(note) = self.cancel_note.take()
+                {
+                    out.divert(pos);
+                    ErrorResponse::error(SqlState::QUERY_CANCELED, note)
+                        .with_hint(
+                            "raise query_timeout for this pool, or make the statement faster",
+                        )
+                        .encode(out.scratch);
+                    return Ok(false);
                 }
                 forward
             }

@@ -102,6 +102,11 @@ pub struct ServerConn {
     pub addr: std::sync::Arc<ServerAddr>,
     pub state: ServerState,
     pub id: u64,
+    /// This connection's lifetime: the pool's, less up to 25% at random, so connections
+    /// opened together are not all replaced together. Zero: no limit.
+    pub lifetime: Duration,
+    /// Held for the connection's life when its database caps connections.
+    pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What Weir tracks on a server connection, apart from its socket (so the relay can update
@@ -305,6 +310,8 @@ impl ServerConn {
                             broken: false,
                         },
                         id,
+                        lifetime: Duration::ZERO,
+                        db_permit: None,
                     });
                 }
                 backend::tag::ERROR_RESPONSE => {
@@ -333,6 +340,69 @@ impl ServerConn {
             return false;
         }
         self.stream.peek_state() == PeekState::Quiet
+    }
+}
+
+impl ServerConn {
+    /// Runs `sql` as a simple query on a connection no client is using and reads to
+    /// ReadyForQuery. Any error fails it, so the caller closes the connection rather than
+    /// trust it.
+    pub async fn run(&mut self, sql: &str) -> io::Result<TxStatus> {
+        let mut out = BytesMut::new();
+        weir_wire::frontend::Query {
+            sql: sql.as_bytes(),
+        }
+        .encode(&mut out);
+        self.stream.write_all(&out).await?;
+        let mut failed = None;
+        loop {
+            while let Some((h, body)) =
+                frame::complete(&self.rbuf, u32::MAX).map_err(io::Error::other)?
+            {
+                let len = h.total_len();
+                match h.tag {
+                    backend::tag::READY_FOR_QUERY => {
+                        let st = TxStatus::decode(body).map_err(io::Error::other)?;
+                        self.rbuf.advance(len);
+                        return match failed {
+                            Some(e) => Err(io::Error::other(format!("`{sql}` failed: {e}"))),
+                            None => Ok(st),
+                        };
+                    }
+                    backend::tag::PARAMETER_STATUS => {
+                        if let Ok(p) = ParameterStatus::decode(body) {
+                            let (k, v) = (
+                                String::from_utf8_lossy(p.name),
+                                String::from_utf8_lossy(p.value),
+                            );
+                            self.state.params.on_report(&k, &v, true);
+                        }
+                    }
+                    backend::tag::ERROR_RESPONSE => {
+                        let e = ErrorResponse::decode(body);
+                        if e.as_ref()
+                            .is_none_or(|e| e.severity == weir_wire::Severity::Fatal)
+                        {
+                            self.state.broken = true;
+                        }
+                        failed = Some(
+                            e.map_or_else(|| "malformed error".to_string(), |e| e.to_string()),
+                        );
+                    }
+                    _ => {}
+                }
+                self.rbuf.advance(len);
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Whether this connection has outlived its lifetime.
+    pub fn expired(&self, created: std::time::Instant) -> bool {
+        !self.lifetime.is_zero() && created.elapsed() >= self.lifetime
     }
 }
 

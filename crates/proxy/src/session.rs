@@ -9,7 +9,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use weir_config::PoolMode;
@@ -21,6 +21,7 @@ use weir_wire::{ErrorResponse, Severity, SqlState};
 
 use crate::auth::{self, AuthError};
 use crate::cancel::Registration;
+use crate::limits::ClientSlot;
 use crate::listener::Shared;
 use crate::params::ClientParams;
 use crate::pools::{ServerManager, ServerPool};
@@ -44,6 +45,9 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves one accepted connection to the end.
 pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
     let peer = client.peer();
+    let slot = shared
+        .clients
+        .enter(shared.config.load().proxy.max_client_conn);
     let mut buf = BytesMut::with_capacity(1024);
     let hello =
         match tokio::time::timeout(LOGIN_TIMEOUT, startup::read_hello(&mut client, &mut buf)).await
@@ -75,9 +79,19 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
             }
         }
         Hello::Startup(startup) => {
+            let slot = match slot {
+                Ok(s) => s,
+                Err(refused) => {
+                    tracing::warn!(%peer, "{refused}");
+                    let e =
+                        ErrorResponse::fatal(SqlState::TOO_MANY_CONNECTIONS, refused.to_string());
+                    send_fatal(&mut client, e).await;
+                    return;
+                }
+            };
             let login = tokio::time::timeout(
                 LOGIN_TIMEOUT,
-                login(&shared, &mut client, &mut buf, &startup),
+                login(&shared, &mut client, &mut buf, &startup, slot),
             )
             .await;
             let session = match login {
@@ -108,6 +122,7 @@ struct Login {
     pool: Arc<ServerPool>,
     params: ClientParams,
     cancel: Registration,
+    slot: ClientSlot,
 }
 
 /// Checks the database, authenticates, and sends the client the welcome messages.
@@ -117,6 +132,7 @@ async fn login(
     client: &mut Stream,
     buf: &mut BytesMut,
     startup: &Startup,
+    mut slot: ClientSlot,
 ) -> Result<Login, Option<ErrorResponse>> {
     let Some(user) = startup.get("user").filter(|u| !u.is_empty()) else {
         return Err(Some(ErrorResponse::fatal(
@@ -153,6 +169,17 @@ async fn login(
         .await
         .map_err(|e: AuthError| e.to_response())?;
 
+    let db_max = config
+        .databases
+        .get(database)
+        .map_or(0, |d| d.max_client_conn);
+    let user_max = config.users.get(user).map_or(0, |u| u.max_client_conn);
+    slot.login(database, db_max, user, user_max).map_err(|r| {
+        Some(ErrorResponse::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            r.to_string(),
+        ))
+    })?;
     let pool = shared.pools.get(&config, database, user).ok_or_else(|| {
         Some(ErrorResponse::fatal(
             SqlState::INVALID_CATALOG_NAME,
@@ -187,6 +214,7 @@ async fn login(
         pool,
         params,
         cancel,
+        slot,
     })
 }
 
@@ -209,14 +237,31 @@ impl CheckoutFailure {
 fn checkout_error(pool: &ServerPool, e: GetError<ServerError>) -> CheckoutFailure {
     let name = pool.name();
     CheckoutFailure(match e {
-        GetError::Timeout { waited, max_size, queued } => ErrorResponse::error(
-            SqlState::TOO_MANY_CONNECTIONS,
-            format!(
-                "query_wait_timeout: no server connection for pool \"{name}\" after {:.1}s (pool_size {max_size}, {queued} other clients waiting)",
-                waited.as_secs_f64()
-            ),
-        )
-        .with_hint("raise pool_size or query_wait_timeout for this pool, or shorten transactions"),
+        GetError::Timeout { waited, max_size, queued, last_error } => {
+            match (pool.pool.manager().unreachable(), last_error) {
+                (Some(u), last) => {
+                    let since = humantime::format_rfc3339_seconds(u.since);
+                    let last = last.map_or(u.last_error, |e| e.to_string());
+                    ErrorResponse::error(
+                        SqlState::CANNOT_CONNECT,
+                        format!(
+                            "server for pool \"{name}\" unreachable since {since} ({:.1}s); waited {:.1}s: {last}",
+                            u.since_instant.elapsed().as_secs_f64(),
+                            waited.as_secs_f64()
+                        ),
+                    )
+                    .with_hint("Weir keeps retrying; check that PostgreSQL is running and reachable")
+                }
+                (None, _) => ErrorResponse::error(
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "query_wait_timeout: no server connection for pool \"{name}\" after {:.1}s (pool_size {max_size}, {queued} other clients waiting)",
+                        waited.as_secs_f64()
+                    ),
+                )
+                .with_hint("raise pool_size or query_wait_timeout for this pool, or shorten transactions"),
+            }
+        }
         GetError::Closed => {
             ErrorResponse::error(SqlState::ADMIN_SHUTDOWN, format!("pool \"{name}\" is shutting down"))
         }
@@ -241,6 +286,8 @@ enum End {
     /// The client broke the protocol.
     ClientProtocol(ClientProtocolError),
     ServerProtocol(ServerProtocolError),
+    /// Weir ends the session itself (a timeout), with this error for the client.
+    Closed(ErrorResponse),
 }
 
 impl From<ClientProtocolError> for End {
@@ -261,6 +308,7 @@ enum Event {
     ServerWritable(io::Result<()>),
     ClientReadable(io::Result<()>),
     ClientWritable(io::Result<()>),
+    Timeout(Phase),
 }
 
 impl Event {
@@ -270,6 +318,7 @@ impl Event {
             Event::ServerWritable(_) => "server writable",
             Event::ClientReadable(_) => "client readable",
             Event::ClientWritable(_) => "client writable",
+            Event::Timeout(_) => "timeout",
         }
     }
 }
@@ -292,6 +341,23 @@ struct Session {
     to_client: BytesMut,
     /// Where rewritten server output is assembled.
     scratch: BytesMut,
+    /// What the session is waiting on, and since when (for the timeouts).
+    phase: (Phase, Instant),
+    /// The running statement was already cancelled for query_timeout.
+    cancelled: bool,
+    /// Holds the client's place under the connection limits.
+    _slot: ClientSlot,
+}
+
+/// What a session with a server connection is waiting on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The server owes replies: a statement is running.
+    Server,
+    /// Nothing owed, a transaction open: the client's turn.
+    InTransaction,
+    /// Nothing owed, no transaction.
+    Idle,
 }
 
 impl Session {
@@ -318,6 +384,73 @@ impl Session {
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
             scratch: BytesMut::new(),
+            phase: (Phase::Idle, Instant::now()),
+            cancelled: false,
+            _slot: login.slot,
+        }
+    }
+
+    /// The deadline of the timeout that applies now, if any: query_timeout while the server
+    /// owes replies, idle_transaction_timeout while a transaction waits on the client,
+    /// client_idle_timeout otherwise.
+    fn deadline(&mut self) -> Option<(Instant, Phase)> {
+        let s = self.pool.settings();
+        if s.query_timeout.is_zero()
+            && s.idle_transaction_timeout.is_zero()
+            && s.client_idle_timeout.is_zero()
+        {
+            return None;
+        }
+        let phase = if !self.relay.nothing_owed() {
+            Phase::Server
+        } else if self.relay.status() != TxStatus::Idle {
+            Phase::InTransaction
+        } else {
+            Phase::Idle
+        };
+        if phase != self.phase.0 {
+            self.phase = (phase, Instant::now());
+            self.cancelled = false;
+        }
+        let limit = match phase {
+            Phase::Server if !self.cancelled => s.query_timeout,
+            Phase::Server => Duration::ZERO,
+            Phase::InTransaction => s.idle_transaction_timeout,
+            Phase::Idle => s.client_idle_timeout,
+        };
+        (!limit.is_zero()).then(|| (self.phase.1 + limit, phase))
+    }
+
+    /// A timeout fired.
+    fn on_timeout(&mut self, phase: Phase) -> Result<(), End> {
+        let s = self.pool.settings();
+        match phase {
+            Phase::Server => {
+                let limit = humantime::format_duration(s.query_timeout);
+                tracing::info!(peer = %self.peer, pool = %self.pool.name(), "cancelling a statement past query_timeout ({limit})");
+                self.relay.cancel_note = Some(format!(
+                    "canceling statement due to query_timeout ({limit})"
+                ));
+                self.cancelled = true;
+                if let Some(server) = &self.server {
+                    self.cancel_on(server);
+                }
+                Ok(())
+            }
+            Phase::InTransaction => Err(End::Closed(ErrorResponse::fatal(
+                SqlState(*b"25P03"),
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout {})",
+                    humantime::format_duration(s.idle_transaction_timeout)
+                ),
+            ))),
+            Phase::Idle => Err(End::Closed(ErrorResponse::fatal(
+                SqlState(*b"57P05"),
+                format!(
+                    "terminating connection due to idle-session timeout (client_idle_timeout {})",
+                    humantime::format_duration(s.client_idle_timeout)
+                ),
+            ))),
         }
     }
 
@@ -345,6 +478,10 @@ impl Session {
                     _ => SqlState::PROTOCOL_VIOLATION,
                 };
                 self.fatal(ErrorResponse::fatal(code, e.to_string())).await;
+            }
+            End::Closed(e) => {
+                tracing::info!(peer = %self.peer, pool = %self.pool.name(), reason = %e.message, "closing client");
+                self.fatal(e.clone()).await;
             }
             End::ServerProtocol(e) => {
                 tracing::error!(peer = %self.peer, pool = %self.pool.name(), error = %e, "server protocol error");
@@ -393,13 +530,17 @@ impl Session {
             if self.cbuf.capacity() - self.cbuf.len() < 1024 {
                 self.cbuf.reserve(CLIENT_CHUNK);
             }
-            if self
-                .client
-                .read_buf(&mut self.cbuf)
-                .await
-                .map_err(|_| End::ClientGone)?
-                == 0
-            {
+            let idle_limit = self.pool.settings().client_idle_timeout;
+            let read = self.client.read_buf(&mut self.cbuf);
+            let n = if idle_limit.is_zero() {
+                read.await
+            } else {
+                match tokio::time::timeout(idle_limit, read).await {
+                    Ok(r) => r,
+                    Err(_) => return self.on_timeout(Phase::Idle),
+                }
+            };
+            if n.map_err(|_| End::ClientGone)? == 0 {
                 return Err(End::ClientGone);
             }
         }
@@ -408,6 +549,7 @@ impl Session {
 
     /// With a server connection: one round of whichever socket is ready.
     async fn busy_step(&mut self) -> Result<(), End> {
+        let deadline = self.deadline();
         let ev = {
             let server = self
                 .server
@@ -425,7 +567,7 @@ impl Session {
             let client = &self.client;
             // Polled directly rather than through select!: no readiness future is built and
             // torn down (with the waiter-list lock) per socket per round.
-            std::future::poll_fn(|cx| {
+            let ready = std::future::poll_fn(|cx| {
                 use std::task::Poll::Ready;
                 if read_server && let Ready(r) = server.stream.poll_read_ready(cx) {
                     return Ready(Event::ServerReadable(r));
@@ -440,11 +582,18 @@ impl Session {
                     return Ready(Event::ClientReadable(r));
                 }
                 std::task::Poll::Pending
-            })
-            .await
+            });
+            match deadline {
+                None => ready.await,
+                Some((at, phase)) => tokio::select! {
+                    ev = ready => ev,
+                    _ = tokio::time::sleep_until(at.into()) => Event::Timeout(phase),
+                },
+            }
         };
         tracing::trace!(peer = %self.peer, event = ev.name(), "busy");
         match ev {
+            Event::Timeout(phase) => self.on_timeout(phase),
             Event::ServerReadable(r) => {
                 r.map_err(|e| End::ServerLost(e.to_string()))?;
                 self.on_server_readable()
@@ -524,7 +673,7 @@ impl Session {
         self.cancel.detach();
         tracing::trace!(peer = %self.peer, server = server.id, "released");
         if server.state.broken {
-            server.discard();
+            server.discard(weir_pool::CloseReason::Broken);
         } else {
             server.release();
         }
@@ -589,6 +738,7 @@ impl Session {
     async fn checkout(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
         let pool = self.pool.clone();
         let timeout = pool.settings().query_wait_timeout;
+        let asked = std::time::Instant::now();
         let get = pool.pool.get(timeout);
         tokio::pin!(get);
         let result = loop {
@@ -609,6 +759,7 @@ impl Session {
                 }
             }
         };
+        pool.note_wait(asked.elapsed());
         let mut server = match result {
             Ok(s) => s,
             Err(e) => {

@@ -1118,3 +1118,28 @@ fn failed_parameter_sync_retires_the_connection() {
     .unwrap();
     assert!(!r.fatal_relayed && b.broken);
 }
+
+#[test]
+fn a_cancel_weir_sent_is_reported_as_its_timeout() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(&mut r, &mut st, Some(&mut a), &q("select pg_sleep(10)"));
+    r.cancel_note = Some("canceling statement due to query_timeout (2s)".into());
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[err(SqlState::QUERY_CANCELED, Severity::Error), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "EZ");
+    let (_, body) = weir_wire::frame::complete(&got, 1 << 20).unwrap().unwrap();
+    let e = ErrorResponse::decode(body).unwrap();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            SqlState::QUERY_CANCELED,
+            "canceling statement due to query_timeout (2s)"
+        )
+    );
+    assert!(r.cancel_note.is_none() && r.is_idle());
+}

@@ -1,0 +1,201 @@
+//! Pool counters, named once. Monotonic unless named as a gauge; read at scrape time.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Why an object was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Found closed by its peer (at checkout or while idle).
+    Dead,
+    /// Failed the check before reuse.
+    CheckFailed,
+    /// Idle longer than the idle timeout.
+    IdleTimeout,
+    /// Older than its lifetime.
+    Lifetime,
+    /// Served its maximum number of uses.
+    MaxUses,
+    /// Dropped by its user without release: broken, or not clean enough to reuse.
+    Broken,
+    /// Over capacity after a shrink, or a reserve object no longer needed.
+    Shrink,
+    /// The pool was closed.
+    PoolClosed,
+    /// Closed to make room for another pool of the same server.
+    Evicted,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Dead,
+        CloseReason::CheckFailed,
+        CloseReason::IdleTimeout,
+        CloseReason::Lifetime,
+        CloseReason::MaxUses,
+        CloseReason::Broken,
+        CloseReason::Shrink,
+        CloseReason::PoolClosed,
+        CloseReason::Evicted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Dead => "dead",
+            CloseReason::CheckFailed => "check_failed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Lifetime => "lifetime",
+            CloseReason::MaxUses => "max_uses",
+            CloseReason::Broken => "broken",
+            CloseReason::Shrink => "shrink",
+            CloseReason::PoolClosed => "pool_closed",
+            CloseReason::Evicted => "evicted",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counters for one pool.
+#[derive(Debug)]
+pub struct Stats {
+    pub checkouts: AtomicU64,
+    /// Checkouts that found no free permit and queued.
+    pub waited: AtomicU64,
+    /// Microseconds spent queued, summed.
+    pub wait_us: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub created: AtomicU64,
+    pub create_errors: AtomicU64,
+    /// Creates tried again after a failure.
+    pub retries: AtomicU64,
+    /// Idle objects that failed their check at checkout and were replaced unseen.
+    pub replaced: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+    /// Gauge: clients queued right now.
+    pub waiting: AtomicUsize,
+    /// Gauge: objects that exist (idle + checked out).
+    pub size: AtomicUsize,
+    /// Gauge: checkouts holding a reserve permit.
+    pub reserve_used: AtomicUsize,
+    /// Queue waits, in microseconds (only checkouts that queued).
+    waits: Mutex<Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            checkouts: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            wait_us: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            created: AtomicU64::new(0),
+            create_errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            replaced: AtomicU64::new(0),
+            closed: Default::default(),
+            waiting: AtomicUsize::new(0),
+            size: AtomicUsize::new(0),
+            reserve_used: AtomicUsize::new(0),
+            waits: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+            ),
+        }
+    }
+}
+
+impl Stats {
+    pub(crate) fn checkout(&self) {
+        self.checkouts.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn created_one(&self) {
+        self.created.fetch_add(1, Relaxed);
+        self.size.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn closed_one(&self, reason: CloseReason) {
+        self.size.fetch_sub(1, Relaxed);
+        self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn record_wait(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        self.wait_us.fetch_add(us, Relaxed);
+        self.waits.lock().unwrap().saturating_record(us.max(1));
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()].load(Relaxed)
+    }
+
+    /// Wait time at quantile `q` over every checkout, those that did not queue counting as
+    /// zero.
+    pub fn wait_quantile(&self, q: f64) -> Duration {
+        let h = self.waits.lock().unwrap();
+        let queued = h.len();
+        let total = self.checkouts.load(Relaxed) + self.timeouts.load(Relaxed);
+        if queued == 0 || total == 0 {
+            return Duration::ZERO;
+        }
+        let share = (queued as f64 / total as f64).min(1.0);
+        if q <= 1.0 - share {
+            return Duration::ZERO;
+        }
+        let inner_q = ((q - (1.0 - share)) / share).clamp(0.0, 1.0);
+        Duration::from_micros(h.value_at_quantile(inner_q))
+    }
+
+    pub(crate) fn snapshot(&self, idle: usize, max_size: usize) -> Snapshot {
+        let size = self.size.load(Relaxed);
+        Snapshot {
+            checkouts: self.checkouts.load(Relaxed),
+            waited: self.waited.load(Relaxed),
+            wait_us: self.wait_us.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
+            created: self.created.load(Relaxed),
+            create_errors: self.create_errors.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            replaced: self.replaced.load(Relaxed),
+            closed: CloseReason::ALL.map(|r| self.closed(r)).iter().sum(),
+            waiting: self.waiting.load(Relaxed),
+            size,
+            idle,
+            active: size.saturating_sub(idle),
+            max_size,
+            reserve_used: self.reserve_used.load(Relaxed),
+        }
+    }
+}
+
+/// A point-in-time copy of the counters and gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub checkouts: u64,
+    pub waited: u64,
+    pub wait_us: u64,
+    pub timeouts: u64,
+    pub created: u64,
+    pub create_errors: u64,
+    pub retries: u64,
+    pub replaced: u64,
+    /// Closed for any reason (see [`Stats::closed`] for each).
+    pub closed: u64,
+    pub waiting: usize,
+    pub size: usize,
+    pub idle: usize,
+    pub active: usize,
+    pub max_size: usize,
+    pub reserve_used: usize,
+}

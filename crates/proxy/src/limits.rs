@@ -1,0 +1,153 @@
+//! Client connection limits: globally (`proxy.max_client_conn`), per database and per user.
+//! A slot is held for the life of a client connection and given back on drop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Default)]
+pub struct ClientCounts {
+    total: AtomicUsize,
+    by_database: Mutex<HashMap<String, usize>>,
+    by_user: Mutex<HashMap<String, usize>>,
+}
+
+/// Which limit refused a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    Global { max: u32 },
+    Database { name: String, max: u32 },
+    User { name: String, max: u32 },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Global { max } => write!(
+                f,
+                "no more connections allowed (proxy.max_client_conn = {max})"
+            ),
+            Refused::Database { name, max } => {
+                write!(
+                    f,
+                    "too many connections for database \"{name}\" (databases.{name}.max_client_conn = {max})"
+                )
+            }
+            Refused::User { name, max } => {
+                write!(
+                    f,
+                    "too many connections for user \"{name}\" (users.{name}.max_client_conn = {max})"
+                )
+            }
+        }
+    }
+}
+
+impl ClientCounts {
+    /// Takes a slot under the global limit.
+    pub fn enter(self: &Arc<Self>, max: u32) -> Result<ClientSlot, Refused> {
+        let prev = self.total.fetch_add(1, Ordering::AcqRel);
+        let slot = ClientSlot {
+            counts: self.clone(),
+            database: None,
+            user: None,
+        };
+        if prev >= max as usize {
+            return Err(Refused::Global { max });
+        }
+        Ok(slot)
+    }
+
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// A client's place under the limits.
+#[derive(Debug)]
+pub struct ClientSlot {
+    counts: Arc<ClientCounts>,
+    database: Option<String>,
+    user: Option<String>,
+}
+
+impl ClientSlot {
+    /// Counts the client against its database's and user's limits (0: no own limit).
+    pub fn login(
+        &mut self,
+        database: &str,
+        db_max: u32,
+        user: &str,
+        user_max: u32,
+    ) -> Result<(), Refused> {
+        {
+            let mut by = self.counts.by_database.lock().unwrap();
+            let n = by.entry(database.to_string()).or_default();
+            if db_max > 0 && *n >= db_max as usize {
+                return Err(Refused::Database {
+                    name: database.into(),
+                    max: db_max,
+                });
+            }
+            *n += 1;
+        }
+        self.database = Some(database.to_string());
+        let mut by = self.counts.by_user.lock().unwrap();
+        let n = by.entry(user.to_string()).or_default();
+        if user_max > 0 && *n >= user_max as usize {
+            return Err(Refused::User {
+                name: user.into(),
+                max: user_max,
+            });
+        }
+        *n += 1;
+        self.user = Some(user.to_string());
+        Ok(())
+    }
+}
+
+fn leave(map: &Mutex<HashMap<String, usize>>, key: &str) {
+    let mut m = map.lock().unwrap();
+    if let Some(n) = m.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(key);
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.counts.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(d) = &self.database {
+            leave(&self.counts.by_database, d);
+        }
+        if let Some(u) = &self.user {
+            leave(&self.counts.by_user, u);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_and_release() {
+        let c = Arc::new(ClientCounts::default());
+        let a = c.enter(2).unwrap();
+        let _b = c.enter(2).unwrap();
+        assert_eq!(c.enter(2).unwrap_err(), Refused::Global { max: 2 });
+        assert_eq!(c.total(), 2, "a refused client does not stay counted");
+        drop(a);
+        let mut d = c.enter(2).unwrap();
+        d.login("app", 1, "alice", 0).unwrap();
+        let mut e = c.enter(3).unwrap();
+        assert!(matches!(
+            e.login("app", 1, "bob", 0),
+            Err(Refused::Database { .. })
+        ));
+        drop(d);
+        e.login("app", 1, "bob", 0).unwrap();
+    }
+}
