@@ -23,6 +23,9 @@ pub enum Workload {
     },
     /// One primary-key lookup.
     SelectOnly { accounts: i32 },
+    /// A request of 2 or 3 queries (at random), each holding the server for `server_time`
+    /// (`pg_sleep`): the load of a web backend whose queries each take that long.
+    SleepQueries { server_time: Duration },
 }
 
 impl Workload {
@@ -68,6 +71,11 @@ impl Workload {
             Workload::SelectOnly { accounts } => {
                 let id = rng.random_range(1..=*accounts);
                 c.query_one(&st.lookup, &[&id]).await?;
+            }
+            Workload::SleepQueries { server_time } => {
+                for _ in 0..rng.random_range(2..=3) {
+                    c.execute(&st.work, &[&server_time.as_secs_f64()]).await?;
+                }
             }
             Workload::WebRequest {
                 server_time,

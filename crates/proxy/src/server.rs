@@ -71,6 +71,8 @@ pub enum ServerError {
     Rejected { addr: String, error: ErrorResponse },
     #[error("server {addr}: {message}")]
     Protocol { addr: String, message: String },
+    #[error("server {addr} closed the connection during login: {message}")]
+    LostDuringLogin { addr: String, message: String },
     #[error("cannot log in to server {addr} as \"{user}\": {message}")]
     Credentials {
         addr: String,
@@ -81,11 +83,20 @@ pub enum ServerError {
 
 impl ServerError {
     /// True when nothing was started on the server, so retrying cannot run anything twice.
+    /// Nothing of a client's is ever sent during login, so any failure there is safe to retry;
+    /// the question is only whether retrying can help. A server that is down, starting,
+    /// shutting down, full, or that dropped the connection mid-login may accept the next
+    /// attempt; a wrong password or an unknown database will not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ServerError::Unreachable { .. } | ServerError::Timeout { .. } => true,
+            ServerError::Unreachable { .. }
+            | ServerError::Timeout { .. }
+            | ServerError::LostDuringLogin { .. } => true,
             ServerError::Rejected { error, .. } => {
-                matches!(&error.code.0, b"57P03" | b"53300" | b"57P01")
+                matches!(
+                    &error.code.0,
+                    b"57P03" | b"53300" | b"57P01" | b"57P02" | b"57P04"
+                ) || error.code.0.starts_with(b"08")
             }
             _ => false,
         }
@@ -159,9 +170,9 @@ impl ServerConn {
                 addr: a.clone(),
                 source,
             })?;
-        let io_err = |e: io::Error| ServerError::Protocol {
+        let io_err = |e: io::Error| ServerError::LostDuringLogin {
             addr: a.clone(),
-            message: format!("connection lost during login: {e}"),
+            message: e.to_string(),
         };
         let mut out = BytesMut::with_capacity(256);
         Startup {
@@ -203,7 +214,10 @@ impl ServerConn {
                     break (h.tag, body);
                 }
                 if stream.read_buf(&mut rbuf).await.map_err(io_err)? == 0 {
-                    return Err(protocol("closed the connection during login"));
+                    return Err(ServerError::LostDuringLogin {
+                        addr: a.clone(),
+                        message: "end of stream".into(),
+                    });
                 }
             };
             out.clear();

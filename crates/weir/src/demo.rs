@@ -20,9 +20,13 @@ pub struct DemoArgs {
     /// How long to run the load.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Server time of the middle query of each request.
+    /// Server time of the middle query of each request (of every query, for `sleep`).
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     server_time: Duration,
+    /// `web`: a lookup, server work, an update half the time. `sleep`: 2 or 3 queries, each
+    /// `--server-time` long (the seeds' peak: --clients 500 --pool-size 50 --server-time 40ms).
+    #[arg(long, default_value = "web", value_parser = ["web", "sleep"])]
+    workload: String,
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -68,9 +72,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let url = weir_testkit::weir_url(&weir, SCRAM_USER, "demo");
     let pool = weir.shared().pools.all();
     let mut peak_servers = 0usize;
-    let workload = Workload::WebRequest {
-        server_time: args.server_time,
-        accounts,
+    let workload = match args.workload.as_str() {
+        "sleep" => Workload::SleepQueries {
+            server_time: args.server_time,
+        },
+        _ => Workload::WebRequest {
+            server_time: args.server_time,
+            accounts,
+        },
     };
     let report = weir_bench::run(&url, args.clients, args.duration, workload, |p| {
         let snap = weir.shared().pools.all().first().map(|p| p.pool.snapshot()).unwrap_or_default();
@@ -126,14 +135,20 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "  connections   {} clients shared at most {} server connections (pg_stat_activity now: {servers})",
         args.clients, peak_servers
     );
-    let avg_wait = if snap.waited > 0 {
-        snap.wait_us as f64 / snap.waited as f64 / 1000.0
-    } else {
-        0.0
+    let pool_stats = weir.shared().pools.all().first().map(|p| p.pool.clone());
+    let wait = |q| {
+        pool_stats
+            .as_ref()
+            .map_or(0.0, |p| p.stats().wait_quantile(q).as_secs_f64() * 1000.0)
     };
     println!(
-        "  pool          {} checkouts, {} waited (mean wait {avg_wait:.1} ms), {} timed out",
-        snap.checkouts, snap.waited, snap.timeouts
+        "  pool          {} checkouts, {} waited, {} timed out; wait p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms",
+        snap.checkouts,
+        snap.waited,
+        snap.timeouts,
+        wait(0.50),
+        wait(0.95),
+        wait(0.99)
     );
     weir.stop();
     drop(admin);

@@ -62,8 +62,25 @@ fn parse_mode(s: &str) -> Result<PoolMode, String> {
     }
 }
 
+/// A pooler holds a socket per client: take the hard limit on open files, not the soft one
+/// (often 1,024).
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_files_limit();
     // The demo prints its own report; keep Weir's log to warnings there.
     init_logging(if matches!(cli.command, Command::Demo(_)) {
         "warn"

@@ -9,6 +9,7 @@ mod common;
 mod auth;
 mod cancel;
 mod hostile;
+mod lifecycle;
 mod memory;
 mod pooling;
 mod prepared;
