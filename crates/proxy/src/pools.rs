@@ -158,9 +158,10 @@ impl Manager for ServerManager {
     }
 
     fn closed(&self, conn: ServerConn, reason: CloseReason) {
-        let level_info = matches!(
+        // Routine retirements are info; a connection that died or failed is a warning.
+        let level_info = !matches!(
             reason,
-            CloseReason::IdleTimeout | CloseReason::Lifetime | CloseReason::MaxUses
+            CloseReason::Dead | CloseReason::CheckFailed | CloseReason::Broken
         );
         if level_info {
             tracing::info!(pool = %self.name, id = conn.id, pid = conn.key.pid, %reason, "server connection closed");
