@@ -412,6 +412,12 @@ fn validate(c: &Config, problems: &mut Problems) {
                 .fix("set proxy.listen = \"127.0.0.1:6432\""),
         );
     }
+    if c.proxy.max_client_conn == 0 {
+        problems.push(
+            Problem::error("proxy.max_client_conn", "0 refuses every client")
+                .fix("use a positive number (default 5000)"),
+        );
+    }
     if c.proxy.max_message_size < 8192 {
         problems.push(
             Problem::error(
@@ -446,7 +452,20 @@ fn validate(c: &Config, problems: &mut Problems) {
             );
         }
     }
-    for name in c.databases.keys() {
+    for (name, db) in &c.databases {
+        if let Some(fixed) = &db.user {
+            for (user, u) in &c.users {
+                if user != fixed && u.pool != PoolOverrides::default() {
+                    problems.push(
+                        Problem::warning(
+                            format!("users.{user}.pool"),
+                            format!("ignored for database {name}: all its clients share the pool of its fixed user {fixed}"),
+                        )
+                        .fix(format!("set it in databases.{name}.pool or users.{fixed}.pool")),
+                    );
+                }
+            }
+        }
         validate_resolved(
             &format!("databases.{name}.pool"),
             &c.pool_settings(name, ""),
@@ -547,6 +566,17 @@ fn validate_pool(path: &str, p: &PoolOverrides, problems: &mut Problems) {
     floor("connect_timeout", p.connect_timeout, false, problems);
     floor("reserve_timeout", p.reserve_timeout, false, problems);
     floor("connect_retry_max", p.connect_retry_max, false, problems);
+    if p.connect_retry_initial
+        .is_some_and(|d| d < Duration::from_millis(1))
+    {
+        problems.push(
+            Problem::error(
+                format!("{path}.connect_retry_initial"),
+                "below 1ms: failed connects would be retried in a tight loop",
+            )
+            .fix("use a pause such as \"50ms\""),
+        );
+    }
     floor("server_check_delay", p.server_check_delay, true, problems);
     for (key, v) in [
         ("query_timeout", p.query_timeout),
@@ -597,6 +627,27 @@ fn validate_pool(path: &str, p: &PoolOverrides, problems: &mut Problems) {
 
 /// Checks that only make sense once the layers are combined.
 fn validate_resolved(path: &str, s: &PoolSettings, problems: &mut Problems) {
+    if s.max_db_connections > 0 && s.min_size > s.max_db_connections {
+        problems.push(
+            Problem::error(
+                format!("{path}.min_size"),
+                format!(
+                    "min_size {} is above max_db_connections {}",
+                    s.min_size, s.max_db_connections
+                ),
+            )
+            .fix("lower min_size or raise max_db_connections"),
+        );
+    }
+    if s.reserve_size > 0 && s.reserve_timeout >= s.query_wait_timeout {
+        problems.push(
+            Problem::warning(
+                format!("{path}.reserve_timeout"),
+                "not below query_wait_timeout: clients time out before the reserve can serve them",
+            )
+            .fix("make reserve_timeout shorter than query_wait_timeout"),
+        );
+    }
     if s.min_size > s.size {
         problems.push(
             Problem::error(

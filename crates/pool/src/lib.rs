@@ -111,6 +111,8 @@ struct Inner<M: Manager> {
     max_size: AtomicUsize,
     /// Permits to swallow as they come back, after a shrink below the number in use.
     to_forget: AtomicUsize,
+    /// Signalled when an object goes back to the idle list (wakes creators that are retrying).
+    released: tokio::sync::Notify,
     stats: Stats,
 }
 
@@ -171,6 +173,7 @@ impl<M: Manager> Pool<M> {
                 idle: Mutex::new(VecDeque::with_capacity(max_size)),
                 max_size: AtomicUsize::new(max_size),
                 to_forget: AtomicUsize::new(0),
+                released: tokio::sync::Notify::new(),
                 stats: Stats::default(),
             }),
         }
@@ -212,9 +215,66 @@ impl<M: Manager> Pool<M> {
             Ok(p) => p,
             Err(e) => return Err(e),
         };
+        let mut attempt = 0;
+        let mut last_error = None;
         loop {
-            let slot = inner.idle.lock().unwrap().pop_back();
-            let Some(slot) = slot else { break };
+            // An idle object, checked before use. After a failed health check the rest are
+            // likely as stale (a failover, say): create instead of checking them one by one.
+            if let Some(got) = self.take_idle(&permit, start, deadline).await {
+                return got.map(|slot| Pooled::new(permit, slot));
+            }
+            attempt += 1;
+            let created = match tokio::time::timeout_at(deadline, inner.manager.create()).await {
+                Ok(r) => r,
+                Err(_) => return Err(self.timeout_error(start, last_error, false)),
+            };
+            let e = match created {
+                Ok(object) => {
+                    inner.stats.created_one();
+                    inner.stats.checkout();
+                    let now = Instant::now();
+                    let meta = Meta {
+                        created: now,
+                        last_used: now,
+                        uses: 0,
+                    };
+                    return Ok(Pooled::new(permit, Slot { object, meta }));
+                }
+                Err(e) => e,
+            };
+            inner.stats.create_errors.fetch_add(1, Relaxed);
+            let Some(pause) = retry
+                .then(|| inner.manager.retry_after(&e, attempt))
+                .flatten()
+            else {
+                return Err(GetError::Create(e));
+            };
+            last_error = Some(e);
+            // Pause, but wake early if someone returns an object meanwhile; at the deadline
+            // the wait ends with the last error.
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(self.timeout_error(start, last_error, false));
+            }
+            inner.stats.retries.fetch_add(1, Relaxed);
+            let released = inner.released.notified();
+            tokio::select! {
+                _ = tokio::time::sleep_until((now + pause).min(deadline)) => {}
+                _ = released => {}
+            }
+        }
+    }
+
+    /// Takes an idle object that passes its check, or `None` if there is none worth using.
+    async fn take_idle(
+        &self,
+        _permit: &PermitGuard<M>,
+        start: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Option<Result<Slot<M::Object>, GetError<M::Error>>> {
+        let inner = &self.inner;
+        loop {
+            let slot = inner.idle.lock().unwrap().pop_back()?;
             // Counted as closed if dropped before it is handed out (cancelled mid-check).
             let mut pending = PendingSlot {
                 slot: Some(slot),
@@ -227,57 +287,18 @@ impl<M: Manager> Pool<M> {
             match checked {
                 Ok(Ok(())) => {
                     inner.stats.checkout();
-                    return Ok(Pooled::new(permit, pending.take()));
+                    return Some(Ok(pending.take()));
                 }
                 Ok(Err(reason)) => {
                     inner.stats.replaced.fetch_add(1, Relaxed);
                     pending.close(reason);
+                    if reason == CloseReason::CheckFailed {
+                        return None;
+                    }
                 }
                 Err(_) => {
                     pending.close(CloseReason::CheckFailed);
-                    return Err(self.timeout_error(start, None));
-                }
-            }
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let created = match tokio::time::timeout_at(deadline, inner.manager.create()).await {
-                Ok(r) => r,
-                Err(_) => return Err(self.timeout_error(start, None)),
-            };
-            match created {
-                Ok(object) => {
-                    inner.stats.created_one();
-                    inner.stats.checkout();
-                    let now = Instant::now();
-                    return Ok(Pooled::new(
-                        permit,
-                        Slot {
-                            object,
-                            meta: Meta {
-                                created: now,
-                                last_used: now,
-                                uses: 0,
-                            },
-                        },
-                    ));
-                }
-                Err(e) => {
-                    inner.stats.create_errors.fetch_add(1, Relaxed);
-                    let Some(pause) = retry
-                        .then(|| inner.manager.retry_after(&e, attempt))
-                        .flatten()
-                    else {
-                        return Err(GetError::Create(e));
-                    };
-                    let until = tokio::time::Instant::now() + pause;
-                    if until >= deadline {
-                        tokio::time::sleep_until(deadline).await;
-                        return Err(self.timeout_error(start, Some(e)));
-                    }
-                    inner.stats.retries.fetch_add(1, Relaxed);
-                    tokio::time::sleep_until(until).await;
+                    return Some(Err(self.timeout_error(start, None, false)));
                 }
             }
         }
@@ -347,15 +368,26 @@ impl<M: Manager> Pool<M> {
 
     fn waited_out(&self, start: Instant) -> GetError<M::Error> {
         self.inner.stats.record_wait(start.elapsed());
-        self.timeout_error(start, None)
+        self.timeout_error(start, None, true)
     }
 
-    fn timeout_error(&self, start: Instant, last_error: Option<M::Error>) -> GetError<M::Error> {
+    /// `queued`: whether this caller is still counted among the waiters.
+    fn timeout_error(
+        &self,
+        start: Instant,
+        last_error: Option<M::Error>,
+        queued: bool,
+    ) -> GetError<M::Error> {
         self.inner.stats.timeouts.fetch_add(1, Relaxed);
+        let waiting = self.inner.stats.waiting.load(Relaxed);
         GetError::Timeout {
             waited: start.elapsed(),
             max_size: self.max_size(),
-            queued: self.inner.stats.waiting.load(Relaxed).saturating_sub(1),
+            queued: if queued {
+                waiting.saturating_sub(1)
+            } else {
+                waiting
+            },
             last_error,
         }
     }
@@ -421,15 +453,18 @@ impl<M: Manager> Pool<M> {
                 inner.stats.create_errors.fetch_add(1, Relaxed);
             })?;
             inner.stats.created_one();
+            if inner.permits.is_closed() {
+                inner.close(object, CloseReason::PoolClosed);
+                break;
+            }
             let now = Instant::now();
-            inner.idle.lock().unwrap().push_back(Slot {
-                object,
-                meta: Meta {
-                    created: now,
-                    last_used: now,
-                    uses: 0,
-                },
-            });
+            let meta = Meta {
+                created: now,
+                last_used: now,
+                uses: 0,
+            };
+            inner.idle.lock().unwrap().push_back(Slot { object, meta });
+            inner.released.notify_waiters();
             drop(guard);
             made += 1;
         }
@@ -459,6 +494,14 @@ impl<M: Manager> Pool<M> {
                 match reason {
                     Some(r) => closed.push((idle.remove(i).expect("index in range"), r)),
                     None => i += 1,
+                }
+            }
+            // Objects kept for waiters while the reserve was in use: trim once idle.
+            let max = inner.max_size.load(Relaxed);
+            while size - closed.len() > max {
+                match idle.pop_front() {
+                    Some(s) => closed.push((s, CloseReason::Shrink)),
+                    None => break,
                 }
             }
         }
@@ -591,13 +634,18 @@ impl<M: Manager> Pooled<M> {
         slot.meta.last_used = Instant::now();
         let inner = &self.permit.inner;
         let verdict = inner.manager.on_release(&mut slot.object, &slot.meta);
-        let over = inner.stats.size.load(Relaxed) > inner.max_size.load(Relaxed);
+        // Over capacity (after a shrink, or with the reserve in use), an object is closed
+        // unless a client is waiting for one: closing it would only make that client open
+        // another. The reaper trims the excess once it is idle.
+        let over = inner.stats.size.load(Relaxed) > inner.max_size.load(Relaxed)
+            && inner.stats.waiting.load(Relaxed) == 0;
         let reason = match verdict {
             Err(reason) => reason,
             Ok(()) if inner.permits.is_closed() => CloseReason::PoolClosed,
             Ok(()) if over => CloseReason::Shrink,
             Ok(()) => {
                 inner.idle.lock().unwrap().push_back(slot);
+                inner.released.notify_waiters();
                 // The permit guard drops with `self`, after the object is back in the idle
                 // list, so a waiter woken by it finds the object.
                 return;

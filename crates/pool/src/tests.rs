@@ -344,3 +344,54 @@ async fn wait_quantiles_count_unqueued_checkouts_as_zero() {
     assert_eq!(pool.stats().wait_quantile(0.5), Duration::ZERO);
     assert!(pool.stats().wait_quantile(0.99) >= Duration::from_millis(35));
 }
+
+#[tokio::test]
+async fn a_retrying_checkout_takes_an_object_released_meanwhile() {
+    let pool = Pool::new(Counter::default(), 2);
+    let held = pool.get(LONG).await.unwrap();
+    pool.manager().failures.store(u32::MAX, Relaxed);
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get(Duration::from_secs(5)).await.map(|o| o.id) })
+    };
+    while pool.snapshot().retries == 0 {
+        tokio::task::yield_now().await;
+    }
+    let t = Instant::now();
+    held.release();
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        0,
+        "the released object, not a timeout"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn objects_returned_over_size_go_to_waiters_not_away() {
+    let pool = Pool::with_reserve(Counter::default(), 1, 1, Duration::from_millis(20));
+    let a = pool.get(LONG).await.unwrap();
+    let b = pool.get(LONG).await.unwrap();
+    assert!(b.is_reserve());
+    let c = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get(LONG).await.map(|o| o.id) })
+    };
+    until_waiting(&pool, 1).await;
+    a.release(); // size 2 > max 1, but c waits for it
+    assert_eq!(c.await.unwrap().unwrap(), 0, "c got a's object");
+    assert_eq!(pool.snapshot().created, 2, "nothing closed and reopened");
+    b.release(); // nobody waits now: the excess closes
+    assert_eq!(pool.snapshot().size, 1);
+}
+
+#[tokio::test]
+async fn reap_trims_idle_excess_over_size() {
+    let pool = Pool::new(Counter::default(), 3);
+    for o in hold(&pool, 3).await {
+        o.release();
+    }
+    pool.inner.max_size.store(1, Relaxed); // as if the excess had been kept for waiters
+    assert_eq!(pool.reap(0, |_, _| Verdict::Keep), 2);
+    assert_eq!(pool.snapshot().size, 1);
+}

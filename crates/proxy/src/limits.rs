@@ -10,6 +10,7 @@ pub struct ClientCounts {
     total: AtomicUsize,
     by_database: Mutex<HashMap<String, usize>>,
     by_user: Mutex<HashMap<String, usize>>,
+    last_refusal_log: Mutex<Option<std::time::Instant>>,
 }
 
 /// Which limit refused a client.
@@ -56,6 +57,17 @@ impl ClientCounts {
             return Err(Refused::Global { max });
         }
         Ok(slot)
+    }
+
+    /// Whether a refusal may be logged now (at most once a second: a client retrying in a
+    /// tight loop must not flood the log).
+    pub fn may_log_refusal(&self) -> bool {
+        let mut last = self.last_refusal_log.lock().unwrap();
+        let ok = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if ok {
+            *last = Some(std::time::Instant::now());
+        }
+        ok
     }
 
     pub fn total(&self) -> usize {

@@ -36,7 +36,13 @@ pub struct ServerManager {
     connecting: Semaphore,
     db: Arc<DatabaseState>,
     unreachable: Mutex<Option<Unreachable>>,
+    /// A login the server refused for good (wrong password, unknown database), remembered
+    /// briefly so a crowd of clients does not become a crowd of failing logins.
+    refused: Mutex<Option<(Instant, ServerError)>>,
 }
+
+/// How long a login the server refused for good is answered from memory.
+const REFUSED_MEMORY: Duration = Duration::from_secs(5);
 
 impl ServerManager {
     /// Since when connects have been failing, if they are.
@@ -66,16 +72,16 @@ impl ServerManager {
     }
 
     /// Exponential backoff with full jitter: uniform in [0, min(max, initial * multiplier^(n-1))].
+    /// Computed in floating point and capped before it becomes a Duration, so no setting
+    /// can overflow it.
     fn backoff(&self, attempt: u32) -> Duration {
         let s = &self.settings;
         let exp = s
             .connect_retry_multiplier
             .powi(attempt.saturating_sub(1).min(64) as i32);
-        let cap = s
-            .connect_retry_initial
-            .mul_f64(exp.min(1e6))
-            .min(s.connect_retry_max);
-        cap.mul_f64(rand::rng().random_range(0.0..=1.0))
+        let cap =
+            (s.connect_retry_initial.as_secs_f64() * exp).min(s.connect_retry_max.as_secs_f64());
+        Duration::from_secs_f64(cap.max(0.0) * rand::rng().random_range(0.0..=1.0))
     }
 }
 
@@ -84,8 +90,13 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        if let Some((at, e)) = &*self.refused.lock().unwrap()
+            && at.elapsed() < REFUSED_MEMORY
+        {
+            return Err(e.repeat());
+        }
         let _slot = self.connecting.acquire().await.expect("never closed");
-        let db_permit = self.db.acquire().await;
+        let db_permit = self.db.acquire(&self.name).await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let s = &self.settings;
         match ServerConn::connect(
@@ -98,6 +109,7 @@ impl Manager for ServerManager {
         {
             Ok(mut conn) => {
                 self.mark_reachable();
+                *self.refused.lock().unwrap() = None;
                 conn.db_permit = db_permit;
                 if !s.server_lifetime.is_zero() {
                     conn.lifetime = s
@@ -115,7 +127,8 @@ impl Manager for ServerManager {
                 if e.is_transient() {
                     self.mark_unreachable(&e);
                 } else {
-                    tracing::error!(pool = %self.name, error = %e, "server connection failed");
+                    tracing::error!(pool = %self.name, error = %e, "server refused the login; not retrying for {REFUSED_MEMORY:?}");
+                    *self.refused.lock().unwrap() = Some((Instant::now(), e.repeat()));
                 }
                 Err(e)
             }
@@ -152,6 +165,9 @@ impl Manager for ServerManager {
             Err(CloseReason::MaxUses)
         } else if conn.expired(meta.created) {
             Err(CloseReason::Lifetime)
+        } else if self.db.others_blocked(&self.name) {
+            // Another pool of this database waits on its cap: make room for it.
+            Err(CloseReason::Evicted)
         } else {
             Ok(())
         }
@@ -176,6 +192,9 @@ impl Manager for ServerManager {
 pub struct DatabaseState {
     limit: Option<Arc<Semaphore>>,
     pools: Mutex<Vec<Weak<ServerPool>>>,
+    /// Creates waiting on the cap, by pool: while another pool waits, connections released
+    /// here are closed rather than reused, so one busy pool cannot starve the others.
+    blocked: Mutex<HashMap<String, usize>>,
 }
 
 impl DatabaseState {
@@ -183,29 +202,53 @@ impl DatabaseState {
         DatabaseState {
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
             pools: Mutex::new(Vec::new()),
+            blocked: Mutex::new(HashMap::new()),
         }
     }
 
     /// A permit under the database's cap (none if uncapped). At the cap, an idle connection of
-    /// any pool of this database is closed to make room; with none idle, waits for one (the
-    /// caller's deadline bounds the wait).
-    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+    /// another pool of this database (above that pool's `min_size`) is closed to make room;
+    /// with none, waits for one (the caller's deadline bounds the wait).
+    async fn acquire(&self, requester: &str) -> Option<OwnedSemaphorePermit> {
         let limit = self.limit.as_ref()?;
+        if let Ok(p) = limit.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.evict_one(requester);
+        // One acquire for the whole wait: the semaphore is first come, first served across
+        // the database's pools, and a waiter must not lose its place.
+        let acquire = limit.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let _blocked = Blocked::enter(self, requester);
         loop {
-            if let Ok(p) = limit.clone().try_acquire_owned() {
-                return Some(p);
-            }
-            if self.evict_one() {
-                continue;
-            }
             tokio::select! {
-                p = limit.clone().acquire_owned() => return p.ok(),
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                p = &mut acquire => return p.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    self.evict_one(requester);
+                }
             }
         }
     }
 
-    fn evict_one(&self) -> bool {
+    /// Whether a pool other than `me` is waiting on the cap.
+    fn others_blocked(&self, me: &str) -> bool {
+        self.blocked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(pool, n)| pool != me && *n > 0)
+    }
+
+    /// Whether every connection the cap allows exists.
+    fn at_cap(&self) -> bool {
+        self.limit
+            .as_ref()
+            .is_some_and(|l| l.available_permits() == 0)
+    }
+
+    /// Closes one idle connection of a pool other than `requester` (which would rather reuse
+    /// its own), never below that pool's `min_size`.
+    fn evict_one(&self, requester: &str) -> bool {
         let pools: Vec<_> = self
             .pools
             .lock()
@@ -213,14 +256,14 @@ impl DatabaseState {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        for p in pools {
+        for p in pools.iter().filter(|p| p.pool.manager().name != requester) {
             let mut taken = false;
-            let n = p.pool.reap(0, |_, _| {
+            let n = p.pool.reap(p.settings().min_size as usize, |_, _| {
                 if taken {
                     Verdict::Keep
                 } else {
                     taken = true;
-                    Verdict::Close(CloseReason::Evicted)
+                    Verdict::CloseAboveMin(CloseReason::Evicted)
                 }
             });
             if n > 0 {
@@ -228,6 +271,31 @@ impl DatabaseState {
             }
         }
         false
+    }
+}
+
+/// Counts a create as waiting on the database's cap for as long as it waits.
+struct Blocked<'a> {
+    db: &'a DatabaseState,
+    pool: &'a str,
+}
+
+impl<'a> Blocked<'a> {
+    fn enter(db: &'a DatabaseState, pool: &'a str) -> Self {
+        *db.blocked
+            .lock()
+            .unwrap()
+            .entry(pool.to_string())
+            .or_default() += 1;
+        Blocked { db, pool }
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.db.blocked.lock().unwrap().get_mut(self.pool) {
+            *n -= 1;
+        }
     }
 }
 
@@ -248,6 +316,7 @@ pub struct ServerPool {
     alert: Mutex<(Level, Option<Instant>)>,
     topping_up: AtomicBool,
     last_wait_warning: Mutex<Option<Instant>>,
+    last_warning: Mutex<Option<Instant>>,
 }
 
 /// How often a level that persists is logged again.
@@ -291,6 +360,16 @@ impl ServerPool {
         (s.active * 100).checked_div(s.max_size.max(1)).unwrap_or(0) as u32
     }
 
+    /// Whether a per-pool warning may be logged now (at most once a second).
+    pub fn may_warn(&self) -> bool {
+        let mut last = self.last_warning.lock().unwrap();
+        let ok = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if ok {
+            *last = Some(Instant::now());
+        }
+        ok
+    }
+
     /// Logs a client's long wait, at most once a second per pool.
     pub fn note_wait(&self, waited: Duration) {
         if waited < Duration::from_secs(1) {
@@ -326,17 +405,25 @@ impl ServerPool {
 
     fn check_utilisation(&self, s: &PoolSettings) {
         let pct = self.utilisation();
-        let level = if pct >= s.utilisation_critical {
+        let mut alert = self.alert.lock().unwrap();
+        let (prev, last) = *alert;
+        // Hysteresis: a level is left downwards only 10 points below its threshold, so a pool
+        // hovering at a threshold does not flap.
+        let (warn, crit) = (s.utilisation_warning, s.utilisation_critical);
+        let below = |t: u32| pct + 10 <= t;
+        let level = if pct >= crit || (prev == Level::Critical && !below(crit)) {
             Level::Critical
-        } else if pct >= s.utilisation_warning {
+        } else if pct >= warn || (prev >= Level::Warning && !below(warn)) {
             Level::Warning
         } else {
             Level::Normal
         };
-        let mut alert = self.alert.lock().unwrap();
-        let (prev, last) = *alert;
         let due = last.is_none_or(|t| t.elapsed() >= ALERT_REPEAT);
-        if level == prev && (level == Level::Normal || !due) {
+        let escalated = level > prev;
+        // Log an escalation at once; anything else (a change down, or the same raised level
+        // persisting) at most every ALERT_REPEAT.
+        let log = escalated || (due && (level != prev || level != Level::Normal));
+        if !log {
             return;
         }
         let snap = self.pool.snapshot();
@@ -357,16 +444,24 @@ impl ServerPool {
     /// Opens connections up to `min_size` in the background (one round at a time).
     pub fn top_up(self: &Arc<Self>) {
         let min = self.settings().min_size as usize;
-        if min == 0
-            || self.pool.snapshot().size >= min
-            || self.topping_up.swap(true, Ordering::AcqRel)
-        {
+        // At the database's cap, top-up would have to wait or evict: clients come first.
+        if min == 0 || self.pool.snapshot().size >= min || self.pool.manager().db.at_cap() {
+            return;
+        }
+        if self.topping_up.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
+        let limit = self.settings().connect_timeout * 2;
         tokio::spawn(async move {
-            if let Err(e) = me.pool.top_up(min).await {
-                tracing::debug!(pool = %me.name(), error = %e, "could not open min_size connections yet");
+            match tokio::time::timeout(limit, me.pool.top_up(min)).await {
+                Ok(Err(e)) => {
+                    tracing::debug!(pool = %me.name(), error = %e, "could not open min_size connections yet")
+                }
+                Err(_) => {
+                    tracing::debug!(pool = %me.name(), "opening min_size connections timed out")
+                }
+                Ok(Ok(_)) => {}
             }
             me.topping_up.store(false, Ordering::Release);
         });
@@ -410,6 +505,7 @@ impl Pools {
                 defaults: Mutex::new(None),
                 db: db.clone(),
                 unreachable: Mutex::new(None),
+                refused: Mutex::new(None),
                 settings: settings.clone(),
             },
             settings.size as usize,
@@ -423,6 +519,7 @@ impl Pools {
             alert: Mutex::new((Level::Normal, None)),
             topping_up: AtomicBool::new(false),
             last_wait_warning: Mutex::new(None),
+            last_warning: Mutex::new(None),
         });
         db.pools.lock().unwrap().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());

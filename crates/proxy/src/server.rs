@@ -83,6 +83,41 @@ pub enum ServerError {
 
 impl ServerError {
     /// True when nothing was started on the server, so retrying cannot run anything twice.
+    /// A copy of this error (I/O causes are copied by kind and message), to answer from memory.
+    pub fn repeat(&self) -> ServerError {
+        match self {
+            ServerError::Unreachable { addr, source } => ServerError::Unreachable {
+                addr: addr.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            ServerError::Timeout { addr, timeout } => ServerError::Timeout {
+                addr: addr.clone(),
+                timeout: *timeout,
+            },
+            ServerError::Rejected { addr, error } => ServerError::Rejected {
+                addr: addr.clone(),
+                error: error.clone(),
+            },
+            ServerError::Protocol { addr, message } => ServerError::Protocol {
+                addr: addr.clone(),
+                message: message.clone(),
+            },
+            ServerError::LostDuringLogin { addr, message } => ServerError::LostDuringLogin {
+                addr: addr.clone(),
+                message: message.clone(),
+            },
+            ServerError::Credentials {
+                addr,
+                user,
+                message,
+            } => ServerError::Credentials {
+                addr: addr.clone(),
+                user: user.clone(),
+                message: message.clone(),
+            },
+        }
+    }
+
     /// Nothing of a client's is ever sent during login, so any failure there is safe to retry;
     /// the question is only whether retrying can help. A server that is down, starting,
     /// shutting down, full, or that dropped the connection mid-login may accept the next
@@ -353,7 +388,16 @@ impl ServerConn {
         if self.state.broken || !self.rbuf.is_empty() {
             return false;
         }
-        self.stream.peek_state() == PeekState::Quiet
+        match self.stream.peek_state() {
+            PeekState::Quiet => true,
+            PeekState::Closed => false,
+            // Often stale readiness; otherwise bytes the server sent unprompted (a FATAL whose
+            // FIN is still on its way). A read tells which, and clears stale readiness.
+            PeekState::Readable => {
+                self.rbuf.reserve(256);
+                matches!(self.stream.try_read_buf(&mut self.rbuf), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
     }
 }
 

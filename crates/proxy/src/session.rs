@@ -82,7 +82,9 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
             let slot = match slot {
                 Ok(s) => s,
                 Err(refused) => {
-                    tracing::warn!(%peer, "{refused}");
+                    if shared.clients.may_log_refusal() {
+                        tracing::warn!(%peer, "{refused}");
+                    }
                     let e =
                         ErrorResponse::fatal(SqlState::TOO_MANY_CONNECTIONS, refused.to_string());
                     send_fatal(&mut client, e).await;
@@ -237,8 +239,21 @@ impl CheckoutFailure {
 fn checkout_error(pool: &ServerPool, e: GetError<ServerError>) -> CheckoutFailure {
     let name = pool.name();
     CheckoutFailure(match e {
-        GetError::Timeout { waited, max_size, queued, last_error } => {
-            match (pool.pool.manager().unreachable(), last_error) {
+        GetError::Timeout {
+            waited,
+            max_size,
+            queued,
+            last_error,
+        } => {
+            // "Unreachable" only when this wait ended retrying a connect, or the pool has no
+            // connection at all: a flag left from an old failure must not turn a busy pool's
+            // timeout into a report of an outage.
+            let unreachable = pool
+                .pool
+                .manager()
+                .unreachable()
+                .filter(|_| last_error.is_some() || pool.pool.snapshot().size == 0);
+            match (unreachable, last_error) {
                 (Some(u), last) => {
                     let since = humantime::format_rfc3339_seconds(u.since);
                     let last = last.map_or(u.last_error, |e| e.to_string());
@@ -262,16 +277,20 @@ fn checkout_error(pool: &ServerPool, e: GetError<ServerError>) -> CheckoutFailur
                 .with_hint("raise pool_size or query_wait_timeout for this pool, or shorten transactions"),
             }
         }
-        GetError::Closed => {
-            ErrorResponse::error(SqlState::ADMIN_SHUTDOWN, format!("pool \"{name}\" is shutting down"))
-        }
+        GetError::Closed => ErrorResponse::error(
+            SqlState::ADMIN_SHUTDOWN,
+            format!("pool \"{name}\" is shutting down"),
+        ),
         GetError::Create(err) => {
             let code = match &err {
                 ServerError::Rejected { error, .. } => error.code,
                 _ => SqlState::CANNOT_CONNECT,
             };
-            ErrorResponse::error(code, format!("weir could not open a server connection for pool \"{name}\": {err}"))
-                .with_hint("check that the server is running and the pool's login is right")
+            ErrorResponse::error(
+                code,
+                format!("weir could not open a server connection for pool \"{name}\": {err}"),
+            )
+            .with_hint("check that the server is running and the pool's login is right")
         }
     })
 }
@@ -343,8 +362,14 @@ struct Session {
     scratch: BytesMut,
     /// What the session is waiting on, and since when (for the timeouts).
     phase: (Phase, Instant),
+    /// Replies owed when the phase last (re)started: each completed reply restarts the
+    /// query_timeout, so a pipelined stream of fast statements is not one long statement.
+    phase_owed: usize,
     /// The running statement was already cancelled for query_timeout.
     cancelled: bool,
+    /// A query_timeout cancel may still be on its way to this server connection (the
+    /// statement ended before a 57014 came back): do not hand the connection to anyone else.
+    suspect: bool,
     /// Holds the client's place under the connection limits.
     _slot: ClientSlot,
 }
@@ -354,6 +379,9 @@ struct Session {
 enum Phase {
     /// The server owes replies: a statement is running.
     Server,
+    /// Waiting on the client: COPY data to come, or results it has not read yet. No timer
+    /// runs; a slow client is not a slow statement, nor an idle one.
+    Client,
     /// Nothing owed, a transaction open: the client's turn.
     InTransaction,
     /// Nothing owed, no transaction.
@@ -385,7 +413,9 @@ impl Session {
             to_client: BytesMut::new(),
             scratch: BytesMut::new(),
             phase: (Phase::Idle, Instant::now()),
+            phase_owed: 0,
             cancelled: false,
+            suspect: false,
             _slot: login.slot,
         }
     }
@@ -395,30 +425,60 @@ impl Session {
     /// client_idle_timeout otherwise.
     fn deadline(&mut self) -> Option<(Instant, Phase)> {
         let s = self.pool.settings();
-        if s.query_timeout.is_zero()
-            && s.idle_transaction_timeout.is_zero()
-            && s.client_idle_timeout.is_zero()
-        {
+        let (query, in_tx, idle) = (
+            s.query_timeout,
+            s.idle_transaction_timeout,
+            s.client_idle_timeout,
+        );
+        if query.is_zero() && in_tx.is_zero() && idle.is_zero() {
             return None;
         }
+        let owed = self.relay.owed();
         let phase = if !self.relay.nothing_owed() {
-            Phase::Server
+            if self.relay.copying() || self.to_client.len() >= HIGH_WATER {
+                Phase::Client
+            } else {
+                Phase::Server
+            }
+        } else if !self.to_client.is_empty() {
+            Phase::Client
         } else if self.relay.status() != TxStatus::Idle {
             Phase::InTransaction
         } else {
             Phase::Idle
         };
-        if phase != self.phase.0 {
+        let reply_done = phase == Phase::Server && owed < self.phase_owed;
+        if phase != self.phase.0 || reply_done {
+            if self.phase.0 == Phase::Server && phase != Phase::Server {
+                self.settle_cancel();
+            }
             self.phase = (phase, Instant::now());
+            self.phase_owed = owed;
             self.cancelled = false;
         }
         let limit = match phase {
-            Phase::Server if !self.cancelled => s.query_timeout,
-            Phase::Server => Duration::ZERO,
-            Phase::InTransaction => s.idle_transaction_timeout,
-            Phase::Idle => s.client_idle_timeout,
+            Phase::Server if !self.cancelled => query,
+            Phase::Server | Phase::Client => Duration::ZERO,
+            Phase::InTransaction => in_tx,
+            Phase::Idle => idle,
         };
         (!limit.is_zero()).then(|| (self.phase.1 + limit, phase))
+    }
+
+    /// The statement Weir cancelled is over. If its 57014 never came, the cancel may still
+    /// reach this server connection later: it must not serve another client.
+    fn settle_cancel(&mut self) {
+        if self.relay.cancel_note.take().is_some() {
+            self.suspect = true;
+        }
+    }
+
+    /// Fresh timers for a newly attached server connection.
+    fn reset_phase(&mut self) {
+        self.phase = (Phase::Idle, Instant::now());
+        self.phase_owed = 0;
+        self.cancelled = false;
+        self.relay.cancel_note = None;
     }
 
     /// A timeout fired.
@@ -437,6 +497,7 @@ impl Session {
                 }
                 Ok(())
             }
+            Phase::Client => Ok(()),
             Phase::InTransaction => Err(End::Closed(ErrorResponse::fatal(
                 SqlState(*b"25P03"),
                 format!(
@@ -672,7 +733,8 @@ impl Session {
         }
         self.cancel.detach();
         tracing::trace!(peer = %self.peer, server = server.id, "released");
-        if server.state.broken {
+        self.settle_cancel();
+        if server.state.broken || std::mem::take(&mut self.suspect) {
             server.discard(weir_pool::CloseReason::Broken);
         } else {
             server.release();
@@ -764,7 +826,9 @@ impl Session {
             Ok(s) => s,
             Err(e) => {
                 let failure = checkout_error(&pool, e);
-                tracing::warn!(peer = %self.peer, pool = %pool.name(), error = %failure.0.message, "checkout failed");
+                if pool.may_warn() {
+                    tracing::warn!(peer = %self.peer, pool = %pool.name(), error = %failure.0.message, "checkout failed");
+                }
                 return Ok(Err(failure));
             }
         };
@@ -772,6 +836,7 @@ impl Session {
             self.relay.inject_query(&q, &mut self.to_server);
         }
         self.cancel.attach(server.addr.clone(), server.key);
+        self.reset_phase();
         tracing::trace!(peer = %self.peer, server = server.id, "checked out");
         self.server = Some(server);
         Ok(Ok(()))
@@ -783,7 +848,8 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return;
         };
-        if server.state.broken {
+        self.settle_cancel();
+        if server.state.broken || self.suspect {
             return;
         }
         if self.relay.copying() {

@@ -17,7 +17,10 @@ use tokio::net::{TcpStream, UnixStream};
 /// What a look at a socket's readiness found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeekState {
+    /// No event since the socket was last drained.
     Quiet,
+    /// Marked readable: data, or a stale mark.
+    Readable,
     Closed,
 }
 
@@ -149,12 +152,10 @@ impl Stream {
         }
     }
 
-    /// Whether the peer has closed (or the socket failed), from what the reactor has already
-    /// seen: no system call. An idle server connection that PostgreSQL terminated (a shutdown,
-    /// `pg_terminate_backend`) shows here once its FIN is in. Readable-but-open is taken as
-    /// alive: a server sends nothing unprompted to an idle session except right before
-    /// closing, and the readable bit is often stale (Tokio skips clearing it when a newer
-    /// event, such as a write-space wakeup, slipped in).
+    /// What the reactor has already seen of the socket: no system call. An idle server
+    /// connection that PostgreSQL terminated (a shutdown, `pg_terminate_backend`) shows as
+    /// closed once its FIN is in. Readable is often stale (Tokio skips clearing it when a newer
+    /// event, such as a write-space wakeup, slipped in), so callers confirm with a read.
     pub fn peek_state(&self) -> PeekState {
         use std::future::Future;
         use std::task::{Context, Poll, Waker};
@@ -168,7 +169,7 @@ impl Stream {
             Poll::Ready(Ok(ready)) if ready.is_read_closed() || ready.is_error() => {
                 PeekState::Closed
             }
-            Poll::Ready(Ok(_)) => PeekState::Quiet,
+            Poll::Ready(Ok(_)) => PeekState::Readable,
             Poll::Ready(Err(_)) => PeekState::Closed,
         }
     }

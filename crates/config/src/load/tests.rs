@@ -224,3 +224,25 @@ fn zero_turns_timeouts_off_but_tiny_values_are_errors() {
     let err = from_toml_str("[pool]\nquery_timeout = \"1ms\"\n[databases.a]\n", None).unwrap_err();
     assert!(err.to_string().contains("0 turns it off"), "{err}");
 }
+
+#[test]
+fn lifecycle_contradictions_are_reported() {
+    let text = "[proxy]\nmax_client_conn = 0\n[pool]\nmin_size = 5\nmax_db_connections = 3\nconnect_retry_initial = \"0s\"\n\
+                reserve_size = 2\nreserve_timeout = \"40s\"\n[databases.a]\nurl = \"postgres://owner:pw@h/a\"\n\
+                [users.alice]\npassword = \"x\"\npool.mode = \"session\"\n";
+    let err = from_toml_str(text, None).unwrap_err();
+    let all: Vec<String> = err.0.iter().map(|p| format!("{p}")).collect();
+    let has =
+        |path: &str, level: &str| all.iter().any(|m| m.starts_with(level) && m.contains(path));
+    assert!(has("proxy.max_client_conn", "error"), "{all:?}");
+    assert!(has("databases.a.pool.min_size", "error"), "{all:?}");
+    assert!(has("pool.connect_retry_initial", "error"), "{all:?}");
+    assert!(
+        has("databases.a.pool.reserve_timeout", "warning"),
+        "{all:?}"
+    );
+    assert!(
+        has("users.alice.pool", "warning"),
+        "ignored overrides for a fixed-user database: {all:?}"
+    );
+}

@@ -556,3 +556,51 @@ async fn failing_health_check_replaces_connections_unseen() {
     let pool = s.weir.shared().pools.all().pop().unwrap();
     assert!(pool.pool.stats().closed(CloseReason::CheckFailed) >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_times_each_statement_not_the_session() {
+    use futures_util::SinkExt;
+    let s = Setup::with_config("qtimeout2", |pg, db| {
+        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+        c.pool.query_timeout = Some(Duration::from_millis(500));
+        c
+    })
+    .await;
+    let c = s.client().await;
+    c.simple_query("select 1").await.unwrap();
+    // A pause longer than the timeout, then a statement shorter than it: not cancelled.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.simple_query("select pg_sleep(0.2)")
+        .await
+        .expect("a short statement after a long pause runs");
+    // And the timeout still works afterwards.
+    assert_eq!(
+        code(&c.simple_query("select pg_sleep(3)").await.unwrap_err()),
+        "57014"
+    );
+    // Fast statements one after another for longer than the timeout, in one transaction.
+    c.batch_execute("begin").await.unwrap();
+    for _ in 0..8 {
+        c.simple_query("select pg_sleep(0.1)")
+            .await
+            .expect("each statement is timed on its own");
+    }
+    c.batch_execute("commit").await.unwrap();
+    // A COPY the client feeds slowly: the server waits on the client, which is not a slow statement.
+    c.batch_execute("create temp table slow_copy (x int)")
+        .await
+        .unwrap_or(());
+    s.sql("create table slow_copy (x int); grant all on slow_copy to public");
+    let sink = c.copy_in("copy slow_copy from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for i in 0..4 {
+        sink.send(bytes::Bytes::from(format!("{i}\n")))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        sink.finish().await.expect("a slow COPY is not cancelled"),
+        4
+    );
+}
