@@ -16,6 +16,8 @@ struct RawConfig {
     #[serde(default)]
     proxy: RawProxy,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     pool: PoolOverrides,
     #[serde(default)]
     auth: RawAuth,
@@ -39,6 +41,15 @@ struct RawProxy {
     workers: Option<usize>,
     max_message_size: Option<u32>,
     max_client_conn: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawAdmin {
+    /// An address, or "" / "off" to turn the listener off.
+    listen: Option<String>,
+    token: Option<Secret>,
+    #[serde(default)]
+    users: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -73,7 +84,8 @@ struct RawUser {
     max_client_conn: u32,
 }
 
-const TOP_KEYS: &[&str] = &["proxy", "pool", "auth", "databases", "users"];
+const TOP_KEYS: &[&str] = &["proxy", "admin", "pool", "auth", "databases", "users"];
+const ADMIN_KEYS: &[&str] = &["listen", "token", "users"];
 const PROXY_KEYS: &[&str] = &[
     "listen",
     "unix_socket_dir",
@@ -101,6 +113,7 @@ fn known_keys(path: &[&str]) -> &'static [&'static str] {
     match path {
         [_] => TOP_KEYS,
         ["proxy", _] => PROXY_KEYS,
+        ["admin", _] => ADMIN_KEYS,
         ["pool", _] => POOL_KEYS,
         ["auth", _] => AUTH_KEYS,
         ["databases", _, "pool", _] | ["users", _, "pool", _] => POOL_KEYS,
@@ -211,6 +224,25 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
             .unwrap_or(defaults.max_client_conn),
     };
 
+    let admin = AdminSettings {
+        listen: match raw.admin.listen.as_deref() {
+            None => AdminSettings::default().listen,
+            Some("" | "off") => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.push(
+                        Problem::error("admin.listen", format!("`{a}` is not an address:port"))
+                            .fix("write it like \"127.0.0.1:9930\", or \"off\""),
+                    );
+                    None
+                }
+            },
+        },
+        token: raw.admin.token,
+        users: raw.admin.users,
+    };
+
     let mut databases = BTreeMap::new();
     for (name, d) in raw.databases {
         if let Some(db) = resolve_database(&name, d, problems) {
@@ -256,6 +288,7 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
 
     Config {
         proxy,
+        admin,
         pool: raw.pool,
         auth_type: raw.auth.kind.unwrap_or(AuthType::ScramSha256),
         auth_file,
@@ -686,6 +719,9 @@ pub struct QuickStart {
     pub server_url: String,
     pub pool_size: u32,
     pub pool_mode: PoolMode,
+    /// The HTTP admin listener (`None`: the default address).
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
 }
 
 impl QuickStart {
@@ -734,6 +770,11 @@ impl QuickStart {
                 max_client_conn: 0,
             },
         );
+        config.admin.users = vec![user.clone()];
+        if let Some(a) = self.admin_listen {
+            config.admin.listen = Some(a);
+        }
+        config.admin.token = self.admin_token.clone().map(Secret::new);
         config.users.insert(
             user,
             User {

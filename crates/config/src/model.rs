@@ -164,6 +164,9 @@ pool_settings! {
     reset_query: String = "DISCARD ALL".into();
     /// Prepared statements kept per server connection (transaction mode).
     prepared_statements_cache: u32 = 256;
+    /// A statement slower than this is logged and kept for `/api/slow-queries` (0: off).
+    @serde(default, with = "humantime_serde")
+    slow_query_threshold: Duration = Duration::from_secs(1);
     /// Utilisation (percent of `size` in use) logged as a warning.
     utilisation_warning: u32 = 70;
     /// Utilisation logged as critical.
@@ -224,10 +227,32 @@ pub struct User {
     pub max_client_conn: u32,
 }
 
+/// The `[admin]` section: the HTTP admin listener and who may use the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Address of the HTTP admin listener (health, metrics, API, dashboard); `None` turns it off.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for every route but liveness and readiness; `None` leaves them open.
+    pub token: Option<Secret>,
+    /// Users that may connect to the admin console (databases `weir` and `pgbouncer`).
+    pub users: Vec<String>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
+            token: None,
+            users: Vec::new(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub proxy: ProxySettings,
+    pub admin: AdminSettings,
     pub pool: PoolOverrides,
     pub auth_type: AuthType,
     pub auth_file: Option<PathBuf>,
@@ -239,6 +264,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             proxy: ProxySettings::default(),
+            admin: AdminSettings::default(),
             pool: PoolOverrides::default(),
             auth_type: AuthType::ScramSha256,
             auth_file: None,

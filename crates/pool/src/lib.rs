@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 pub mod stats;
-pub use stats::{CloseReason, Snapshot, Stats};
+pub use stats::{BUCKETS, CloseReason, Histogram, HistogramSnapshot, Snapshot, Stats};
 
 /// Creates and checks the pooled objects.
 pub trait Manager: Send + Sync + 'static {
@@ -314,6 +314,7 @@ impl<M: Manager> Pool<M> {
         match inner.permits.try_acquire() {
             Ok(p) => {
                 p.forget();
+                inner.stats.wait_buckets.observe(Duration::ZERO);
                 return Ok(PermitGuard {
                     inner: inner.clone(),
                     kind: Kind::Main,

@@ -4,7 +4,55 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
+/// Upper bounds of [`Histogram`] buckets, in seconds (Prometheus style; +Inf is implied).
+pub const BUCKETS: [f64; 16] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+/// A lock-free histogram of durations with fixed buckets: two atomic adds per observation,
+/// read at scrape time.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last counts observations above every bound.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A copy of a [`Histogram`]: cumulative counts per bound, total count, sum in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len());
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            buckets.push((*bound, cumulative));
+        }
+        let count = cumulative + self.counts[BUCKETS.len()].load(Relaxed);
+        HistogramSnapshot {
+            buckets,
+            count,
+            sum: self.sum_us.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}
 
 /// Why an object was closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,10 +75,12 @@ pub enum CloseReason {
     PoolClosed,
     /// Closed to make room for another pool of the same server.
     Evicted,
+    /// Closed on purpose by an operator (pause, reconnect, kill).
+    Drained,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Dead,
         CloseReason::CheckFailed,
         CloseReason::IdleTimeout,
@@ -40,6 +90,7 @@ impl CloseReason {
         CloseReason::Shrink,
         CloseReason::PoolClosed,
         CloseReason::Evicted,
+        CloseReason::Drained,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +104,7 @@ impl CloseReason {
             CloseReason::Shrink => "shrink",
             CloseReason::PoolClosed => "pool_closed",
             CloseReason::Evicted => "evicted",
+            CloseReason::Drained => "drained",
         }
     }
 
@@ -90,7 +142,9 @@ pub struct Stats {
     /// Gauge: checkouts holding a reserve permit.
     pub reserve_used: AtomicUsize,
     /// Queue waits, in microseconds (only checkouts that queued).
-    waits: Mutex<Histogram<u64>>,
+    waits: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Every checkout's wait (zero when it did not queue), for export.
+    pub wait_buckets: Histogram,
 }
 
 impl Default for Stats {
@@ -109,8 +163,10 @@ impl Default for Stats {
             size: AtomicUsize::new(0),
             reserve_used: AtomicUsize::new(0),
             waits: Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("valid bounds"),
             ),
+            wait_buckets: Histogram::default(),
         }
     }
 }
@@ -133,6 +189,7 @@ impl Stats {
     pub(crate) fn record_wait(&self, d: Duration) {
         let us = d.as_micros() as u64;
         self.wait_us.fetch_add(us, Relaxed);
+        self.wait_buckets.observe(d);
         self.waits.lock().unwrap().saturating_record(us.max(1));
     }
 
@@ -198,4 +255,23 @@ pub struct Snapshot {
     pub active: usize,
     pub max_size: usize,
     pub reserve_used: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.buckets[0], (0.0001, 1));
+        assert_eq!(s.buckets.iter().find(|(b, _)| *b == 0.005).unwrap().1, 2);
+        assert_eq!(s.buckets.last().unwrap().1, 2, "60 s is above every bound");
+        assert!((s.sum - 60.00305).abs() < 1e-6);
+    }
 }

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cancel;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod params;
 pub mod pools;
 pub mod prepared;

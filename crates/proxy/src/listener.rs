@@ -13,9 +13,11 @@ use weir_config::Config;
 use crate::auth::UserDirectory;
 use crate::cancel::CancelRegistry;
 use crate::limits::ClientCounts;
+use crate::metrics::{Registry, SlowLog};
 use crate::pools::Pools;
 use crate::session;
 use crate::stream::Stream;
+use std::sync::atomic::AtomicU64;
 
 /// State shared by every session, passed as a handle (no globals), so several proxies can
 /// run in one process, as the tests do.
@@ -26,6 +28,13 @@ pub struct Shared {
     pub pools: Pools,
     pub cancel: Arc<CancelRegistry>,
     pub clients: Arc<ClientCounts>,
+    /// Logged-in clients, for SHOW CLIENTS.
+    pub clients_registry: Arc<Registry>,
+    pub next_client_id: AtomicU64,
+    pub slow: SlowLog,
+    pub started: std::time::SystemTime,
+    /// Signalled when an operator asks the process to stop (console SHUTDOWN).
+    pub shutdown: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -36,6 +45,11 @@ impl Shared {
             pools: Pools::default(),
             cancel: Arc::new(CancelRegistry::default()),
             clients: Arc::new(ClientCounts::default()),
+            clients_registry: Arc::new(Registry::default()),
+            next_client_id: AtomicU64::new(1),
+            slow: SlowLog::default(),
+            started: std::time::SystemTime::now(),
+            shutdown: tokio::sync::Notify::new(),
         }
     }
 }
@@ -113,9 +127,14 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>) {
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
     loop {
         tick.tick().await;
         shared.pools.maintain();
+        if n.is_multiple_of(2) {
+            shared.pools.probe_all();
+        }
+        n += 1;
     }
 }
 

@@ -12,6 +12,7 @@ use weir_config::{Config, PoolSettings, ServerLogin};
 use weir_pool::{CloseReason, Manager, Meta, Pool, Verdict};
 use weir_wire::backend::TxStatus;
 
+use crate::metrics::{ConnInfo, PoolMetrics, Registry};
 use crate::params::ParamSet;
 use crate::server::{ServerConn, ServerError};
 
@@ -39,6 +40,13 @@ pub struct ServerManager {
     /// A login the server refused for good (wrong password, unknown database), remembered
     /// briefly so a crowd of clients does not become a crowd of failing logins.
     refused: Mutex<Option<(Instant, ServerError)>>,
+    /// Open server connections, for SHOW SERVERS.
+    pub servers: Arc<Registry>,
+    /// Connections opened before this generation are closed when released (RECONNECT,
+    /// PAUSE).
+    pub generation: AtomicU64,
+    /// While paused, released connections are closed (PAUSE drains the pool).
+    pub paused: AtomicBool,
 }
 
 /// How long a login the server refused for good is answered from memory.
@@ -111,6 +119,17 @@ impl Manager for ServerManager {
                 self.mark_reachable();
                 *self.refused.lock().unwrap() = None;
                 conn.db_permit = db_permit;
+                conn.generation = self.generation.load(Ordering::Acquire);
+                let (database, user) = self.name.split_once('/').unwrap_or((&self.name, ""));
+                conn.registration = Some(self.servers.register(ConnInfo::new(
+                    id,
+                    user,
+                    database,
+                    conn.stream.peer_addr(),
+                    conn.stream.local_addr(),
+                    "",
+                    conn.key.pid,
+                )));
                 if !s.server_lifetime.is_zero() {
                     conn.lifetime = s
                         .server_lifetime
@@ -165,6 +184,10 @@ impl Manager for ServerManager {
             Err(CloseReason::MaxUses)
         } else if conn.expired(meta.created) {
             Err(CloseReason::Lifetime)
+        } else if self.paused.load(Ordering::Acquire)
+            || conn.generation < self.generation.load(Ordering::Acquire)
+        {
+            Err(CloseReason::Drained)
         } else if self.db.others_blocked(&self.name) {
             // Another pool of this database waits on its cap: make room for it.
             Err(CloseReason::Evicted)
@@ -317,6 +340,20 @@ pub struct ServerPool {
     topping_up: AtomicBool,
     last_wait_warning: Mutex<Option<Instant>>,
     last_warning: Mutex<Option<Instant>>,
+    pub metrics: PoolMetrics,
+    /// Woken on RESUME (clients wait while the pool is paused).
+    resumed: tokio::sync::Notify,
+    /// Woken on KILL: every session of the pool ends.
+    pub kill: Arc<tokio::sync::Notify>,
+    probe: Mutex<Option<Probe>>,
+    probing: AtomicBool,
+}
+
+/// The last readiness probe of a pool: a `SELECT 1` round trip on one of its connections.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub at: Instant,
+    pub result: Result<Duration, String>,
 }
 
 /// How often a level that persists is logged again.
@@ -352,6 +389,107 @@ impl ServerPool {
             .unwrap()
             .clone()
             .expect("set by the first connection"))
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pool.manager().paused.load(Ordering::Acquire)
+    }
+
+    /// PAUSE: new checkouts wait, idle connections close, connections in use close when
+    /// released. Returns when none is left (or `limit` passed).
+    pub async fn pause(&self, limit: Duration) -> bool {
+        self.pool.manager().paused.store(true, Ordering::Release);
+        let deadline = Instant::now() + limit;
+        loop {
+            self.pool
+                .reap(0, |_, _| Verdict::Close(CloseReason::Drained));
+            if self.pool.snapshot().size == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// RESUME: waiting clients proceed.
+    pub fn resume(&self) {
+        self.pool.manager().paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    /// Waits while the pool is paused, up to `until`; false if still paused then.
+    pub async fn wait_resumed(&self, until: Instant) -> bool {
+        loop {
+            let woken = self.resumed.notified();
+            if !self.is_paused() {
+                return true;
+            }
+            if tokio::time::timeout_at(until.into(), woken).await.is_err() {
+                return !self.is_paused();
+            }
+        }
+    }
+
+    /// RECONNECT: every connection is closed once it is not in use, new ones replace them.
+    pub fn reconnect(&self) {
+        self.pool
+            .manager()
+            .generation
+            .fetch_add(1, Ordering::AcqRel);
+        self.pool
+            .reap(0, |_, _| Verdict::Close(CloseReason::Drained));
+    }
+
+    /// KILL: every client session of this pool ends and every server connection closes.
+    pub fn kill(&self) {
+        self.reconnect();
+        self.kill.notify_waiters();
+    }
+
+    /// The last readiness probe, if any.
+    pub fn probe(&self) -> Option<Probe> {
+        self.probe.lock().unwrap().clone()
+    }
+
+    /// Starts a readiness probe in the background unless one is running. A pool whose
+    /// connections are all busy with clients waiting is working: it is not probed.
+    pub fn start_probe(self: &Arc<Self>) {
+        let snap = self.pool.snapshot();
+        if self.is_paused() || (snap.idle == 0 && snap.active >= snap.max_size) {
+            return;
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let limit = me.settings().connect_timeout.min(Duration::from_secs(2));
+            let t = Instant::now();
+            let result = match me.pool.get_once(limit).await {
+                Ok(mut conn) => {
+                    let started = Instant::now();
+                    match tokio::time::timeout(limit, conn.run("SELECT 1")).await {
+                        Ok(Ok(_)) => {
+                            let rtt = started.elapsed();
+                            conn.release();
+                            Ok(rtt)
+                        }
+                        Ok(Err(e)) => Err(format!("probe query failed: {e}")),
+                        Err(_) => Err(format!("probe query took over {limit:?}")),
+                    }
+                }
+                Err(weir_pool::GetError::Create(e)) => Err(e.to_string()),
+                Err(weir_pool::GetError::Timeout {
+                    last_error: Some(e),
+                    ..
+                }) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            *me.probe.lock().unwrap() = Some(Probe { at: t, result });
+            me.probing.store(false, Ordering::Release);
+        });
     }
 
     /// Percent of the pool's size in use.
@@ -506,6 +644,9 @@ impl Pools {
                 db: db.clone(),
                 unreachable: Mutex::new(None),
                 refused: Mutex::new(None),
+                servers: Arc::new(Registry::default()),
+                generation: AtomicU64::new(0),
+                paused: AtomicBool::new(false),
                 settings: settings.clone(),
             },
             settings.size as usize,
@@ -520,6 +661,11 @@ impl Pools {
             topping_up: AtomicBool::new(false),
             last_wait_warning: Mutex::new(None),
             last_warning: Mutex::new(None),
+            metrics: PoolMetrics::default(),
+            resumed: tokio::sync::Notify::new(),
+            kill: Arc::new(tokio::sync::Notify::new()),
+            probe: Mutex::new(None),
+            probing: AtomicBool::new(false),
         });
         db.pools.lock().unwrap().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());
@@ -543,8 +689,25 @@ impl Pools {
     pub fn maintain(&self) {
         for p in self.all() {
             p.reap();
-            p.top_up();
+            if !p.is_paused() {
+                p.top_up();
+            }
         }
+    }
+
+    /// Probes every pool's server (see [`ServerPool::start_probe`]).
+    pub fn probe_all(&self) {
+        for p in self.all() {
+            p.start_probe();
+        }
+    }
+
+    /// The pools of one database (all of them with `None`).
+    pub fn of_database(&self, database: Option<&str>) -> Vec<Arc<ServerPool>> {
+        self.all()
+            .into_iter()
+            .filter(|p| database.is_none_or(|d| p.database == d))
+            .collect()
     }
 
     /// Closes every pool: waiters fail, idle connections close.

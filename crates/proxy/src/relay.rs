@@ -131,6 +131,8 @@ pub struct Relay {
     /// Weir cancelled the running statement itself (query_timeout): the server's 57014 is
     /// replaced by one with this message.
     pub cancel_note: Option<String>,
+    /// SQLSTATEs of the errors relayed since the session last looked (for metrics).
+    pub errors: Vec<SqlState>,
 }
 
 impl Relay {
@@ -150,6 +152,7 @@ impl Relay {
             max_message_size,
             fatal_relayed: false,
             cancel_note: None,
+            errors: Vec::new(),
         }
     }
 
@@ -726,6 +729,9 @@ impl Relay {
                 };
                 if fatal && forward {
                     self.fatal_relayed = true;
+                }
+                if forward {
+                    self.errors.push(err.code);
                 }
                 if forward
                     && err.code == SqlState::QUERY_CANCELED

@@ -153,6 +153,10 @@ pub struct ServerConn {
     pub lifetime: Duration,
     /// Held for the connection's life when its database caps connections.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its pool's generation when it opened (older ones are closed at release).
+    pub generation: u64,
+    /// Its entry in the pool's registry (SHOW SERVERS), removed when it closes.
+    pub registration: Option<crate::metrics::Registered>,
 }
 
 /// What Weir tracks on a server connection, apart from its socket (so the relay can update
@@ -361,6 +365,8 @@ impl ServerConn {
                         id,
                         lifetime: Duration::ZERO,
                         db_permit: None,
+                        generation: 0,
+                        registration: None,
                     });
                 }
                 backend::tag::ERROR_RESPONSE => {

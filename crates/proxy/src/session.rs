@@ -8,6 +8,7 @@
 //! server connection goes back to the pool as soon as [`Relay::is_idle`] says so.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use crate::auth::{self, AuthError};
 use crate::cancel::Registration;
 use crate::limits::ClientSlot;
 use crate::listener::Shared;
+use crate::metrics::{ConnInfo, ConnState, Registered, SLOW_QUERY_TEXT, SlowQuery, cut};
 use crate::params::ClientParams;
 use crate::pools::{ServerManager, ServerPool};
 use crate::prepared::ClientStatements;
@@ -125,6 +127,8 @@ struct Login {
     params: ClientParams,
     cancel: Registration,
     slot: ClientSlot,
+    info: Registered,
+    kill: Arc<tokio::sync::Notify>,
 }
 
 /// Checks the database, authenticates, and sends the client the welcome messages.
@@ -212,11 +216,28 @@ async fn login(
     .encode(&mut out);
     TxStatus::Idle.encode(&mut out);
     client.write_all(&out).await.map_err(|_| None)?;
+    let info = shared.clients_registry.register(ConnInfo::new(
+        shared
+            .next_client_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        user,
+        database,
+        client.peer_addr(),
+        client.local_addr(),
+        startup.get("application_name").unwrap_or(""),
+        0,
+    ));
+    pool.metrics
+        .clients
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let kill = pool.kill.clone();
     Ok(Login {
         pool,
         params,
         cancel,
         slot,
+        info,
+        kill,
     })
 }
 
@@ -321,6 +342,14 @@ impl From<ServerProtocolError> for End {
     }
 }
 
+/// The error a session ends with when an operator KILLs its database.
+fn killed() -> End {
+    End::Closed(ErrorResponse::fatal(
+        SqlState::ADMIN_SHUTDOWN,
+        "terminating connection: database killed by an administrator (KILL)",
+    ))
+}
+
 /// Socket events the relay loop reacts to.
 enum Event {
     ServerReadable(io::Result<()>),
@@ -328,6 +357,7 @@ enum Event {
     ClientReadable(io::Result<()>),
     ClientWritable(io::Result<()>),
     Timeout(Phase),
+    Killed,
 }
 
 impl Event {
@@ -338,6 +368,7 @@ impl Event {
             Event::ClientReadable(_) => "client readable",
             Event::ClientWritable(_) => "client writable",
             Event::Timeout(_) => "timeout",
+            Event::Killed => "killed",
         }
     }
 }
@@ -372,6 +403,35 @@ struct Session {
     suspect: bool,
     /// Holds the client's place under the connection limits.
     _slot: ClientSlot,
+    /// This client in the registry (SHOW CLIENTS).
+    info: Registered,
+    /// Ends the session when an operator KILLs the pool's database.
+    kill: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// The request in flight: when it started, what it was, whether it reached a server.
+    request: Option<(Instant, QueryLabel, bool)>,
+    /// When the current transaction started.
+    tx_start: Option<Instant>,
+    /// Reused buffer for a simple query's text (slow-query log).
+    query_text: String,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.pool
+            .metrics
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a request ran, for the slow-query log, kept cheaply until needed.
+#[derive(Debug, Clone)]
+enum QueryLabel {
+    /// The text is in the session's `query_text` buffer.
+    Text,
+    Statement(Arc<crate::prepared::Statement>),
+    Other,
 }
 
 /// What a session with a server connection is waiting on.
@@ -416,6 +476,12 @@ impl Session {
             phase_owed: 0,
             cancelled: false,
             suspect: false,
+            info: login.info,
+            kill: Box::pin(login.kill.notified_owned()),
+            request: None,
+            tx_start: None,
+            query_text: String::new(),
+            shared: shared.clone(),
             _slot: login.slot,
         }
     }
@@ -560,6 +626,7 @@ impl Session {
     }
 
     async fn fatal(&mut self, e: ErrorResponse) {
+        self.pool.metrics.error(e.code);
         let pending = std::mem::take(&mut self.to_client);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&pending)).await;
         send_fatal(&mut self.client, e).await;
@@ -593,13 +660,17 @@ impl Session {
             }
             let idle_limit = self.pool.settings().client_idle_timeout;
             let read = self.client.read_buf(&mut self.cbuf);
-            let n = if idle_limit.is_zero() {
-                read.await
-            } else {
-                match tokio::time::timeout(idle_limit, read).await {
-                    Ok(r) => r,
-                    Err(_) => return self.on_timeout(Phase::Idle),
+            let limit = async {
+                if idle_limit.is_zero() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(idle_limit).await
                 }
+            };
+            let n = tokio::select! {
+                r = read => r,
+                _ = limit => return self.on_timeout(Phase::Idle),
+                _ = self.kill.as_mut() => return Err(killed()),
             };
             if n.map_err(|_| End::ClientGone)? == 0 {
                 return Err(End::ClientGone);
@@ -626,10 +697,14 @@ impl Session {
             let (write_server, write_client) =
                 (!self.to_server.is_empty(), !self.to_client.is_empty());
             let client = &self.client;
+            let kill = &mut self.kill;
             // Polled directly rather than through select!: no readiness future is built and
             // torn down (with the waiter-list lock) per socket per round.
             let ready = std::future::poll_fn(|cx| {
                 use std::task::Poll::Ready;
+                if kill.as_mut().poll(cx).is_ready() {
+                    return Ready(Event::Killed);
+                }
                 if read_server && let Ready(r) = server.stream.poll_read_ready(cx) {
                     return Ready(Event::ServerReadable(r));
                 }
@@ -654,6 +729,7 @@ impl Session {
         };
         tracing::trace!(peer = %self.peer, event = ev.name(), "busy");
         match ev {
+            Event::Killed => Err(killed()),
             Event::Timeout(phase) => self.on_timeout(phase),
             Event::ServerReadable(r) => {
                 r.map_err(|e| End::ServerLost(e.to_string()))?;
@@ -714,6 +790,13 @@ impl Session {
         };
         send(&self.client, &mut self.to_client, data).map_err(|_| End::ClientGone)?;
         server.rbuf.advance(n);
+        let m = &self.pool.metrics;
+        m.bytes_sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        for code in self.relay.errors.drain(..) {
+            m.error(code);
+        }
+        self.settle_request();
         self.maybe_release();
         Ok(())
     }
@@ -732,6 +815,12 @@ impl Session {
             return;
         }
         self.cancel.detach();
+        self.info.info.set_state(ConnState::Idle);
+        self.info.info.set_link(0);
+        if let Some(r) = &server.registration {
+            r.info.set_state(ConnState::Idle);
+            r.info.set_link(0);
+        }
         tracing::trace!(peer = %self.peer, server = server.id, "released");
         self.settle_cancel();
         if server.state.broken || std::mem::take(&mut self.suspect) {
@@ -744,6 +833,19 @@ impl Session {
     /// Handles the complete messages in `cbuf`, checking out a server when one is needed.
     async fn handle_client(&mut self) -> Result<(), End> {
         tracing::trace!(peer = %self.peer, bytes = ?summarize(&self.cbuf), "from client");
+        if self.request.is_none()
+            && self.relay.nothing_owed()
+            && self.relay.client_ready(&self.cbuf)
+        {
+            let label = self.label_request();
+            let now = Instant::now();
+            self.request = Some((now, label, false));
+            if self.tx_start.is_none() && self.relay.status() == TxStatus::Idle {
+                self.tx_start = Some(now);
+            }
+        }
+        let queued_before = self.to_server.len();
+        let received_before = self.cbuf.len();
         loop {
             let server = self.server.as_mut().map(|s| &mut s.state);
             let step = self.relay.from_client(
@@ -774,15 +876,106 @@ impl Session {
                 }
             }
         }
+        self.pool.metrics.bytes_received.fetch_add(
+            received_before.saturating_sub(self.cbuf.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if self.to_server.len() > queued_before
+            && let Some(r) = &mut self.request
+        {
+            r.2 = true;
+        }
         self.flush_to_server()?;
         if !self.to_client.is_empty() && self.server.is_some() {
             let pending = std::mem::take(&mut self.to_client);
             send(&self.client, &mut self.to_client, &pending).map_err(|_| End::ClientGone)?;
         }
+        self.settle_request();
         // A client message can end what held the connection (CopyDone after a COPY the
         // server already aborted, say) without any reply from the server.
         self.maybe_release();
         Ok(())
+    }
+
+    /// What the request starting at the front of `cbuf` runs, for the slow-query log: the
+    /// text of a simple query or Parse (copied into a reused buffer), or the statement a
+    /// Bind names. Costs nothing when the log is off.
+    fn label_request(&mut self) -> QueryLabel {
+        if self.pool.settings().slow_query_threshold.is_zero() {
+            return QueryLabel::Other;
+        }
+        let Ok(Some((h, body))) = frame::complete(&self.cbuf, u32::MAX) else {
+            return QueryLabel::Other;
+        };
+        let text = match h.tag {
+            weir_wire::frontend::tag::QUERY => {
+                weir_wire::frontend::Query::decode(body).ok().map(|q| q.sql)
+            }
+            weir_wire::frontend::tag::PARSE => weir_wire::frontend::Parse::decode(body)
+                .ok()
+                .map(|p| p.query),
+            weir_wire::frontend::tag::BIND => {
+                return weir_wire::frontend::Bind::decode(body)
+                    .ok()
+                    .and_then(|b| self.statements.get(b.statement).cloned())
+                    .map_or(QueryLabel::Other, QueryLabel::Statement);
+            }
+            _ => None,
+        };
+        match text {
+            Some(t) => {
+                self.query_text.clear();
+                // Enough bytes for the characters kept (UTF-8 is at most 4 bytes each).
+                let t = &t[..t.len().min(SLOW_QUERY_TEXT * 4)];
+                self.query_text.push_str(&String::from_utf8_lossy(t));
+                QueryLabel::Text
+            }
+            None => QueryLabel::Other,
+        }
+    }
+
+    /// The request in flight has all its replies: time it, and the transaction if it ended.
+    fn settle_request(&mut self) {
+        if self.request.is_none() || !self.relay.nothing_owed() || !self.to_server.is_empty() {
+            return;
+        }
+        let (start, label, touched) = self.request.take().expect("checked");
+        let ended = self.relay.status() == TxStatus::Idle;
+        if !touched {
+            // Answered by Weir alone (a prepared Parse, a Sync): no server work to time.
+            if ended {
+                self.tx_start = None;
+            }
+            return;
+        }
+        let took = start.elapsed();
+        let m = &self.pool.metrics;
+        m.queries.observe(took);
+        if ended && let Some(t) = self.tx_start.take() {
+            m.transactions.observe(t.elapsed());
+        }
+        let threshold = self.pool.settings().slow_query_threshold;
+        if !threshold.is_zero() && took >= threshold {
+            let text = match &label {
+                QueryLabel::Text => self.query_text.clone(),
+                QueryLabel::Statement(st) => weir_wire::frame::complete(&st.parse, u32::MAX)
+                    .ok()
+                    .flatten()
+                    .and_then(|(_, body)| weir_wire::frontend::Parse::decode(body).ok())
+                    .map_or_else(String::new, |p| {
+                        String::from_utf8_lossy(p.query).into_owned()
+                    }),
+                QueryLabel::Other => "(extended protocol)".to_string(),
+            };
+            self.shared.slow.record(SlowQuery {
+                at: std::time::SystemTime::now(),
+                database: self.pool.database.clone(),
+                user: self.info.info.user.clone(),
+                client: self.peer.clone(),
+                duration: took,
+                query: cut(&text, SLOW_QUERY_TEXT),
+            });
+        }
     }
 
     fn flush_to_server(&mut self) -> Result<(), End> {
@@ -801,7 +994,20 @@ impl Session {
         let pool = self.pool.clone();
         let timeout = pool.settings().query_wait_timeout;
         let asked = std::time::Instant::now();
-        let get = pool.pool.get(timeout);
+        self.info.info.set_state(ConnState::Waiting);
+        if pool.is_paused() && !pool.wait_resumed(asked + timeout).await {
+            self.info.info.set_state(ConnState::Idle);
+            let e = ErrorResponse::error(
+                SqlState::TOO_MANY_CONNECTIONS,
+                format!(
+                    "pool \"{}\" is paused; waited {:.1}s for RESUME",
+                    pool.name(),
+                    timeout.as_secs_f64()
+                ),
+            );
+            return Ok(Err(CheckoutFailure(e)));
+        }
+        let get = pool.pool.get(timeout.saturating_sub(asked.elapsed()));
         tokio::pin!(get);
         let result = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
@@ -825,7 +1031,9 @@ impl Session {
         let mut server = match result {
             Ok(s) => s,
             Err(e) => {
+                self.info.info.set_state(ConnState::Idle);
                 let failure = checkout_error(&pool, e);
+                pool.metrics.error(failure.0.code);
                 if pool.may_warn() {
                     tracing::warn!(peer = %self.peer, pool = %pool.name(), error = %failure.0.message, "checkout failed");
                 }
@@ -836,6 +1044,12 @@ impl Session {
             self.relay.inject_query(&q, &mut self.to_server);
         }
         self.cancel.attach(server.addr.clone(), server.key);
+        self.info.info.set_state(ConnState::Active);
+        if let Some(r) = &server.registration {
+            r.info.set_state(ConnState::Active);
+            r.info.set_link(self.info.info.id);
+            self.info.info.set_link(r.info.id);
+        }
         self.reset_phase();
         tracing::trace!(peer = %self.peer, server = server.id, "checked out");
         self.server = Some(server);

@@ -174,6 +174,22 @@ impl Stream {
         }
     }
 
+    /// The peer's address and port ("unix", 0 for a Unix socket).
+    pub fn peer_addr(&self) -> (String, u16) {
+        match self {
+            Stream::Tcp(s) => crate::metrics::split_addr(s.peer_addr().ok()),
+            Stream::Unix(_) => ("unix".into(), 0),
+        }
+    }
+
+    /// Our own address and port ("unix", 0 for a Unix socket).
+    pub fn local_addr(&self) -> (String, u16) {
+        match self {
+            Stream::Tcp(s) => crate::metrics::split_addr(s.local_addr().ok()),
+            Stream::Unix(_) => ("unix".into(), 0),
+        }
+    }
+
     pub fn set_nodelay(&self) {
         if let Stream::Tcp(s) = self {
             let _ = s.set_nodelay(true);

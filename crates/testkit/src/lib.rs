@@ -496,9 +496,10 @@ pub fn weir_config(pg: &PgServer, database: &str, pool_size: u32, mode: PoolMode
         })
         .collect();
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[pool]\nmode = \"{mode}\"\nsize = {pool_size}\nquery_wait_timeout = \"20s\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\nusers = [\"{su}\"]\n\n[pool]\nmode = \"{mode}\"\nsize = {pool_size}\nquery_wait_timeout = \"20s\"\n\n\
          [databases.{database}]\nhost = \"127.0.0.1\"\nport = {port}\n\n{users}\n[users.trust_user]\nauth = \"trust\"\n",
-        port = pg.port
+        port = pg.port,
+        su = SUPERUSER.user,
     );
     weir_config::from_toml_str(&text, None)
         .unwrap_or_else(|p| panic!("test config invalid: {p}\n{text}"))

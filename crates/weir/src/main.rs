@@ -50,6 +50,12 @@ struct RunArgs {
     /// Worker threads (default: the config's proxy.workers, 0 = one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Quick start: address of the HTTP admin listener (health, metrics, dashboard).
+    #[arg(long, requires = "server")]
+    admin_listen: Option<SocketAddr>,
+    /// Bearer token for the admin routes (also WEIR_ADMIN_TOKEN).
+    #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn parse_mode(s: &str) -> Result<PoolMode, String> {
@@ -125,6 +131,8 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
             server_url: url.clone(),
             pool_size: args.pool_size,
             pool_mode: args.pool_mode,
+            admin_listen: args.admin_listen,
+            admin_token: args.admin_token.clone(),
         }
         .build()
         .map_err(|p| anyhow::anyhow!("{p}")),

@@ -180,6 +180,8 @@ fn quick_start_serves_one_database() {
         server_url: "postgres://app:pw@127.0.0.1:5432/appdb".into(),
         pool_size: 7,
         pool_mode: PoolMode::Transaction,
+        admin_listen: None,
+        admin_token: None,
     }
     .build()
     .unwrap();

@@ -1,0 +1,332 @@
+//! What Weir measures, named once here; the admin crate and the console read it at scrape
+//! time. Hot-path updates are atomic adds; the locks here are taken only at connect,
+//! disconnect, on errors and on slow statements.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use weir_pool::Histogram;
+use weir_wire::SqlState;
+
+/// Per-pool measurements beyond the pool's own counters (see `weir_pool::Stats`).
+#[derive(Debug, Default)]
+pub struct PoolMetrics {
+    /// Transactions: from the start of a request outside a transaction to ReadyForQuery idle.
+    pub transactions: Histogram,
+    /// Requests: from a client's message to the last reply it is owed.
+    pub queries: Histogram,
+    /// Bytes from clients to the server, and from the server to clients.
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Gauge: clients logged in to this pool.
+    pub clients: AtomicUsize,
+    /// ErrorResponses clients got, by SQLSTATE (the server's and Weir's own).
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl PoolMetrics {
+    pub fn error(&self, code: SqlState) {
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(code.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().unwrap().clone()
+    }
+}
+
+/// A statement slower than its pool's `slow_query_threshold`.
+#[derive(Debug, Clone)]
+pub struct SlowQuery {
+    pub at: SystemTime,
+    pub database: String,
+    pub user: String,
+    pub client: String,
+    pub duration: Duration,
+    /// The text, cut to [`SLOW_QUERY_TEXT`] characters. Parameters are never recorded.
+    pub query: String,
+}
+
+/// Longest query text kept for a slow statement.
+pub const SLOW_QUERY_TEXT: usize = 1000;
+
+/// The latest slow statements, bounded.
+#[derive(Debug)]
+pub struct SlowLog {
+    entries: Mutex<VecDeque<SlowQuery>>,
+    capacity: usize,
+}
+
+impl Default for SlowLog {
+    fn default() -> Self {
+        SlowLog {
+            entries: Mutex::new(VecDeque::new()),
+            capacity: 200,
+        }
+    }
+}
+
+impl SlowLog {
+    pub fn record(&self, q: SlowQuery) {
+        tracing::warn!(
+            database = %q.database,
+            user = %q.user,
+            client = %q.client,
+            duration_ms = q.duration.as_millis() as u64,
+            query = %q.query,
+            "slow query"
+        );
+        let mut e = self.entries.lock().unwrap();
+        if e.len() == self.capacity {
+            e.pop_front();
+        }
+        e.push_back(q);
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<SlowQuery> {
+        self.entries.lock().unwrap().iter().rev().cloned().collect()
+    }
+}
+
+/// Cuts `text` to at most `max` characters, on a character boundary.
+pub fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// What a connection is doing, for SHOW CLIENTS / SHOW SERVERS and the state gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnState {
+    Idle = 0,
+    Waiting = 1,
+    Active = 2,
+}
+
+impl ConnState {
+    fn from_u8(v: u8) -> ConnState {
+        match v {
+            1 => ConnState::Waiting,
+            2 => ConnState::Active,
+            _ => ConnState::Idle,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Idle => "idle",
+            ConnState::Waiting => "waiting",
+            ConnState::Active => "active",
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (0: never).
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// One connection (client or server) as the console and the API show it.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub port: u16,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub connect_time: SystemTime,
+    pub application_name: String,
+    /// Server connections: the backend's process id.
+    pub remote_pid: i32,
+    state: AtomicU8,
+    request_time: AtomicU64,
+    wait_since: AtomicU64,
+    /// The connection it is paired with right now (a client's server, a server's client).
+    link: AtomicU64,
+}
+
+impl ConnInfo {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        user: &str,
+        database: &str,
+        (addr, port): (String, u16),
+        (local_addr, local_port): (String, u16),
+        application_name: &str,
+        remote_pid: i32,
+    ) -> ConnInfo {
+        let now = SystemTime::now();
+        ConnInfo {
+            id,
+            user: user.into(),
+            database: database.into(),
+            addr,
+            port,
+            local_addr,
+            local_port,
+            connect_time: now,
+            application_name: application_name.into(),
+            remote_pid,
+            state: AtomicU8::new(ConnState::Idle as u8),
+            request_time: AtomicU64::new(unix_micros(now)),
+            wait_since: AtomicU64::new(0),
+            link: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Relaxed))
+    }
+
+    pub fn set_state(&self, s: ConnState) {
+        self.state.store(s as u8, Relaxed);
+        match s {
+            ConnState::Waiting => self
+                .wait_since
+                .store(unix_micros(SystemTime::now()), Relaxed),
+            ConnState::Active => {
+                self.wait_since.store(0, Relaxed);
+                self.request_time
+                    .store(unix_micros(SystemTime::now()), Relaxed);
+            }
+            ConnState::Idle => self.wait_since.store(0, Relaxed),
+        }
+    }
+
+    pub fn request_time(&self) -> u64 {
+        self.request_time.load(Relaxed)
+    }
+
+    /// How long it has been waiting (zero if not waiting).
+    pub fn waiting_for(&self) -> Duration {
+        let since = self.wait_since.load(Relaxed);
+        if since == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(unix_micros(SystemTime::now()).saturating_sub(since))
+    }
+
+    pub fn set_link(&self, other: u64) {
+        self.link.store(other, Relaxed);
+    }
+
+    pub fn link(&self) -> u64 {
+        self.link.load(Relaxed)
+    }
+}
+
+/// Live connections of one kind, by id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+}
+
+impl Registry {
+    /// Adds a connection; it is removed when the returned entry drops.
+    pub fn register(self: &Arc<Self>, info: ConnInfo) -> Registered {
+        let info = Arc::new(info);
+        self.map.lock().unwrap().insert(info.id, info.clone());
+        Registered {
+            registry: self.clone(),
+            info,
+        }
+    }
+
+    pub fn list(&self) -> Vec<Arc<ConnInfo>> {
+        let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A connection's place in a [`Registry`].
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    pub info: Arc<ConnInfo>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.map.lock().unwrap().remove(&self.info.id);
+    }
+}
+
+/// Splits a socket address text into address and port.
+pub fn split_addr(a: Option<std::net::SocketAddr>) -> (String, u16) {
+    a.map_or_else(|| ("unix".into(), 0), |a| (a.ip().to_string(), a.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_log_is_bounded_and_newest_first() {
+        let log = SlowLog {
+            entries: Mutex::new(VecDeque::new()),
+            capacity: 2,
+        };
+        for i in 0..3 {
+            log.record(SlowQuery {
+                at: SystemTime::now(),
+                database: "d".into(),
+                user: "u".into(),
+                client: "c".into(),
+                duration: Duration::from_secs(i),
+                query: format!("q{i}"),
+            });
+        }
+        let l = log.list();
+        assert_eq!(
+            l.iter().map(|q| q.query.as_str()).collect::<Vec<_>>(),
+            vec!["q2", "q1"]
+        );
+    }
+
+    #[test]
+    fn cut_respects_characters() {
+        assert_eq!(cut("héllo", 2), "hé…");
+        assert_eq!(cut("hi", 5), "hi");
+    }
+
+    #[test]
+    fn registry_entries_leave_on_drop() {
+        let r = Arc::new(Registry::default());
+        let a = r.register(ConnInfo::new(
+            1,
+            "u",
+            "d",
+            ("a".into(), 1),
+            ("l".into(), 2),
+            "app",
+            0,
+        ));
+        assert_eq!(r.len(), 1);
+        a.info.set_state(ConnState::Waiting);
+        assert_eq!(r.list()[0].state(), ConnState::Waiting);
+        drop(a);
+        assert!(r.is_empty());
+    }
+}
