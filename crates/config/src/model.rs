@@ -104,8 +104,37 @@ macro_rules! pool_settings {
             /// Every key of a pool table.
             pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
         }
+
+        impl PoolSettings {
+            /// Every setting as (key, value as written in TOML).
+            pub fn entries(&self) -> Vec<(&'static str, String)> {
+                vec![$((stringify!($field), ShowValue::show(&self.$field))),*]
+            }
+        }
     };
 }
+
+/// A setting's value as written in TOML.
+pub trait ShowValue {
+    fn show(&self) -> String;
+}
+
+impl ShowValue for Duration {
+    fn show(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+impl ShowValue for PoolMode {
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+macro_rules! show_plain {
+    ($($t:ty),*) => { $(impl ShowValue for $t { fn show(&self) -> String { self.to_string() } })* };
+}
+show_plain!(u32, u64, f64, String);
 
 pool_settings! {
     /// `session` or `transaction`: when a client gives its server connection back.

@@ -138,6 +138,48 @@ impl<'a> ParameterStatus<'a> {
     }
 }
 
+/// Type OIDs of the columns Weir's own result sets use.
+pub mod oid {
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const NUMERIC: u32 = 1700;
+}
+
+/// RowDescription for text-format columns of the given names and type OIDs.
+pub fn encode_row_description(dst: &mut BytesMut, columns: &[(&str, u32)]) {
+    put_message(dst, tag::ROW_DESCRIPTION, |b| {
+        b.put_u16(columns.len() as u16);
+        for (name, oid) in columns {
+            put_cstr(b, name.as_bytes());
+            b.put_u32(0); // table
+            b.put_i16(0); // column
+            b.put_u32(*oid);
+            b.put_i16(match *oid {
+                oid::INT4 => 4,
+                _ => -1,
+            });
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn encode_data_row<S: AsRef<str>>(dst: &mut BytesMut, values: &[Option<S>]) {
+    put_message(dst, tag::DATA_ROW, |b| {
+        b.put_u16(values.len() as u16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.as_ref().len() as i32);
+                    b.extend_from_slice(v.as_ref().as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
 /// CommandComplete with its command tag.
 pub fn encode_command_complete(dst: &mut BytesMut, command: &[u8]) {
     put_message(dst, tag::COMMAND_COMPLETE, |b| put_cstr(b, command));
@@ -305,6 +347,22 @@ mod tests {
             assert_eq!(h.total_len(), m.len());
             assert!(body.is_empty());
         }
+    }
+
+    #[test]
+    fn row_description_and_data_row_layout() {
+        let mut buf = BytesMut::new();
+        encode_row_description(&mut buf, &[("a", oid::TEXT), ("n", oid::INT4)]);
+        let body = body_of(&buf, b'T');
+        assert_eq!(&body[..2], &[0, 2]);
+        assert_eq!(&body[2..4], b"a\0");
+        assert_eq!(&body[4 + 6..4 + 10], &25u32.to_be_bytes());
+        let mut buf = BytesMut::new();
+        encode_data_row(&mut buf, &[Some("x"), None]);
+        assert_eq!(
+            body_of(&buf, b'D'),
+            &[0, 2, 0, 0, 0, 1, b'x', 0xff, 0xff, 0xff, 0xff]
+        );
     }
 
     #[test]
