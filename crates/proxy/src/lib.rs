@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod console;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -35,6 +35,8 @@ pub struct Shared {
     pub started: std::time::SystemTime,
     /// Signalled when an operator asks the process to stop (console SHUTDOWN).
     pub shutdown: tokio::sync::Notify,
+    /// Set once the process is stopping.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -50,6 +52,7 @@ impl Shared {
             slow: SlowLog::default(),
             started: std::time::SystemTime::now(),
             shutdown: tokio::sync::Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

@@ -105,7 +105,7 @@ impl Manager for ServerManager {
         }
         let _slot = self.connecting.acquire().await.expect("never closed");
         let db_permit = self.db.acquire(&self.name).await;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let s = &self.settings;
         match ServerConn::connect(
             &self.login,
@@ -457,7 +457,19 @@ impl ServerPool {
     /// connections are all busy with clients waiting is working: it is not probed.
     pub fn start_probe(self: &Arc<Self>) {
         let snap = self.pool.snapshot();
-        if self.is_paused() || (snap.idle == 0 && snap.active >= snap.max_size) {
+        if self.is_paused() {
+            return;
+        }
+        if snap.idle == 0 && snap.active >= snap.max_size {
+            // Every connection is serving clients: the server is evidently reachable, unless
+            // connects have been failing meanwhile. Keep the last measured latency.
+            if self.pool.manager().unreachable().is_none() {
+                let last = self.probe().and_then(|p| p.result.ok()).unwrap_or_default();
+                *self.probe.lock().unwrap() = Some(Probe {
+                    at: Instant::now(),
+                    result: Ok(last),
+                });
+            }
             return;
         }
         if self.probing.swap(true, Ordering::AcqRel) {

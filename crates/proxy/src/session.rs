@@ -93,6 +93,10 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                     return;
                 }
             };
+            if crate::console::DATABASES.contains(&startup.get("database").unwrap_or("")) {
+                crate::console::serve(shared, client, buf, startup, slot).await;
+                return;
+            }
             let login = tokio::time::timeout(
                 LOGIN_TIMEOUT,
                 login(&shared, &mut client, &mut buf, &startup, slot),
