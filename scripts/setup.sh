@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Weir's tests, demo and benchmarks need on a fresh Debian/Ubuntu machine:
-# PostgreSQL's server and client binaries (initdb, postgres, psql, pgbench) and, for the
-# benchmark comparison, PgBouncer. Installs only what is missing; safe to run again.
+# PostgreSQL's server and client binaries (initdb, postgres, psql, pgbench); with
+# --with-pgbouncer, PgBouncer for the benchmark comparison; with --with-chromium, a headless
+# browser for the dashboard test. Installs only what is missing; safe to run again.
 set -euo pipefail
 
 want_pgbouncer=0
-[ "${1:-}" = "--with-pgbouncer" ] && want_pgbouncer=1
+want_chromium=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-pgbouncer) want_pgbouncer=1 ;;
+    --with-chromium) want_chromium=1 ;;
+    *) echo "setup: unknown option $arg (expected --with-pgbouncer, --with-chromium)" >&2; exit 2 ;;
+  esac
+done
 
 have_pg_server() {
   local bindir
@@ -19,6 +27,9 @@ have_pg_server || packages+=(postgresql)
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
 if [ "$want_pgbouncer" = 1 ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   packages+=(pgbouncer)
+fi
+if [ "$want_chromium" = 1 ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  packages+=(chromium)
 fi
 
 if [ "${#packages[@]}" -gt 0 ]; then

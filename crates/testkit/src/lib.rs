@@ -511,6 +511,21 @@ pub async fn start_weir(config: Config) -> weir_proxy::ProxyHandle {
     weir_proxy::Proxy::start(config).await.expect("start weir")
 }
 
+/// Starts the admin listener of a Weir started by [`start_weir`], on its configured address
+/// (port 0 in [`weir_config`]).
+pub async fn start_admin(weir: &weir_proxy::ProxyHandle) -> weir_admin::AdminHandle {
+    let addr = weir
+        .shared()
+        .config
+        .load()
+        .admin
+        .listen
+        .expect("admin.listen is set");
+    weir_admin::start(weir.shared().clone(), addr)
+        .await
+        .expect("start the admin listener")
+}
+
 /// A connection string for a client of Weir.
 pub fn weir_url(weir: &weir_proxy::ProxyHandle, login: Login, db: &str) -> String {
     let a = weir.local_addr();

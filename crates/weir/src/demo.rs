@@ -41,6 +41,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let version = pg.psql_script("demo", "show server_version");
     let config = weir_testkit::weir_config(&pg, "demo", args.pool_size, PoolMode::Transaction);
     let weir = weir_proxy::Proxy::start(config).await?;
+    let admin_http = weir_testkit::start_admin(&weir).await;
     let addr = weir.local_addr();
     println!(
         "PostgreSQL {version} listens on 127.0.0.1:{}; Weir listens on {addr}",
@@ -61,8 +62,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
 
     println!(
-        "\nLoad: {} clients, each looping a web request (a lookup, {} of server work, an update half the time) for {}.\n\
+        "\nDashboard: http://{}/   (Prometheus metrics at /metrics, pool JSON at /health/pool)\n\
+         Load: {} clients, each looping a web request (a lookup, {} of server work, an update half the time) for {}.\n\
          Try it yourself meanwhile: psql 'postgres://{}:{}@{addr}/demo'\n",
+        admin_http.addr,
         args.clients,
         humantime::format_duration(args.server_time),
         humantime::format_duration(args.duration),

@@ -160,17 +160,34 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
+    if let Some(t) = &args.admin_token {
+        config.admin.token = Some(weir_config::Secret::new(t.clone()));
+    }
     let workers = args.workers.unwrap_or(config.proxy.workers);
     runtime(workers)?.block_on(async move {
+        let admin_addr = config.admin.listen;
         let proxy = weir_proxy::Proxy::start(config).await?;
         for a in &proxy.addrs {
             // Printed on stdout so scripts and tests can learn a port-0 address.
             println!("listening on {a}");
         }
-        shutdown_signal().await;
+        let admin = match admin_addr {
+            Some(addr) => {
+                let a = weir_admin::start(proxy.shared().clone(), addr).await?;
+                println!("admin on http://{}", a.addr);
+                Some(a)
+            }
+            None => None,
+        };
+        let shared = proxy.shared().clone();
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = shared.shutdown.notified() => {}
+        }
         tracing::info!("shutting down");
         proxy.stop();
+        drop(admin);
         Ok(())
     })
 }

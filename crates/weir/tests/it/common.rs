@@ -128,6 +128,21 @@ pub struct WeirProcess {
 
 impl WeirProcess {
     pub fn quick_start(server_url: &str, pool_size: u32) -> WeirProcess {
+        let size = pool_size.to_string();
+        WeirProcess::start(&[
+            "--server",
+            server_url,
+            "--pool-size",
+            &size,
+            "--pool-mode",
+            "transaction",
+            "--workers",
+            "2",
+        ])
+    }
+
+    /// `weir run --listen <free port>` followed by `args`.
+    pub fn start(args: &[&str]) -> WeirProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -137,21 +152,8 @@ impl WeirProcess {
             std::env::temp_dir().join(format!("weir-test-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--server",
-                server_url,
-            ])
-            .args([
-                "--pool-size",
-                &pool_size.to_string(),
-                "--pool-mode",
-                "transaction",
-                "--workers",
-                "2",
-            ])
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .env("WEIR_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -205,4 +207,110 @@ impl Drop for WeirProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_path);
     }
+}
+
+/// A tiny HTTP/1.1 GET (Connection: close): status, headers (lower-cased names), body.
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin listener");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: weir\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, headers, body)
+}
+
+/// Runs pgbench with a one-statement script through Weir; returns transactions processed.
+pub fn pgbench_script(
+    pg: &PgServer,
+    weir: std::net::SocketAddr,
+    db: &str,
+    login: Login,
+    sql: &str,
+    args: &[&str],
+) -> u64 {
+    let script = std::env::temp_dir().join(format!(
+        "weir-pgbench-{}-{}.sql",
+        std::process::id(),
+        weir.port()
+    ));
+    std::fs::write(&script, format!("{sql}\n")).unwrap();
+    let out = Command::new(pg.bindir.join("pgbench"))
+        .args([
+            "-n",
+            "-f",
+            script.to_str().unwrap(),
+            "-h",
+            &weir.ip().to_string(),
+            "-p",
+            &weir.port().to_string(),
+            "-U",
+            login.user,
+        ])
+        .args(args)
+        .arg(db)
+        .env("PGPASSWORD", login.password)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed:")
+        })
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.split('/').next())
+        .and_then(|n| n.parse().ok())
+        .expect("processed count")
 }
