@@ -241,11 +241,13 @@ pub fn config_json(c: &Config) -> Value {
                 "password": u.password.as_ref().map(|_| REDACTED),
                 "auth": u.auth.map(|a| a.to_string()),
                 "max_client_conn": u.max_client_conn,
+                "pool": pool(&c.pool_settings("", name)),
             });
             (name.clone(), v)
         })
         .collect();
     json!({
+        "profile": c.profile,
         "proxy": {
             "listen": c.proxy.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "unix_socket_dir": c.proxy.unix_socket_dir,

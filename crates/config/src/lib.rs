@@ -4,15 +4,19 @@
 //!
 //! Layout:
 //! - [`model`]: the resolved, typed configuration and the per-pool settings lookup.
-//! - [`load`]: TOML (and the quick-start command line) into the model; unknown keys are
-//!   collected with a "did you mean", URLs and auth files are parsed.
+//! - [`layers`]: the sources of settings and their precedence (built-in defaults < profile
+//!   defaults < file < the file's profile < environment < `--set`), merged as TOML tables.
+//! - [`load`]: the merged layers (or the quick-start command line) into the model; unknown
+//!   keys are collected with a "did you mean", URLs and auth files are parsed.
 //! - [`problem`]: a problem names the key path, the value and the fix; loading collects all
 //!   of them before failing.
 
+pub mod layers;
 pub mod load;
 pub mod model;
 pub mod problem;
 
-pub use load::{QuickStart, from_file, from_toml_str, parse_auth_file};
+pub use layers::{BUILTIN_PROFILES, Input, Origin};
+pub use load::{QuickStart, Source, from_file, from_toml_str, load, parse_auth_file};
 pub use model::*;
 pub use problem::{Problem, Problems, Severity};

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::layers::Input;
 use crate::model::*;
 use crate::problem::{Problem, Problems};
 
@@ -84,9 +85,9 @@ struct RawUser {
     max_client_conn: u32,
 }
 
-const TOP_KEYS: &[&str] = &["proxy", "admin", "pool", "auth", "databases", "users"];
-const ADMIN_KEYS: &[&str] = &["listen", "token", "users"];
-const PROXY_KEYS: &[&str] = &[
+pub(crate) const TOP_KEYS: &[&str] = &["proxy", "admin", "pool", "auth", "databases", "users"];
+pub(crate) const ADMIN_KEYS: &[&str] = &["listen", "token", "users"];
+pub(crate) const PROXY_KEYS: &[&str] = &[
     "listen",
     "unix_socket_dir",
     "workers",
@@ -94,8 +95,8 @@ const PROXY_KEYS: &[&str] = &[
     "max_client_conn",
 ];
 const POOL_KEYS: &[&str] = PoolOverrides::KEYS;
-const AUTH_KEYS: &[&str] = &["type", "file"];
-const DATABASE_KEYS: &[&str] = &[
+pub(crate) const AUTH_KEYS: &[&str] = &["type", "file"];
+pub(crate) const DATABASE_KEYS: &[&str] = &[
     "url",
     "host",
     "port",
@@ -106,7 +107,7 @@ const DATABASE_KEYS: &[&str] = &[
     "pool",
     "max_client_conn",
 ];
-const USER_KEYS: &[&str] = &["password", "auth", "pool", "max_client_conn"];
+pub(crate) const USER_KEYS: &[&str] = &["password", "auth", "pool", "max_client_conn"];
 
 /// The keys allowed at a dotted path's parent, for "did you mean".
 fn known_keys(path: &[&str]) -> &'static [&'static str] {
@@ -123,17 +124,22 @@ fn known_keys(path: &[&str]) -> &'static [&'static str] {
     }
 }
 
-fn unknown_key(path: &str) -> Problem {
-    let parts: Vec<&str> = path.split('.').collect();
-    let key = parts.last().copied().unwrap_or_default();
-    let best = known_keys(&parts)
+/// The candidate closest to `key` by edit distance, if close enough to be a likely typo.
+pub(crate) fn closest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
         .iter()
         .map(|k| (strsim::levenshtein(key, k), *k))
         .min()
-        .filter(|(d, k)| *d <= 2.max(k.len() / 3));
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .map(|(_, k)| k)
+}
+
+fn unknown_key(path: &str) -> Problem {
+    let parts: Vec<&str> = path.split('.').collect();
+    let key = parts.last().copied().unwrap_or_default();
     let p = Problem::error(path, format!("unknown key `{key}`"));
-    match best {
-        Some((_, k)) => p.fix(format!("did you mean `{k}`?")),
+    match closest(key, known_keys(&parts)) {
+        Some(k) => p.fix(format!("did you mean `{k}`?")),
         None => p.fix(format!(
             "remove it; allowed here: {}",
             known_keys(&parts).join(", ")
@@ -141,42 +147,154 @@ fn unknown_key(path: &str) -> Problem {
     }
 }
 
-/// Reads and validates a config file. Relative paths inside it (auth file, socket dir) are
-/// taken relative to the file's directory.
-pub fn from_file(path: &Path) -> Result<(Config, Problems), Problems> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Problems(vec![Problem::error(
-            path.display().to_string(),
-            format!("cannot read config file: {e}"),
-        )])
-    })?;
-    from_toml_str(&text, path.parent())
+/// How to load a config: the file, the profile and the `--set` overrides. The environment
+/// is given at load time, so a reload reads it afresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    pub file: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub sets: Vec<String>,
 }
 
-/// Parses and validates TOML text. On success returns the config with any warnings; on
-/// failure every problem found (errors and warnings).
-pub fn from_toml_str(text: &str, base_dir: Option<&Path>) -> Result<(Config, Problems), Problems> {
-    let mut problems = Problems::default();
-    let de = toml::de::Deserializer::parse(text)
-        .map_err(|e| Problems(vec![Problem::error("<file>", format!("invalid TOML: {e}"))]))?;
-    let mut unknown = Vec::new();
-    let raw: RawConfig =
-        serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|e| {
-            Problems(vec![Problem::error(
-                "<file>",
-                e.to_string().trim().to_string(),
-            )])
-        })?;
-    for path in unknown {
-        problems.push(unknown_key(&path));
+impl Source {
+    /// Loads and validates every layer (see [`crate::layers`]).
+    pub fn load(&self, env: &[(String, String)]) -> Result<(Config, Problems), Problems> {
+        let text = match &self.file {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                Problems(vec![
+                    Problem::error(
+                        path.display().to_string(),
+                        format!("cannot read config file: {e}"),
+                    )
+                    .fix("check the path given to --config (or WEIR_CONFIG)"),
+                ])
+            })?),
+        };
+        let name = self
+            .file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no file)".into());
+        load(&Input {
+            text: text.as_deref(),
+            file_name: &name,
+            base_dir: self.file.as_deref().and_then(Path::parent),
+            profile: self.profile.as_deref(),
+            env,
+            sets: &self.sets,
+        })
     }
-    let config = resolve(raw, base_dir, &mut problems);
+}
+
+/// Reads and validates a config file alone (no profile, environment or overrides).
+/// Relative paths inside it (auth file, socket dir) are taken relative to its directory.
+pub fn from_file(path: &Path) -> Result<(Config, Problems), Problems> {
+    Source {
+        file: Some(path.to_path_buf()),
+        ..Default::default()
+    }
+    .load(&[])
+}
+
+/// Parses and validates TOML text alone. On success returns the config with any warnings;
+/// on failure every problem found (errors and warnings).
+pub fn from_toml_str(text: &str, base_dir: Option<&Path>) -> Result<(Config, Problems), Problems> {
+    load(&Input {
+        text: Some(text),
+        file_name: "config",
+        base_dir,
+        ..Default::default()
+    })
+}
+
+/// Merges the layers, types them, resolves and validates. Every problem names the key and,
+/// where known, the layer its value came from.
+pub fn load(input: &Input<'_>) -> Result<(Config, Problems), Problems> {
+    let mut problems = Problems::default();
+    let merged = crate::layers::merge(input, &mut problems);
+    let raw = deserialize(merged.table, &mut problems);
+    let mut config = resolve(raw, input.base_dir, &mut problems);
+    config.profile = merged.profile;
     validate(&config, &mut problems);
+    for p in &mut problems.0 {
+        if let Some(o) = crate::layers::origin_of(&merged.origins, &p.path) {
+            p.message = format!("{} (from {o})", p.message);
+        }
+    }
     if problems.has_errors() {
         Err(problems)
     } else {
         Ok((config, problems))
     }
+}
+
+/// Types the merged table. A value of the wrong type is reported and dropped, and typing
+/// tries again, so every such problem is found in one pass.
+fn deserialize(mut table: toml::Table, problems: &mut Problems) -> RawConfig {
+    for _ in 0..64 {
+        let mut unknown: Vec<String> = Vec::new();
+        let mut note = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+        let de = serde_ignored::Deserializer::new(toml::Value::Table(table.clone()), &mut note);
+        match serde_path_to_error::deserialize::<_, RawConfig>(de) {
+            Ok(raw) => {
+                for path in unknown {
+                    problems.push(unknown_key(&path));
+                }
+                return raw;
+            }
+            Err(e) => {
+                let keys: Vec<String> = e
+                    .path()
+                    .iter()
+                    .map_while(|seg| match seg {
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                problems.push(type_problem(&keys.join("."), e.inner()));
+                if !remove_key(&mut table, &keys) {
+                    return RawConfig::default();
+                }
+            }
+        }
+    }
+    RawConfig::default()
+}
+
+fn remove_key(t: &mut toml::Table, keys: &[String]) -> bool {
+    match keys {
+        [] => false,
+        [last] => t.remove(last).is_some(),
+        [first, rest @ ..] => match t.get_mut(first) {
+            Some(toml::Value::Table(inner)) => remove_key(inner, rest),
+            _ => false,
+        },
+    }
+}
+
+fn type_problem(path: &str, e: &toml::de::Error) -> Problem {
+    let key = path.rsplit('.').next().unwrap_or(path);
+    let msg = if crate::layers::SECRET_KEYS.contains(&key) {
+        // The message would quote the value.
+        "wrong type: a secret is a string (value not shown)".to_string()
+    } else {
+        e.message().trim().to_string()
+    };
+    let kind = PoolOverrides::TYPES
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, t)| *t);
+    let fix = match kind {
+        Some("Duration") => "write a duration in quotes, such as \"5s\" or \"250ms\"",
+        Some("u32" | "u64") => "write a whole number without quotes",
+        Some("f64") => "write a number such as 2.0",
+        Some("PoolMode") => "write \"session\" or \"transaction\"",
+        Some("String") => "write text in quotes",
+        _ => "see weir.example.toml for this key's form",
+    };
+    let path = if path.is_empty() { "(top level)" } else { path };
+    Problem::error(path, msg).fix(fix)
 }
 
 fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> Config {
@@ -287,6 +405,7 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
     }
 
     Config {
+        profile: None,
         proxy,
         admin,
         pool: raw.pool,
@@ -469,7 +588,42 @@ fn validate(c: &Config, problems: &mut Problems) {
             .fix("add a [databases.NAME] table with a url"),
         );
     }
+    if c.admin
+        .token
+        .as_ref()
+        .is_some_and(|t| t.expose().is_empty())
+    {
+        problems.push(
+            Problem::error(
+                "admin.token",
+                "empty: an empty bearer token would be accepted",
+            )
+            .fix("set a long random token, or remove the key to leave the routes open"),
+        );
+    }
+    for reserved in ["weir", "pgbouncer"] {
+        if c.databases.contains_key(reserved) {
+            problems.push(
+                Problem::error(
+                    format!("databases.{reserved}"),
+                    format!("`{reserved}` is the admin console's database name"),
+                )
+                .fix(format!("rename the entry and set dbname = \"{reserved}\" in it to reach a server database of that name")),
+            );
+        }
+    }
     validate_pool("pool", &c.pool, problems);
+    for (server, n) in c.server_demand() {
+        if n > 100 {
+            problems.push(
+                Problem::warning(
+                    "databases",
+                    format!("the pools for server {server} may open up to {n} server connections; PostgreSQL's default max_connections is 100"),
+                )
+                .fix("compare with the server's limit: weir check --online; or lower pool sizes"),
+            );
+        }
+    }
     for (name, db) in &c.databases {
         validate_pool(&format!("databases.{name}.pool"), &db.pool, problems);
         if db.host.is_empty() {

@@ -103,6 +103,10 @@ macro_rules! pool_settings {
 
             /// Every key of a pool table.
             pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// Every key with its Rust type's name (`Duration`, `u32`, ...).
+            pub const TYPES: &'static [(&'static str, &'static str)] =
+                &[$((stringify!($field), stringify!($ty))),*];
         }
 
         impl PoolSettings {
@@ -280,6 +284,8 @@ impl Default for AdminSettings {
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The profile the config was loaded with, if any.
+    pub profile: Option<String>,
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub pool: PoolOverrides,
@@ -292,6 +298,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            profile: None,
             proxy: ProxySettings::default(),
             admin: AdminSettings::default(),
             pool: PoolOverrides::default(),
@@ -326,6 +333,30 @@ impl Config {
             u.pool.apply(&mut s);
         }
         s
+    }
+
+    /// The most server connections each server (`host:port`) can be asked for when every
+    /// configured pool is full (size plus reserve, within each database's cap). Pools of
+    /// databases without a fixed user are counted once per configured user.
+    pub fn server_demand(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (name, db) in &self.databases {
+            let users: Vec<&str> = match &db.user {
+                Some(u) => vec![u.as_str()],
+                None => self.users.keys().map(String::as_str).collect(),
+            };
+            let mut sum = 0u64;
+            for u in users {
+                let s = self.pool_settings(name, u);
+                sum += (s.size + s.reserve_size) as u64;
+            }
+            let cap = self.pool_settings(name, "").max_db_connections as u64;
+            if cap > 0 {
+                sum = sum.min(cap);
+            }
+            *out.entry(format!("{}:{}", db.host, db.port)).or_default() += sum;
+        }
+        out
     }
 
     /// How `user` must authenticate to reach `database`: the user's setting, else the

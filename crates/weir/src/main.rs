@@ -2,6 +2,7 @@
 //!
 //! Subcommands:
 //! - `weir run`: serve clients, from a config file or the quick-start flags.
+//! - `weir check`: verify a config (and, with `--online`, the servers behind it) for CI.
 //! - `weir demo`: a throwaway PostgreSQL with Weir in front and a load through it.
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use weir_config::{Config, PoolMode, QuickStart};
 
+mod check;
 mod demo;
 
 #[derive(Parser)]
@@ -25,18 +27,54 @@ struct Cli {
 enum Command {
     /// Serve PostgreSQL clients.
     Run(RunArgs),
+    /// Verify a config: exit 0 when good, 1 on errors, 2 on warnings only.
+    Check(check::CheckArgs),
     /// Start a throwaway PostgreSQL with Weir in front and run a realistic load through it.
     Demo(demo::DemoArgs),
 }
 
+/// Where a config comes from: file, profile, `--set` overrides (and the environment).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SourceArgs {
+    /// Config file (TOML). See weir.example.toml.
+    #[arg(long, short, env = "WEIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Profile: development, test, production, or one defined as [profiles.NAME] in the file.
+    #[arg(long, env = "WEIR_PROFILE")]
+    pub profile: Option<String>,
+    /// Override one setting, above the file, profile and environment: --set pool.size=30.
+    /// May be repeated.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl SourceArgs {
+    pub fn source(&self) -> weir_config::Source {
+        weir_config::Source {
+            file: self.config.clone(),
+            profile: self.profile.clone(),
+            sets: self.sets.clone(),
+        }
+    }
+
+    /// Whether anything but the environment says what to serve.
+    fn given(&self) -> bool {
+        self.config.is_some() || self.profile.is_some() || !self.sets.is_empty()
+    }
+}
+
+/// The process environment, for the config's environment layer.
+pub fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
 #[derive(Args)]
 struct RunArgs {
-    /// Config file (TOML). See weir.example.toml.
-    #[arg(long, short, conflicts_with = "server")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Quick start without a file: the one server to serve, as postgres://USER:PASS@HOST:PORT/DB.
     /// Clients log in with that user and password.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["config", "profile", "sets"])]
     server: Option<String>,
     /// Quick start: address to listen on.
     #[arg(long, default_value = "127.0.0.1:6432", requires = "server")]
@@ -85,7 +123,19 @@ fn raise_open_files_limit() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Usage errors exit 64 (EX_USAGE), not clap's 2, which `weir check` uses for
+            // "warnings only".
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     raise_open_files_limit();
     // The demo prints its own report; keep Weir's log to warnings there.
     init_logging(if matches!(cli.command, Command::Demo(_)) {
@@ -95,6 +145,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Check(args) => return check::main(args),
         Command::Demo(args) => runtime(0).and_then(|rt| rt.block_on(demo::demo(args))),
     };
     match result {
@@ -116,17 +167,17 @@ fn init_logging(default: &str) {
 }
 
 fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
-    match (&args.config, &args.server) {
-        (Some(path), _) => match weir_config::from_file(path) {
+    match &args.server {
+        None if args.source.given() => match args.source.source().load(&env_vars()) {
             Ok((config, warnings)) => {
                 for w in warnings.warnings() {
                     tracing::warn!("{w}");
                 }
                 Ok(config)
             }
-            Err(problems) => bail!("{} has problems:\n{problems}", path.display()),
+            Err(problems) => bail!("the config has problems:\n{problems}"),
         },
-        (None, Some(url)) => QuickStart {
+        Some(url) => QuickStart {
             listen: args.listen,
             server_url: url.clone(),
             pool_size: args.pool_size,
@@ -136,8 +187,8 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         }
         .build()
         .map_err(|p| anyhow::anyhow!("{p}")),
-        (None, None) => bail!(
-            "give --config FILE, or --server postgres://USER:PASS@HOST:PORT/DB for a quick start"
+        None => bail!(
+            "give --config FILE (or WEIR_CONFIG), or --server postgres://USER:PASS@HOST:PORT/DB for a quick start"
         ),
     }
 }

@@ -248,3 +248,190 @@ fn lifecycle_contradictions_are_reported() {
         "ignored overrides for a fixed-user database: {all:?}"
     );
 }
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn layered(
+    text: &str,
+    profile: Option<&str>,
+    vars: &[(&str, &str)],
+    sets: &[&str],
+) -> Result<(Config, Problems), Problems> {
+    let vars = env(vars);
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    load(&Input {
+        text: Some(text),
+        file_name: "weir.toml",
+        profile,
+        env: &vars,
+        sets: &sets,
+        ..Default::default()
+    })
+}
+
+const LAYERED: &str = "[pool]\nsize = 11\n[databases.app]\nurl = \"postgres://o:pw@h/app\"\n\
+                       [profiles.production.pool]\nsize = 22\n";
+
+#[test]
+fn precedence_is_file_then_profile_then_environment_then_command_line() {
+    let size = |c: &Config| c.pool_settings("app", "o").size;
+    let (c, _) = layered(LAYERED, None, &[], &[]).unwrap();
+    assert_eq!(size(&c), 11, "the file");
+    let (c, _) = layered(LAYERED, Some("production"), &[], &[]).unwrap();
+    assert_eq!(size(&c), 22, "the file's profile beats the file");
+    assert_eq!(c.profile.as_deref(), Some("production"));
+    assert_eq!(
+        c.pool_settings("app", "o").min_size,
+        2,
+        "the built-in production defaults apply where the file is silent"
+    );
+    let e = [("WEIR_POOL_SIZE", "33")];
+    let (c, _) = layered(LAYERED, Some("production"), &e, &[]).unwrap();
+    assert_eq!(size(&c), 33, "the environment beats the profile");
+    let (c, _) = layered(LAYERED, Some("production"), &e, &["pool.size=44"]).unwrap();
+    assert_eq!(size(&c), 44, "the command line beats the environment");
+    // A built-in profile's defaults sit below the file.
+    let (c, _) = layered(LAYERED, Some("development"), &[], &[]).unwrap();
+    assert_eq!(size(&c), 11, "the file beats a built-in profile's defaults");
+    assert_eq!(
+        c.pool_settings("app", "o").slow_query_threshold,
+        Duration::from_millis(200)
+    );
+}
+
+#[test]
+fn environment_reaches_every_section_and_named_tables() {
+    let text =
+        "[databases.App_DB]\nurl = \"postgres://o:pw@h/app\"\n[users.alice]\npassword = \"x\"\n";
+    let e = [
+        ("WEIR_PROXY_LISTEN", "0.0.0.0:7000,127.0.0.1:7001"),
+        ("WEIR_ADMIN_TOKEN", "12345"),
+        ("WEIR_ADMIN_USERS", "alice,bob"),
+        ("WEIR_POOL_QUERY_WAIT_TIMEOUT", "7s"),
+        ("WEIR_DATABASES_APP_DB_POOL_SIZE", "9"),
+        ("WEIR_DATABASES_APP_DB_PORT", "5544"),
+        ("WEIR_USERS_ALICE_PASSWORD", "007"),
+        ("WEIR_USERS_BOB_PASSWORD", "b0b"),
+        ("WEIR_LOG", "debug"),
+    ];
+    let (c, warnings) = layered(text, None, &e, &[]).unwrap();
+    assert!(warnings.0.is_empty(), "{warnings}");
+    assert_eq!(c.proxy.listen.len(), 2);
+    assert_eq!(c.admin.token.as_ref().unwrap().expose(), "12345");
+    assert_eq!(c.admin.users, vec!["alice", "bob"]);
+    assert_eq!(
+        c.databases["App_DB"].port, 5544,
+        "names match case-insensitively"
+    );
+    assert_eq!(c.pool_settings("App_DB", "o").size, 9);
+    assert_eq!(
+        c.pool_settings("App_DB", "o").query_wait_timeout,
+        Duration::from_secs(7)
+    );
+    assert_eq!(c.users["alice"].password.as_ref().unwrap().expose(), "007");
+    assert_eq!(
+        c.users["bob"].password.as_ref().unwrap().expose(),
+        "b0b",
+        "a user may be defined by the environment alone"
+    );
+}
+
+#[test]
+fn environment_typos_are_named_with_a_suggestion() {
+    let err = layered(LAYERED, None, &[("WEIR_POOL_SIZ", "3")], &[]).unwrap_err();
+    let p = err.errors().next().unwrap();
+    assert_eq!(p.path, "environment WEIR_POOL_SIZ");
+    assert!(p.fix.as_deref().unwrap().contains("WEIR_POOL_SIZE"), "{p}");
+    let (_, w) = layered(LAYERED, None, &[("WEIR_POLL_SIZE", "3")], &[]).unwrap();
+    assert!(w.to_string().contains("WEIR_POLL_SIZE"), "{w}");
+}
+
+#[test]
+fn wrong_values_from_any_layer_name_the_key_the_value_and_the_source() {
+    let err = layered(
+        "[pool]\nconnect_timeout = 5\n[databases.app]\n",
+        None,
+        &[("WEIR_POOL_SIZE", "lots")],
+        &["pool.mode=sometimes"],
+    )
+    .unwrap_err();
+    let all = err.to_string();
+    for want in [
+        "pool.connect_timeout",
+        "weir.toml line 2",
+        "pool.size",
+        "\"lots\"",
+        "WEIR_POOL_SIZE",
+        "pool.mode",
+        "sometimes",
+        "--set pool.mode=sometimes",
+    ] {
+        assert!(all.contains(want), "missing {want}:\n{all}");
+    }
+    assert_eq!(err.errors().count(), 3, "every wrong value at once:\n{all}");
+}
+
+#[test]
+fn unknown_profile_suggests_the_closest() {
+    let err = layered(LAYERED, Some("prodution"), &[], &[]).unwrap_err();
+    let p = err.errors().next().unwrap();
+    assert_eq!(p.path, "profile");
+    assert!(p.fix.as_deref().unwrap().contains("`production`"), "{p}");
+}
+
+#[test]
+fn secrets_come_from_the_environment_or_a_file() {
+    let dir = std::env::temp_dir().join(format!("weir-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "from-a-file\n").unwrap();
+    let text = "[admin]\ntoken = { file = \"token\" }\n[databases.app]\nurl = { env = \"APP_URL\" }\n\
+                [users.u]\npassword = { env = \"U_PW\" }\n";
+    let vars = env(&[
+        ("APP_URL", "postgres://o:s3cret@db:5433/app"),
+        ("U_PW", "pw"),
+    ]);
+    let (c, _) = load(&Input {
+        text: Some(text),
+        file_name: "weir.toml",
+        base_dir: Some(&dir),
+        env: &vars,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.admin.token.as_ref().unwrap().expose(), "from-a-file");
+    assert_eq!(c.databases["app"].port, 5433);
+    assert_eq!(
+        c.databases["app"].password.as_ref().unwrap().expose(),
+        "s3cret"
+    );
+    assert_eq!(c.users["u"].password.as_ref().unwrap().expose(), "pw");
+    let err = load(&Input {
+        text: Some(text),
+        file_name: "weir.toml",
+        base_dir: Some(&dir),
+        env: &vars[..1],
+        ..Default::default()
+    })
+    .unwrap_err();
+    let p = err.errors().next().unwrap();
+    assert_eq!(p.path, "users.u.password");
+    assert!(p.message.contains("U_PW"), "{p}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pools_beyond_what_a_server_takes_are_a_warning() {
+    let text = "[pool]\nsize = 40\n[databases.a]\nhost = \"db\"\n[databases.b]\nhost = \"db\"\n\
+                [users.x]\npassword = \"p\"\n[users.y]\npassword = \"p\"\n";
+    let (c, w) = from_toml_str(text, None).unwrap();
+    assert_eq!(c.server_demand()["db:5432"], 160);
+    assert!(w.to_string().contains("160"), "{w}");
+    let capped = format!("{text}[databases.a.pool]\nmax_db_connections = 10\n");
+    let (c, _) = from_toml_str(&capped, None).unwrap();
+    assert_eq!(c.server_demand()["db:5432"], 90);
+}

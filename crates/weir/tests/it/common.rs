@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -124,6 +124,15 @@ pub struct WeirProcess {
     pub child: Child,
     pub port: u16,
     pub stderr_path: std::path::PathBuf,
+    pub stdout_path: std::path::PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl WeirProcess {
@@ -143,30 +152,64 @@ impl WeirProcess {
 
     /// `weir run --listen <free port>` followed by `args`.
     pub fn start(args: &[&str]) -> WeirProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["run", "--listen", &listen];
+        all.extend_from_slice(args);
+        WeirProcess::spawn(&all, &[], port)
+    }
+
+    /// `weir run --config <file>` on a free port (set with `--set proxy.listen`), with the
+    /// admin listener on another free port, then `args`, with `env` added to the environment.
+    pub fn with_config(file: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> WeirProcess {
+        let port = free_port();
+        let listen = format!("proxy.listen=127.0.0.1:{port}");
+        let admin = format!("admin.listen=127.0.0.1:{}", free_port());
+        let file = file.to_str().unwrap();
+        let mut all = vec!["run", "--config", file, "--set", &listen, "--set", &admin];
+        all.extend_from_slice(args);
+        WeirProcess::spawn(&all, env, port)
+    }
+
+    /// The admin address, as printed by `weir run` ("admin on http://ADDR").
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        for _ in 0..200 {
+            if let Ok(out) = std::fs::read_to_string(&self.stdout_path)
+                && let Some(line) = out.lines().find(|l| l.starts_with("admin on http://"))
+            {
+                return line["admin on http://".len()..].parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("weir printed no admin address: {}", self.log());
+    }
+
+    pub fn spawn(args: &[&str], env: &[(&str, &str)], port: u16) -> WeirProcess {
         let stderr_path =
             std::env::temp_dir().join(format!("weir-test-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let stdout_path = stderr_path.with_extension("out");
+        let stdout = std::fs::File::create(&stdout_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
             .args(args)
+            .envs(env.iter().copied())
             .env("WEIR_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("spawn weir");
-        let w = WeirProcess {
+        let mut w = WeirProcess {
             child,
             port,
             stderr_path,
+            stdout_path,
         };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return w;
+            }
+            if !w.is_running() {
+                panic!("weir exited: {}", w.log());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -206,6 +249,7 @@ impl Drop for WeirProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_path);
+        let _ = std::fs::remove_file(&self.stdout_path);
     }
 }
 

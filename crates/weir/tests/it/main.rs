@@ -9,6 +9,7 @@ mod common;
 mod admin;
 mod auth;
 mod cancel;
+mod config;
 mod hostile;
 mod lifecycle;
 mod memory;
