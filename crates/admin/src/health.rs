@@ -17,11 +17,12 @@
 //! ```
 //! `active + idle = total <= pool_size` (+ reserve). Utilisation is `active / pool_size`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use weir_config::Config;
@@ -148,6 +149,9 @@ pub async fn pool(State(shared): State<Arc<Shared>>) -> Json<Value> {
 
 /// Why the service is not ready, if it is not.
 pub async fn not_ready_reasons(shared: &Shared) -> Vec<String> {
+    if shared.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        return vec!["weir is shutting down".into()];
+    }
     let config = shared.config.load_full();
     let mut reasons = Vec::new();
     let pools = shared.pools.all();
@@ -208,6 +212,76 @@ pub async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value
     }
 }
 
+/// `POST /api/reload[?rollback=true]`.
+pub async fn reload(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    let rollback = q.get("rollback").is_some_and(|v| v == "true" || v == "1");
+    // Loading reads a file: off the async workers.
+    let s = shared.clone();
+    let result =
+        tokio::task::spawn_blocking(move || if rollback { s.rollback() } else { s.reload() }).await;
+    match result {
+        Ok(Ok(r)) => (
+            StatusCode::OK,
+            Json(json!({
+                "ok": true,
+                "rollback": rollback,
+                "changes": r.changes,
+                "restart_needed": r.restart_needed,
+                "warnings": r.warnings,
+            })),
+        ),
+        Ok(Err(e)) => {
+            let status = match e {
+                weir_proxy::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::CONFLICT,
+            };
+            (
+                status,
+                Json(json!({"ok": false, "rollback": rollback, "errors": e.lines()})),
+            )
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"ok": false, "errors": [format!("reload task failed: {e}")]})),
+        ),
+    }
+}
+
+/// `POST /api/pools/{database}/{user}/size` with `{"size": N}`.
+pub async fn resize(
+    State(shared): State<Arc<Shared>>,
+    Path((database, user)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> (StatusCode, Json<Value>) {
+    let size = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("size").and_then(Value::as_u64))
+        .and_then(|n| u32::try_from(n).ok());
+    let Some(size) = size.filter(|n| *n > 0) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"ok": false, "errors": ["send a JSON body like {\"size\": 30} with a size of at least 1"]}),
+            ),
+        );
+    };
+    match shared.resize_pool(&database, &user, size) {
+        Ok(old) => (
+            StatusCode::OK,
+            Json(
+                json!({"ok": true, "pool": format!("{database}/{user}"), "old_size": old, "size": size}),
+            ),
+        ),
+        Err(e) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"ok": false, "errors": [e]})),
+        ),
+    }
+}
+
 const REDACTED: &str = "<redacted>";
 
 /// The running config with every secret replaced.
@@ -254,6 +328,7 @@ pub fn config_json(c: &Config) -> Value {
             "workers": c.proxy.workers,
             "max_message_size": c.proxy.max_message_size,
             "max_client_conn": c.proxy.max_client_conn,
+            "shutdown_timeout": humantime::format_duration(c.proxy.shutdown_timeout).to_string(),
         },
         "admin": {
             "listen": c.admin.listen.map(|a| a.to_string()),

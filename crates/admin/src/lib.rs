@@ -9,6 +9,11 @@
 //! - `GET /metrics`: Prometheus text exposition (prometheus-client), see [`metrics`].
 //! - `GET /api/config`: the running config, every secret redacted.
 //! - `GET /api/slow-queries`: the latest statements over `slow_query_threshold`, newest first.
+//! - `POST /api/reload`: load the config again and apply it live (`?rollback=true`: go back
+//!   to the config before the last reload). 200 with the changes made and the settings that
+//!   need a restart; 422 with every problem if the new config is bad (nothing changes).
+//! - `POST /api/pools/{database}/{user}/size`: body `{"size": N}`, resize one pool live
+//!   until the next reload.
 //! - `GET /`: the live dashboard (assets embedded, nothing loaded from elsewhere).
 //!
 //! With `admin.token` set, every route but liveness and readiness needs
@@ -23,7 +28,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use weir_proxy::listener::Shared;
 
 pub mod health;
@@ -71,6 +76,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/api/config", get(health::config))
         .route("/api/slow-queries", get(health::slow_queries))
+        .route("/api/reload", post(health::reload))
+        .route("/api/pools/{database}/{user}/size", post(health::resize))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,

@@ -54,6 +54,7 @@ pub(crate) const SECRET_KEYS: &[&str] = &["password", "token", "url"];
 /// it looks like a number (a password of digits, a port-only listen address).
 const STRING_KEYS: &[&str] = &[
     "listen",
+    "shutdown_timeout",
     "unix_socket_dir",
     "token",
     "type",

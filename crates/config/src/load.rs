@@ -42,6 +42,8 @@ struct RawProxy {
     workers: Option<usize>,
     max_message_size: Option<u32>,
     max_client_conn: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +95,7 @@ pub(crate) const PROXY_KEYS: &[&str] = &[
     "workers",
     "max_message_size",
     "max_client_conn",
+    "shutdown_timeout",
 ];
 const POOL_KEYS: &[&str] = PoolOverrides::KEYS;
 pub(crate) const AUTH_KEYS: &[&str] = &["type", "file"];
@@ -284,7 +287,8 @@ fn type_problem(path: &str, e: &toml::de::Error) -> Problem {
     let kind = PoolOverrides::TYPES
         .iter()
         .find(|(k, _)| *k == key)
-        .map(|(_, t)| *t);
+        .map(|(_, t)| *t)
+        .or((key == "shutdown_timeout").then_some("Duration"));
     let fix = match kind {
         Some("Duration") => "write a duration in quotes, such as \"5s\" or \"250ms\"",
         Some("u32" | "u64") => "write a whole number without quotes",
@@ -340,6 +344,10 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
             .proxy
             .max_client_conn
             .unwrap_or(defaults.max_client_conn),
+        shutdown_timeout: raw
+            .proxy
+            .shutdown_timeout
+            .unwrap_or(defaults.shutdown_timeout),
     };
 
     let admin = AdminSettings {

@@ -218,6 +218,8 @@ pub struct ProxySettings {
     pub max_message_size: u32,
     /// Client connections Weir accepts at once; one more gets 53300 at once.
     pub max_client_conn: u32,
+    /// On SIGTERM/SIGINT, how long transactions in flight may take to finish before Weir exits.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -228,6 +230,7 @@ impl Default for ProxySettings {
             workers: 0,
             max_message_size: 64 << 20,
             max_client_conn: 5000,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }

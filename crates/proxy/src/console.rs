@@ -81,7 +81,18 @@ pub async fn serve(
         return;
     }
     loop {
-        let Ok((t, body)) = read_message(&mut client, &mut buf, 1 << 20).await else {
+        let read = tokio::select! {
+            r = read_message(&mut client, &mut buf, 1 << 20) => Some(r),
+            _ = shared.drain.cancelled() => None,
+        };
+        let Some(Ok((t, body))) = read else {
+            if read.is_none() {
+                let e = ErrorResponse::fatal(
+                    SqlState(*b"57P01"),
+                    "terminating connection because weir is shutting down",
+                );
+                send(&mut client, |o| e.encode(o)).await;
+            }
             return;
         };
         out.clear();
@@ -162,6 +173,48 @@ fn timestamp(micros: u64) -> String {
     format!("{} UTC", s.trim_end_matches('Z').replace('T', " "))
 }
 
+/// A NoticeResponse (for what RELOAD reports but does not fail on).
+fn notice(out: &mut BytesMut, message: &str) {
+    ErrorResponse::new(
+        weir_wire::error::Severity::Warning,
+        SqlState(*b"01000"),
+        message.to_string(),
+    )
+    .encode(out);
+}
+
+/// `SET pool_size = N FOR database/user` (the pool as SHOW POOLS names it).
+fn parse_set_pool_size(sql: &str) -> Result<(String, String, u32), ErrorResponse> {
+    let bad = || {
+        ErrorResponse::error(
+            SqlState(*b"42601"),
+            format!("cannot read `{sql}`: write SET pool_size = N FOR database/user"),
+        )
+    };
+    let rest = sql.trim().trim_end_matches(';');
+    let rest = rest.get(3..).ok_or_else(bad)?.trim_start();
+    let rest = rest.get("pool_size".len()..).ok_or_else(bad)?.trim_start();
+    let rest = rest
+        .strip_prefix('=')
+        .or_else(|| rest.strip_prefix("TO "))
+        .or_else(|| rest.strip_prefix("to "))
+        .ok_or_else(bad)?;
+    let mut words = rest.split_whitespace();
+    let size = words
+        .next()
+        .and_then(|w| w.trim_matches('\'').parse::<u32>().ok())
+        .ok_or_else(bad)?;
+    if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FOR")) {
+        return Err(bad());
+    }
+    let target = words.next().ok_or_else(bad)?.trim_matches('"');
+    let (db, user) = target.split_once('/').ok_or_else(bad)?;
+    if words.next().is_some() || db.is_empty() || user.is_empty() {
+        return Err(bad());
+    }
+    Ok((db.to_string(), user.to_string(), size))
+}
+
 /// Runs one console command.
 async fn run(
     shared: &Shared,
@@ -233,10 +286,28 @@ async fn run(
             backend::encode_command_complete(out, b"SHUTDOWN");
             Ok(())
         }
-        ["RELOAD"] => Err(ErrorResponse::error(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            "RELOAD is not implemented yet: restart weir to apply a changed config",
-        )),
+        ["RELOAD"] => match shared.reload() {
+            Ok(report) => {
+                for line in report.restart_needed.iter().chain(&report.warnings) {
+                    notice(out, line);
+                }
+                backend::encode_command_complete(out, b"RELOAD");
+                Ok(())
+            }
+            Err(e) => Err(ErrorResponse::error(
+                SqlState(*b"F0000"),
+                format!("RELOAD rejected: {}", e.lines().join("; ")),
+            )
+            .with_hint("fix the config and RELOAD again; the running config is unchanged")),
+        },
+        ["SET", key, ..] if key.starts_with("POOL_SIZE") => {
+            let (db, user, size) = parse_set_pool_size(sql)?;
+            shared
+                .resize_pool(&db, &user, size)
+                .map_err(|m| ErrorResponse::error(SqlState(*b"22023"), m))?;
+            backend::encode_command_complete(out, b"SET");
+            Ok(())
+        }
         _ => Err(ErrorResponse::error(SqlState(*b"42601"), format!("unknown console command: {sql}"))
             .with_hint("SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|LISTS|VERSION|TOTALS, PAUSE [db], RESUME [db], RECONNECT [db], KILL db, SHUTDOWN")),
     }
@@ -550,6 +621,10 @@ fn show(
                         .join(","),
                 ),
                 ("proxy.max_client_conn", p.max_client_conn.to_string()),
+                (
+                    "proxy.shutdown_timeout",
+                    humantime::format_duration(p.shutdown_timeout).to_string(),
+                ),
                 ("proxy.max_message_size", p.max_message_size.to_string()),
                 ("proxy.workers", p.workers.to_string()),
                 ("auth.type", config.auth_type.to_string()),

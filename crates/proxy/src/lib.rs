@@ -11,6 +11,7 @@
 //! - [`prepared`]: client statement names and per-server statement caches.
 //! - [`params`]: session parameters carried from client to server connection.
 //! - [`pools`]: the pools keyed by (database, user), and how server connections are made.
+//! - [`reload`]: hot reload, rollback and live resize.
 //! - [`server`]: a logged-in server connection and its state.
 //! - [`cancel`]: cancel keys handed to clients and forwarding of CancelRequests.
 //! - [`stream`]: TCP or Unix socket behind one type.
@@ -25,6 +26,7 @@ pub mod params;
 pub mod pools;
 pub mod prepared;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod startup;

@@ -37,6 +37,15 @@ pub struct Shared {
     pub shutdown: tokio::sync::Notify,
     /// Set once the process is stopping.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Cancelled when a graceful shutdown begins: sessions end at their next transaction
+    /// boundary.
+    pub drain: tokio_util::sync::CancellationToken,
+    /// How the running config was loaded (none for a quick start): what a reload reads.
+    pub source: std::sync::Mutex<Option<weir_config::Source>>,
+    /// The config before the last reload, for rollback.
+    pub previous: std::sync::Mutex<Option<Arc<Config>>>,
+    /// Held while a reload applies, so two never interleave.
+    pub reloading: std::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -53,6 +62,10 @@ impl Shared {
             started: std::time::SystemTime::now(),
             shutdown: tokio::sync::Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            drain: tokio_util::sync::CancellationToken::new(),
+            source: std::sync::Mutex::new(None),
+            previous: std::sync::Mutex::new(None),
+            reloading: std::sync::Mutex::new(()),
         }
     }
 }
@@ -65,14 +78,14 @@ impl Proxy {
     /// called inside a Tokio runtime.
     pub async fn start(config: Config) -> io::Result<ProxyHandle> {
         let shared = Arc::new(Shared::new(config.clone()));
-        let mut tasks = Vec::new();
+        let mut accept = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             addrs.push(l.local_addr()?);
-            tasks.push(tokio::spawn(accept_tcp(l, shared.clone())));
+            accept.push(tokio::spawn(accept_tcp(l, shared.clone())));
         }
         let mut unix_path = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
@@ -85,11 +98,11 @@ impl Proxy {
                     format!("cannot listen on {}: {e}", path.display()),
                 )
             })?;
-            tasks.push(tokio::spawn(accept_unix(l, shared.clone())));
+            accept.push(tokio::spawn(accept_unix(l, shared.clone())));
             unix_path = Some(path);
         }
         shared.pools.create_fixed(&config);
-        tasks.push(tokio::spawn(maintain(shared.clone())));
+        let maintenance = tokio::spawn(maintain(shared.clone()));
         for a in &addrs {
             tracing::info!(listen = %a, "weir is accepting connections");
         }
@@ -97,7 +110,8 @@ impl Proxy {
             addrs,
             unix_path,
             shared,
-            tasks,
+            accept,
+            maintenance,
         })
     }
 }
@@ -152,7 +166,8 @@ pub struct ProxyHandle {
     pub addrs: Vec<SocketAddr>,
     pub unix_path: Option<PathBuf>,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    accept: Vec<JoinHandle<()>>,
+    maintenance: JoinHandle<()>,
 }
 
 impl ProxyHandle {
@@ -165,12 +180,41 @@ impl ProxyHandle {
         &self.shared
     }
 
+    /// Graceful shutdown, first half: close the listening sockets (new connections are
+    /// refused), and tell every session to end at its next transaction boundary: idle
+    /// clients at once with FATAL 57P01, the others when their transaction ends.
+    pub async fn begin_drain(&self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for t in &self.accept {
+            t.abort();
+        }
+        // An aborted task drops its listener when it next runs: wait for that, so a
+        // connection made after this returns is refused.
+        while !self.accept.iter().all(JoinHandle::is_finished) {
+            tokio::task::yield_now().await;
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.shared.drain.cancel();
+    }
+
+    /// Returns once no client is connected.
+    pub async fn drained(&self) {
+        while self.shared.clients.total() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops accepting and closes the pools. Sessions still running end as their server
     /// connections close.
     pub fn stop(&self) {
-        for t in &self.tasks {
+        for t in &self.accept {
             t.abort();
         }
+        self.maintenance.abort();
         self.shared.pools.close_all();
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);

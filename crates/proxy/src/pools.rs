@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use rand::RngExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_config::{Config, PoolSettings, ServerLogin};
@@ -29,7 +30,8 @@ pub struct Unreachable {
 #[derive(Debug)]
 pub struct ServerManager {
     pub login: ServerLogin,
-    pub settings: PoolSettings,
+    /// Swapped whole on reload and live resize; read without a lock.
+    pub settings: ArcSwap<PoolSettings>,
     name: String,
     next_id: Arc<AtomicU64>,
     defaults: Mutex<Option<Arc<ParamSet>>>,
@@ -47,6 +49,10 @@ pub struct ServerManager {
     pub generation: AtomicU64,
     /// While paused, released connections are closed (PAUSE drains the pool).
     pub paused: AtomicBool,
+    /// Replaced by a reload (its login or shape changed, or its database was removed): every
+    /// connection closes when released, and sessions move to the new pool at their next
+    /// checkout.
+    pub retired: AtomicBool,
 }
 
 /// How long a login the server refused for good is answered from memory.
@@ -83,7 +89,7 @@ impl ServerManager {
     /// Computed in floating point and capped before it becomes a Duration, so no setting
     /// can overflow it.
     fn backoff(&self, attempt: u32) -> Duration {
-        let s = &self.settings;
+        let s = self.settings.load();
         let exp = s
             .connect_retry_multiplier
             .powi(attempt.saturating_sub(1).min(64) as i32);
@@ -106,7 +112,7 @@ impl Manager for ServerManager {
         let _slot = self.connecting.acquire().await.expect("never closed");
         let db_permit = self.db.acquire(&self.name).await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let s = &self.settings;
+        let s = self.settings.load();
         match ServerConn::connect(
             &self.login,
             s.connect_timeout,
@@ -165,7 +171,7 @@ impl Manager for ServerManager {
         if conn.expired(meta.created) {
             return Err(CloseReason::Lifetime);
         }
-        let s = &self.settings;
+        let s = self.settings.load();
         if !s.server_check_query.is_empty() && meta.last_used.elapsed() >= s.server_check_delay {
             let checked =
                 tokio::time::timeout(s.connect_timeout, conn.run(&s.server_check_query)).await;
@@ -177,7 +183,7 @@ impl Manager for ServerManager {
     }
 
     fn on_release(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
-        let max_uses = self.settings.server_max_uses;
+        let max_uses = self.settings.load().server_max_uses;
         if conn.state.broken {
             Err(CloseReason::Broken)
         } else if max_uses > 0 && meta.uses >= max_uses {
@@ -185,6 +191,7 @@ impl Manager for ServerManager {
         } else if conn.expired(meta.created) {
             Err(CloseReason::Lifetime)
         } else if self.paused.load(Ordering::Acquire)
+            || self.retired.load(Ordering::Acquire)
             || conn.generation < self.generation.load(Ordering::Acquire)
         {
             Err(CloseReason::Drained)
@@ -213,6 +220,7 @@ impl Manager for ServerManager {
 /// What all pools of one database share: its connection cap.
 #[derive(Debug)]
 pub struct DatabaseState {
+    max: u32,
     limit: Option<Arc<Semaphore>>,
     pools: Mutex<Vec<Weak<ServerPool>>>,
     /// Creates waiting on the cap, by pool: while another pool waits, connections released
@@ -223,6 +231,7 @@ pub struct DatabaseState {
 impl DatabaseState {
     fn new(max: u32) -> DatabaseState {
         DatabaseState {
+            max,
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
             pools: Mutex::new(Vec::new()),
             blocked: Mutex::new(HashMap::new()),
@@ -360,8 +369,52 @@ pub struct Probe {
 const ALERT_REPEAT: Duration = Duration::from_secs(30);
 
 impl ServerPool {
-    pub fn settings(&self) -> &PoolSettings {
-        &self.pool.manager().settings
+    /// The settings in force (a cheap, lock-free snapshot; a reload swaps them whole).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
+        self.pool.manager().settings.load()
+    }
+
+    /// Applies new settings that keep the pool's shape: timeouts and the like take effect at
+    /// their next use, a new size at once (growing frees waiters; shrinking closes idle
+    /// connections first and in-use ones as they are released, never inside a transaction).
+    pub fn apply(&self, new: PoolSettings) {
+        let size = new.size as usize;
+        self.pool.manager().settings.store(Arc::new(new));
+        if size != self.pool.max_size() {
+            self.pool.resize(size);
+        }
+    }
+
+    /// Live resize until the next reload.
+    pub fn set_size(&self, size: u32) {
+        let mut s = PoolSettings::clone(&self.settings());
+        s.size = size;
+        s.min_size = s.min_size.min(size);
+        self.apply(s);
+    }
+
+    /// Whether a reload replaced this pool.
+    pub fn is_retired(&self) -> bool {
+        self.pool.manager().retired.load(Ordering::Acquire)
+    }
+
+    /// Replaced by a reload: idle connections close now, in-use ones when released.
+    fn retire(&self) {
+        self.pool.manager().retired.store(true, Ordering::Release);
+        // Closing fails its waiters (their sessions move to the new pool) and closes idle
+        // connections; connections in use close when released.
+        self.pool.close();
+        // Clients paused on it must not wait for a RESUME that will never come.
+        self.resumed.notify_waiters();
+    }
+
+    /// Whether settings differ in a way that needs a new pool rather than an update in place.
+    fn needs_new_pool(old: &PoolSettings, new: &PoolSettings) -> bool {
+        old.mode != new.mode
+            || old.reserve_size != new.reserve_size
+            || old.reserve_timeout != new.reserve_timeout
+            || old.connect_concurrency != new.connect_concurrency
+            || old.max_db_connections != new.max_db_connections
     }
 
     pub fn name(&self) -> String {
@@ -536,7 +589,7 @@ impl ServerPool {
     /// One maintenance round: close dead, expired and long-idle connections (keeping
     /// `min_size`), and log utilisation crossing its thresholds.
     pub fn reap(&self) {
-        let s = self.settings().clone();
+        let s = self.settings();
         self.pool.reap(s.min_size as usize, |conn, meta| {
             if !conn.is_alive() {
                 Verdict::Close(CloseReason::Dead)
@@ -659,7 +712,8 @@ impl Pools {
                 servers: Arc::new(Registry::default()),
                 generation: AtomicU64::new(0),
                 paused: AtomicBool::new(false),
-                settings: settings.clone(),
+                retired: AtomicBool::new(false),
+                settings: ArcSwap::from_pointee(settings.clone()),
             },
             settings.size as usize,
             settings.reserve_size as usize,
@@ -682,6 +736,64 @@ impl Pools {
         db.pools.lock().unwrap().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// Brings every pool in line with a new config: pools whose login and shape are unchanged
+    /// take the new settings in place; the others are retired (they drain, and their
+    /// clients move to a fresh pool at their next checkout, or are told the database is gone).
+    /// Returns one line per change.
+    pub fn reconfigure(&self, config: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut retired = Vec::new();
+        {
+            let mut map = self.map.lock().unwrap();
+            map.retain(|(database, user), pool| {
+                let name = pool.name();
+                let Some(login) = config.server_login(database, user).filter(|l| &l.user == user)
+                else {
+                    changes.push(format!("pool {name}: removed; its connections drain"));
+                    retired.push(pool.clone());
+                    return false;
+                };
+                let new = config.pool_settings(database, user);
+                let old = pool.settings();
+                if login != pool.pool.manager().login {
+                    changes.push(format!(
+                        "pool {name}: server login changed; old connections drain after their current transaction"
+                    ));
+                } else if ServerPool::needs_new_pool(&old, &new) {
+                    changes.push(format!(
+                        "pool {name}: mode, reserve, connect_concurrency or max_db_connections changed; the pool is rebuilt"
+                    ));
+                } else {
+                    if **old != new {
+                        if old.size != new.size {
+                            changes.push(format!("pool {name}: size {} -> {}", old.size, new.size));
+                        } else {
+                            changes.push(format!("pool {name}: settings updated"));
+                        }
+                        drop(old);
+                        pool.apply(new);
+                    }
+                    return true;
+                }
+                retired.push(pool.clone());
+                false
+            });
+        }
+        {
+            // A database whose cap changed gets a new cap for its new pools.
+            let mut dbs = self.databases.lock().unwrap();
+            dbs.retain(|name, state| {
+                config.databases.contains_key(name)
+                    && state.max == config.pool_settings(name, "").max_db_connections
+            });
+        }
+        for p in retired {
+            p.retire();
+        }
+        self.create_fixed(config);
+        changes
     }
 
     /// Creates the pools that can exist before any client: databases with a fixed user.

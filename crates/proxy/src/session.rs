@@ -128,6 +128,9 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
 /// What login settles for a session.
 struct Login {
     pool: Arc<ServerPool>,
+    /// The client's database and user, to find its pool again after a reload.
+    database: String,
+    user: String,
     params: ClientParams,
     cancel: Registration,
     slot: ClientSlot,
@@ -237,6 +240,8 @@ async fn login(
     let kill = pool.kill.clone();
     Ok(Login {
         pool,
+        database: database.to_string(),
+        user: user.to_string(),
         params,
         cancel,
         slot,
@@ -346,6 +351,18 @@ impl From<ServerProtocolError> for End {
     }
 }
 
+/// How a session ends when Weir shuts down gracefully (what PostgreSQL says on a smart
+/// shutdown: 57P01).
+fn shutting_down() -> End {
+    End::Closed(
+        ErrorResponse::fatal(
+            SqlState(*b"57P01"),
+            "terminating connection because weir is shutting down",
+        )
+        .with_hint("reconnect: another weir instance or the restarted one will serve you"),
+    )
+}
+
 /// The error a session ends with when an operator KILLs its database.
 fn killed() -> End {
     End::Closed(ErrorResponse::fatal(
@@ -362,6 +379,7 @@ enum Event {
     ClientWritable(io::Result<()>),
     Timeout(Phase),
     Killed,
+    Drain,
 }
 
 impl Event {
@@ -373,6 +391,7 @@ impl Event {
             Event::ClientWritable(_) => "client writable",
             Event::Timeout(_) => "timeout",
             Event::Killed => "killed",
+            Event::Drain => "drain",
         }
     }
 }
@@ -381,6 +400,8 @@ struct Session {
     client: Stream,
     peer: String,
     pool: Arc<ServerPool>,
+    database: String,
+    user: String,
     mode: PoolMode,
     server: Option<Pooled<ServerManager>>,
     relay: Relay,
@@ -411,6 +432,10 @@ struct Session {
     info: Registered,
     /// Ends the session when an operator KILLs the pool's database.
     kill: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// Fires when the process starts a graceful shutdown.
+    drain: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Shutting down: the session ends at its next transaction boundary.
+    draining: bool,
     /// The request in flight: when it started, what it was, whether it reached a server.
     request: Option<(Instant, QueryLabel, bool)>,
     /// When the current transaction started.
@@ -468,6 +493,8 @@ impl Session {
             mode: settings.mode,
             relay: Relay::new(settings.mode == PoolMode::Transaction, max_message_size),
             pool: login.pool,
+            database: login.database,
+            user: login.user,
             server: None,
             statements: ClientStatements::default(),
             params: login.params,
@@ -482,6 +509,8 @@ impl Session {
             suspect: false,
             info: login.info,
             kill: Box::pin(login.kill.notified_owned()),
+            drain: Box::pin(shared.drain.clone().cancelled_owned()),
+            draining: false,
             request: None,
             tx_start: None,
             query_text: String::new(),
@@ -646,7 +675,20 @@ impl Session {
             if let Err(end) = r {
                 return end;
             }
+            // Shutting down with a server attached (session mode, or a transaction that just
+            // ended): leave at the boundary, never inside a transaction.
+            if self.draining && self.server.is_some() && self.at_boundary() {
+                return shutting_down();
+            }
         }
+    }
+
+    /// Nothing owed either way and no transaction open.
+    fn at_boundary(&self) -> bool {
+        self.relay.nothing_owed()
+            && self.relay.status() == TxStatus::Idle
+            && self.to_client.is_empty()
+            && self.to_server.is_empty()
     }
 
     /// No server connection: write what the client is owed, then wait for it to send.
@@ -657,6 +699,9 @@ impl Session {
                 .write_all(&pending)
                 .await
                 .map_err(|_| End::ClientGone)?;
+        }
+        if self.draining || self.shared.drain.is_cancelled() {
+            return Err(shutting_down());
         }
         if !self.relay.client_ready(&self.cbuf) {
             if self.cbuf.capacity() - self.cbuf.len() < 1024 {
@@ -675,6 +720,7 @@ impl Session {
                 r = read => r,
                 _ = limit => return self.on_timeout(Phase::Idle),
                 _ = self.kill.as_mut() => return Err(killed()),
+                _ = self.drain.as_mut() => return Err(shutting_down()),
             };
             if n.map_err(|_| End::ClientGone)? == 0 {
                 return Err(End::ClientGone);
@@ -702,12 +748,16 @@ impl Session {
                 (!self.to_server.is_empty(), !self.to_client.is_empty());
             let client = &self.client;
             let kill = &mut self.kill;
+            let (drain, watch_drain) = (&mut self.drain, !self.draining);
             // Polled directly rather than through select!: no readiness future is built and
             // torn down (with the waiter-list lock) per socket per round.
             let ready = std::future::poll_fn(|cx| {
                 use std::task::Poll::Ready;
                 if kill.as_mut().poll(cx).is_ready() {
                     return Ready(Event::Killed);
+                }
+                if watch_drain && drain.as_mut().poll(cx).is_ready() {
+                    return Ready(Event::Drain);
                 }
                 if read_server && let Ready(r) = server.stream.poll_read_ready(cx) {
                     return Ready(Event::ServerReadable(r));
@@ -734,6 +784,10 @@ impl Session {
         tracing::trace!(peer = %self.peer, event = ev.name(), "busy");
         match ev {
             Event::Killed => Err(killed()),
+            Event::Drain => {
+                self.draining = true;
+                Ok(())
+            }
             Event::Timeout(phase) => self.on_timeout(phase),
             Event::ServerReadable(r) => {
                 r.map_err(|e| End::ServerLost(e.to_string()))?;
@@ -995,6 +1049,44 @@ impl Session {
     /// Waits for a server connection while watching the client (a client that leaves stops
     /// waiting). The outer error ends the session; the inner one is for the client.
     async fn checkout(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
+        loop {
+            if self.pool.is_retired() {
+                self.follow_reload()?;
+            }
+            match self.checkout_from_pool().await? {
+                // The pool was retired while this client waited on it: wait on its successor.
+                Err(CheckoutFailure(_)) if self.pool.is_retired() => continue,
+                r => return Ok(r),
+            }
+        }
+    }
+
+    /// A reload replaced this session's pool: move to the pool the running config gives
+    /// its database and user, or end if the database was removed.
+    fn follow_reload(&mut self) -> Result<(), End> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let config = self.shared.config.load();
+        let Some(next) = self.shared.pools.get(&config, &self.database, &self.user) else {
+            return Err(End::Closed(
+                ErrorResponse::fatal(
+                    SqlState::INVALID_CATALOG_NAME,
+                    format!(
+                        "database \"{}\" was removed from weir's configuration",
+                        self.database
+                    ),
+                )
+                .with_hint("a reload removed it; connect to a database weir still serves"),
+            ));
+        };
+        tracing::debug!(peer = %self.peer, from = %self.pool.name(), to = %next.name(), "moving to the reloaded pool");
+        self.pool.metrics.clients.fetch_sub(1, Relaxed);
+        next.metrics.clients.fetch_add(1, Relaxed);
+        self.kill = Box::pin(next.kill.clone().notified_owned());
+        self.pool = next;
+        Ok(())
+    }
+
+    async fn checkout_from_pool(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
         let pool = self.pool.clone();
         let timeout = pool.settings().query_wait_timeout;
         let asked = std::time::Instant::now();

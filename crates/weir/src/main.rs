@@ -3,6 +3,7 @@
 //! Subcommands:
 //! - `weir run`: serve clients, from a config file or the quick-start flags.
 //! - `weir check`: verify a config (and, with `--online`, the servers behind it) for CI.
+//! - `weir reload`: ask a running Weir to reload its config (or roll back the last reload).
 //! - `weir demo`: a throwaway PostgreSQL with Weir in front and a load through it.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use weir_config::{Config, PoolMode, QuickStart};
 
 mod check;
 mod demo;
+mod reload;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A PostgreSQL connection pooler")]
@@ -29,6 +31,9 @@ enum Command {
     Run(RunArgs),
     /// Verify a config: exit 0 when good, 1 on errors, 2 on warnings only.
     Check(check::CheckArgs),
+    /// Make a running Weir load its config again and apply it live (like SIGHUP), or with
+    /// --rollback restore the config before the last reload.
+    Reload(reload::ReloadArgs),
     /// Start a throwaway PostgreSQL with Weir in front and run a realistic load through it.
     Demo(demo::DemoArgs),
 }
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => return check::main(args),
+        Command::Reload(args) => return reload::main(args),
         Command::Demo(args) => runtime(0).and_then(|rt| rt.block_on(demo::demo(args))),
     };
     match result {
@@ -215,10 +221,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(t) = &args.admin_token {
         config.admin.token = Some(weir_config::Secret::new(t.clone()));
     }
+    // What a reload loads again: the same file, profile and overrides (and the environment
+    // as it is then). A quick start has nothing to reload.
+    let source = args.server.is_none().then(|| {
+        let mut source = args.source.source();
+        if let Some(t) = &args.admin_token {
+            source.sets.push(format!("admin.token={t}"));
+        }
+        source
+    });
     let workers = args.workers.unwrap_or(config.proxy.workers);
     runtime(workers)?.block_on(async move {
         let admin_addr = config.admin.listen;
         let proxy = weir_proxy::Proxy::start(config).await?;
+        if let Some(s) = source {
+            proxy.shared().set_source(s);
+        }
         for a in &proxy.addrs {
             // Printed on stdout so scripts and tests can learn a port-0 address.
             println!("listening on {a}");
@@ -232,22 +250,77 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             None => None,
         };
         let shared = proxy.shared().clone();
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            _ = shared.shutdown.notified() => {}
+        let Signals {
+            mut hangup,
+            mut stop,
+        } = Signals::new()?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    let s = shared.clone();
+                    match tokio::task::spawn_blocking(move || s.reload()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!("SIGHUP reload rejected: {e}"),
+                        Err(e) => tracing::error!("SIGHUP reload failed: {e}"),
+                    }
+                }
+                _ = stop.recv() => break,
+                _ = shared.shutdown.notified() => break,
+            }
         }
-        tracing::info!("shutting down");
+        let timeout = shared.config.load().proxy.shutdown_timeout;
+        tracing::info!(
+            clients = shared.clients.total(),
+            "shutting down: new connections are refused; sessions end at their next transaction boundary (shutdown_timeout {})",
+            humantime::format_duration(timeout)
+        );
+        proxy.begin_drain().await;
+        tokio::select! {
+            _ = proxy.drained() => tracing::info!("every client has left"),
+            _ = tokio::time::sleep(timeout) => tracing::warn!(
+                clients = shared.clients.total(),
+                "shutdown_timeout passed: closing the connections still open"
+            ),
+            _ = stop.recv() => tracing::warn!("second signal: stopping at once"),
+        }
+        // Idle server connections close with a Terminate; dropping the runtime ends the
+        // sessions still running and closes their connections.
         proxy.stop();
         drop(admin);
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// The signals `weir run` acts on: SIGHUP reloads, SIGTERM and SIGINT stop (gracefully the
+/// first time, at once the second).
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    stop: StopSignals,
+}
+
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup()).context("install the SIGHUP handler")?,
+            stop: StopSignals {
+                term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            },
+        })
+    }
+}
+
+impl StopSignals {
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

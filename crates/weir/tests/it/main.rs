@@ -16,4 +16,5 @@ mod memory;
 mod pooling;
 mod prepared;
 mod protocol;
+mod reload;
 mod session;
