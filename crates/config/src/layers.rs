@@ -45,7 +45,7 @@ pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
 ];
 
 /// Environment variables named `WEIR_*` that are not settings.
-const NOT_SETTINGS: &[&str] = &["WEIR_PROFILE", "WEIR_CONFIG", "WEIR_LOG"];
+const NOT_SETTINGS: &[&str] = &["WEIR_PROFILE", "WEIR_CONFIG", "WEIR_LOG", "WEIR_ADMIN_ADDR"];
 
 /// Keys whose value is a secret: never merged key by key, may point at env or a file.
 pub(crate) const SECRET_KEYS: &[&str] = &["password", "token", "url"];

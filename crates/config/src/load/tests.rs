@@ -435,3 +435,36 @@ fn pools_beyond_what_a_server_takes_are_a_warning() {
     let (c, _) = from_toml_str(&capped, None).unwrap();
     assert_eq!(c.server_demand()["db:5432"], 90);
 }
+
+#[test]
+fn every_key_is_in_the_config_reference() {
+    use crate::load::{ADMIN_KEYS, AUTH_KEYS, DATABASE_KEYS, PROXY_KEYS, USER_KEYS};
+    let doc = include_str!("../../../../docs/CONFIG.md");
+    let mut missing = Vec::new();
+    let sections: [(&str, &[&str]); 6] = [
+        ("proxy.", PROXY_KEYS),
+        ("admin.", ADMIN_KEYS),
+        ("auth.", AUTH_KEYS),
+        ("pool.", PoolOverrides::KEYS),
+        ("databases.NAME.", DATABASE_KEYS),
+        ("users.NAME.", USER_KEYS),
+    ];
+    for (prefix, keys) in sections {
+        for key in keys {
+            let row = format!("| `{prefix}{key}` |");
+            if !doc.contains(&row) {
+                missing.push(row);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "docs/CONFIG.md lacks a row for: {missing:?}");
+    // And no row for a key Weir does not accept.
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let key = line[3..].split('`').next().unwrap();
+        let known = sections.iter().any(|(prefix, keys)| {
+            key.strip_prefix(prefix).is_some_and(|k| keys.contains(&k))
+        }) || key == "profiles.NAME"
+            || !key.contains('.');
+        assert!(known, "docs/CONFIG.md documents `{key}`, which Weir does not accept");
+    }
+}
