@@ -457,14 +457,21 @@ fn every_key_is_in_the_config_reference() {
             }
         }
     }
-    assert!(missing.is_empty(), "docs/CONFIG.md lacks a row for: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/CONFIG.md lacks a row for: {missing:?}"
+    );
     // And no row for a key Weir does not accept.
     for line in doc.lines().filter(|l| l.starts_with("| `")) {
         let key = line[3..].split('`').next().unwrap();
-        let known = sections.iter().any(|(prefix, keys)| {
-            key.strip_prefix(prefix).is_some_and(|k| keys.contains(&k))
-        }) || key == "profiles.NAME"
+        let known = sections
+            .iter()
+            .any(|(prefix, keys)| key.strip_prefix(prefix).is_some_and(|k| keys.contains(&k)))
+            || key == "profiles.NAME"
             || !key.contains('.');
-        assert!(known, "docs/CONFIG.md documents `{key}`, which Weir does not accept");
+        assert!(
+            known,
+            "docs/CONFIG.md documents `{key}`, which Weir does not accept"
+        );
     }
 }

@@ -283,8 +283,8 @@ async fn sigterm_lets_transactions_finish_and_refuses_new_clients() {
         "CREATE TABLE t (client int, seq int, part int); GRANT ALL ON t TO {}",
         SCRAM_USER.user
     ))
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let path = config_path(&db);
     let timeout = Duration::from_secs(10);
     write(
@@ -341,7 +341,10 @@ async fn sigterm_lets_transactions_finish_and_refuses_new_clients() {
     let mut after = 0;
     for w in writers {
         let (client, acked, after_signal, code, closed) = w.await.unwrap();
-        assert!(!acked.is_empty(), "writer {client} committed nothing: {code}");
+        assert!(
+            !acked.is_empty(),
+            "writer {client} committed nothing: {code}"
+        );
         assert!(
             code == "57P01" || closed,
             "writer {client} ended with {code} (closed: {closed})"
