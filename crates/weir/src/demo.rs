@@ -1,24 +1,28 @@
-//! `weir demo`: a throwaway PostgreSQL, Weir in front of it, and a web-like load through
-//! Weir from many more clients than server connections, reported as it runs.
+//! `weir demo`: a throwaway PostgreSQL, Weir in front of it, and the seeds' peak scenario
+//! (a ramp to 500 web clients, then a steady phase, scaled to `--duration`) through Weir,
+//! from many more clients than server connections, reported as it runs.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use weir_bench::Workload;
+use weir_bench::{Arrivals, Plan, Scenario, Workload};
 use weir_config::PoolMode;
 use weir_testkit::{PgServer, SCRAM_USER, SUPERUSER};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Concurrent clients (each its own connection to Weir).
-    #[arg(long, default_value_t = 200)]
-    clients: usize,
+    /// The load: a preset (baseline, peak, spike, endurance) or a scenario TOML file.
+    #[arg(long, default_value = "peak")]
+    scenario: String,
+    /// Concurrent clients at the scenario's peak (default: the scenario's own, 500 for peak).
+    #[arg(long)]
+    clients: Option<usize>,
     /// Server connections in Weir's pool.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     pool_size: u32,
-    /// How long to run the load.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    /// How long to run the load (the scenario's phases are scaled to fit).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Server time of the middle query of each request (of every query, for `sleep`).
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
@@ -30,6 +34,29 @@ pub struct DemoArgs {
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut scenario = match Scenario::preset(&args.scenario) {
+        Some(s) => s,
+        None => {
+            let text = std::fs::read_to_string(&args.scenario).with_context(|| {
+                format!(
+                    "`{}` is neither a preset (baseline, peak, spike, endurance) nor a readable file",
+                    args.scenario
+                )
+            })?;
+            Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario))?
+        }
+    }
+    .scaled_to(args.duration);
+    if scenario.mode != weir_bench::Loop::Closed {
+        anyhow::bail!("the demo runs closed-loop scenarios (clients, not rate)");
+    }
+    if let Some(c) = args.clients {
+        let f = c as f64 / scenario.peak();
+        for p in &mut scenario.phases {
+            p.level = (p.level * f).round();
+        }
+    }
+    let clients = scenario.peak() as usize;
     println!("Starting a throwaway PostgreSQL from the system's binaries...");
     let pg = tokio::task::spawn_blocking(|| {
         let pg = PgServer::start();
@@ -63,10 +90,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
     println!(
         "\nDashboard: http://{}/   (Prometheus metrics at /metrics, pool JSON at /health/pool)\n\
-         Load: {} clients, each looping a web request (a lookup, {} of server work, an update half the time) for {}.\n\
+         Load: the {} scenario, up to {} clients, each looping a web request (a lookup, {} of server work, an update half the time), for {}.\n\
          Try it yourself meanwhile: psql 'postgres://{}:{}@{addr}/demo'\n",
         admin_http.addr,
-        args.clients,
+        scenario.name,
+        clients,
         humantime::format_duration(args.server_time),
         humantime::format_duration(args.duration),
         SCRAM_USER.user,
@@ -84,12 +112,20 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             accounts,
         },
     };
-    let report = weir_bench::run(&url, args.clients, args.duration, workload, |p| {
+    let plan = Plan {
+        url: url.clone(),
+        scenario,
+        workload,
+        connections: clients,
+        arrivals: Arrivals::Poisson,
+    };
+    let report = weir_bench::run(&plan, |p| {
         let snap = weir.shared().pools.all().first().map(|p| p.pool.snapshot()).unwrap_or_default();
         peak_servers = peak_servers.max(snap.size);
         println!(
-            "[{:>3.0}s] {:>7.0} req/s  p95 {:>7.1} ms  errors {:<4} | pool: {:>3} active {:>3} idle {:>4} waiting",
+            "[{:>3.0}s] {:>4.0} clients {:>7.0} req/s  p95 {:>7.1} ms  errors {:<4} | pool: {:>3} active {:>3} idle {:>4} waiting",
             p.elapsed.as_secs_f64(),
+            p.level,
             p.rate,
             p.p95_ms,
             p.errors,
@@ -136,7 +172,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  connections   {} clients shared at most {} server connections (pg_stat_activity now: {servers})",
-        args.clients, peak_servers
+        clients, peak_servers
     );
     let pool_stats = weir.shared().pools.all().first().map(|p| p.pool.clone());
     let wait = |q| {

@@ -4,6 +4,8 @@
 //! - `weir run`: serve clients, from a config file or the quick-start flags.
 //! - `weir check`: verify a config (and, with `--online`, the servers behind it) for CI.
 //! - `weir reload`: ask a running Weir to reload its config (or roll back the last reload).
+//! - `weir bench`: load scenarios with percentiles and SLO gates; `weir bench compare`.
+//! - `weir advise`: a pool size from measured or given load.
 //! - `weir demo`: a throwaway PostgreSQL with Weir in front and a load through it.
 
 use std::net::SocketAddr;
@@ -14,8 +16,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use weir_config::{Config, PoolMode, QuickStart};
 
+mod advise;
+mod bench;
 mod check;
 mod demo;
+mod http;
 mod reload;
 
 #[derive(Parser)]
@@ -34,6 +39,11 @@ enum Command {
     /// Make a running Weir load its config again and apply it live (like SIGHUP), or with
     /// --rollback restore the config before the last reload.
     Reload(reload::ReloadArgs),
+    /// Load any PostgreSQL endpoint (Weir or not) and report percentiles, errors and SLO
+    /// gates: exit 0 for GO, 1 for NO-GO. `weir bench compare A.json B.json` for a report.
+    Bench(bench::BenchArgs),
+    /// Recommend a pool size from the load (measured from Weir, a bench report, or given).
+    Advise(advise::AdviseArgs),
     /// Start a throwaway PostgreSQL with Weir in front and run a realistic load through it.
     Demo(demo::DemoArgs),
 }
@@ -152,6 +162,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Check(args) => return check::main(args),
         Command::Reload(args) => return reload::main(args),
+        Command::Bench(args) => return bench::main(args),
+        Command::Advise(args) => return advise::main(args),
         Command::Demo(args) => runtime(0).and_then(|rt| rt.block_on(demo::demo(args))),
     };
     match result {

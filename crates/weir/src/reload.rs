@@ -8,8 +8,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
 use serde_json::Value;
 
 use crate::SourceArgs;
@@ -19,8 +17,9 @@ pub struct ReloadArgs {
     /// Restore the config in force before the last reload.
     #[arg(long)]
     rollback: bool,
-    /// The admin listener of the running Weir (default: admin.listen of the config).
-    #[arg(long, env = "WEIR_ADMIN_ADDR")]
+    /// The admin listener of the running Weir, HOST:PORT (default: admin.listen of the
+    /// config).
+    #[arg(long, env = "WEIR_ADMIN_ADDR", value_parser = parse_admin)]
     admin: Option<SocketAddr>,
     /// Bearer token for the admin listener (default: admin.token of the config).
     #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
@@ -28,6 +27,10 @@ pub struct ReloadArgs {
     /// Where to find the admin address and token when not given.
     #[command(flatten)]
     source: SourceArgs,
+}
+
+fn parse_admin(s: &str) -> Result<SocketAddr, String> {
+    crate::http::admin_addr(s).map_err(|e| e.to_string())
 }
 
 pub fn main(args: ReloadArgs) -> ExitCode {
@@ -73,7 +76,12 @@ fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, body) = rt.block_on(post(addr, path, token.as_deref()))?;
+    let (status, body) = rt.block_on(crate::http::request(
+        hyper::Method::POST,
+        addr,
+        path,
+        token.as_deref(),
+    ))?;
     let v: Value = serde_json::from_slice(&body).map_err(|_| {
         anyhow!(
             "{addr} answered {status}: {}",
@@ -115,31 +123,4 @@ fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::FAILURE)
     }
-}
-
-/// One HTTP/1.1 POST with hyper's client connection.
-async fn post(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach weir's admin listener at {addr}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::post(path).header(hyper::header::HOST, addr.to_string());
-    if let Some(t) = token {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let res = sender
-        .send_request(req.body(Empty::<Bytes>::new())?)
-        .await?;
-    let status = res.status();
-    if status == hyper::StatusCode::UNAUTHORIZED {
-        anyhow::bail!("{addr} wants a token: give --token or set WEIR_ADMIN_TOKEN");
-    }
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok((status, body))
 }

@@ -8,6 +8,7 @@ mod common;
 
 mod admin;
 mod auth;
+mod bench;
 mod cancel;
 mod config;
 mod hostile;
