@@ -3,23 +3,30 @@
 
 Starts its own PostgreSQL (from the system's binaries; as the `postgres` user when run as
 root), PgBouncer (system package) and Weir (release build) with the same pool size in
-transaction mode, then runs `pgbench -S -j 2 -T SECONDS` for each query mode and client
-count against each target, alternating the order of targets between cells so that a
-noisy machine shows up as spread rather than as a bias. Prints a Markdown table with the
-Weir/PgBouncer and Weir/direct throughput ratios, and writes it to --out if given.
+transaction mode, then measures, against each target:
 
-Each cell is run --repeat times (targets in rotating order); the table shows the median
-throughput and, in brackets, the lowest and highest run.
+- `pgbench -S -j 2 -T SECONDS` for each query mode (-M simple, extended, prepared) and
+  client count: throughput, average and p99 latency (from pgbench's per-transaction log),
+  and the pooler's CPU time per 1,000 transactions (from /proc);
+- the connection rate: `pgbench -S -C` (a new connection per transaction);
+- the poolers' resident memory per idle client, with --idle N logged-in connections held.
 
-Usage: scripts/bench_compare.py [--seconds 20] [--clients 1,10,100,500] [--repeat 3]
-                                [--modes simple,prepared] [--pool-size 20] [--workers N]
-                                [--out FILE]
+The order of targets rotates from cell to cell and every cell runs --repeat times, so a
+noisy machine shows up as spread rather than as a bias. Prints Markdown tables with the
+Weir/PgBouncer and Weir/direct ratios; writes them to --out, and with --doc appends them,
+dated, to that file (docs/BENCHMARKS.md).
+
+Usage: scripts/bench_compare.py [--seconds 10] [--clients 1,10,100,1000] [--repeat 3]
+                                [--modes simple,extended,prepared] [--pool-size 20]
+                                [--workers N] [--idle 10000] [--out FILE] [--doc FILE]
 """
 import argparse
 import glob
 import os
 import pwd
 import re
+import resource
+import struct
 import shutil
 import signal
 import socket
@@ -94,10 +101,32 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run_pgbench(bd, port, clients, mode, seconds, db):
+def p99_from_logs(logdir):
+    """p99 of the per-transaction latencies (microseconds, 3rd field) pgbench logged."""
+    lat = []
+    for name in os.listdir(logdir):
+        with open(os.path.join(logdir, name)) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2].isdigit():
+                    lat.append(int(parts[2]))
+    if not lat:
+        return None
+    lat.sort()
+    return lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000.0
+
+
+def run_pgbench(bd, port, clients, mode, seconds, db, connect_each=False):
+    logdir = tempfile.mkdtemp(prefix="pgbench-log-")
     cmd = [os.path.join(bd, "pgbench"), "-n", "-S", "-j", "2", "-c", str(clients), "-T", str(seconds),
-           "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bench", db]
+           "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "--log", "--log-prefix",
+           os.path.join(logdir, "tx")]
+    if connect_each:
+        cmd.append("-C")
+    cmd.append(db)
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "bench"})
+    p99 = p99_from_logs(logdir)
+    shutil.rmtree(logdir, ignore_errors=True)
     text = out.stdout + out.stderr
     tps = re.search(r"tps = ([\d.]+) \(without initial", text)
     lat = re.search(r"latency average = ([\d.]+) ms", text)
@@ -108,17 +137,81 @@ def run_pgbench(bd, port, clients, mode, seconds, db):
         "ok": ok,
         "tps": float(tps.group(1)) if tps else 0.0,
         "lat": float(lat.group(1)) if lat else None,
+        "p99": p99 if ok else None,
         "processed": int(processed.group(1)) if processed else 0,
         "failed": int(failed.group(1)) if failed else None,
         "error": None if ok else (text.strip().splitlines() or ["no output"])[-1][:120],
     }
 
 
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def startup_packet(user, db):
+    body = struct.pack("!I", 196608)
+    for k, v in (("user", user), ("database", db)):
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def open_idle(port, n, db):
+    """n logged-in (trust) client connections, left idle. Returns the sockets."""
+    socks = []
+    packet = startup_packet("bench", db)
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(packet)
+        buf = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"port {port} closed a login after {len(socks)} connections")
+            buf += chunk
+            # Walk whole messages; stop at ReadyForQuery, fail on ErrorResponse.
+            i, ready = 0, False
+            while i + 5 <= len(buf):
+                tag, length = buf[i:i + 1], struct.unpack("!I", buf[i + 1:i + 5])[0]
+                if i + 1 + length > len(buf):
+                    break
+                if tag == b"E":
+                    raise RuntimeError(f"login refused after {len(socks)}: {buf[i + 5:i + 1 + length]!r}")
+                if tag == b"Z":
+                    ready = True
+                i += 1 + length
+            if ready:
+                break
+        socks.append(s)
+    return socks
+
+
+def idle_memory(port, pid, n, db):
+    """Resident memory the pooler gains per idle client, holding n of them (bytes)."""
+    warm = open_idle(port, 10, db)
+    time.sleep(0.5)
+    before = rss_bytes(pid)
+    socks = open_idle(port, n, db)
+    time.sleep(1.0)
+    after = rss_bytes(pid)
+    for s in socks + warm:
+        s.close()
+    time.sleep(1.0)
+    return (after - before) / n
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=20)
-    ap.add_argument("--clients", default="1,10,100,500")
-    ap.add_argument("--modes", default="simple,prepared")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--clients", default="1,10,100,1000")
+    ap.add_argument("--modes", default="simple,extended,prepared")
+    ap.add_argument("--idle", type=int, default=10000, help="idle clients held for the memory figure (0: skip)")
+    ap.add_argument("--connect-clients", type=int, default=10, help="clients of the pgbench -C run (0: skip)")
+    ap.add_argument("--doc", help="append the dated tables to this Markdown file")
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
@@ -127,6 +220,11 @@ def main():
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
+    # A socket per client, for pgbench, the poolers and the idle connections we hold.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < args.idle + 2000:
+        sys.exit(f"the open-files limit ({hard}) is too low for --idle {args.idle}")
 
     pgbouncer = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
     if not pgbouncer:
@@ -147,7 +245,7 @@ def main():
                         "--locale=C"], check=True, stdout=subprocess.DEVNULL, preexec_fn=demote())
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write(f"listen_addresses='127.0.0.1'\nport={pg_port}\nunix_socket_directories='{work}'\n"
-                    f"max_connections={max(clients) + 50}\nshared_buffers=256MB\nfsync=off\n"
+                    f"max_connections={max(clients) + 100}\nshared_buffers=256MB\nfsync=off\n"
                     "synchronous_commit=off\n")
         pg = subprocess.Popen([os.path.join(bd, "postgres"), "-D", data], stdout=subprocess.DEVNULL,
                               stderr=open(os.path.join(work, "pg.log"), "w"), preexec_fn=demote())
@@ -168,7 +266,7 @@ def main():
             f.write(f"[databases]\n{db} = host=127.0.0.1 port={pg_port} dbname={db}\n\n[pgbouncer]\n"
                     f"listen_addr = 127.0.0.1\nlisten_port = {pgb_port}\nunix_socket_dir =\n"
                     f"auth_type = trust\nauth_file = {users}\npool_mode = transaction\n"
-                    f"default_pool_size = {args.pool_size}\nmax_client_conn = {max(clients) * 2 + 100}\n"
+                    f"default_pool_size = {args.pool_size}\nmax_client_conn = {max(clients) * 2 + args.idle + 100}\n"
                     f"logfile = {work}/pgbouncer.log\npidfile =\nadmin_users = bench\n")
         owner_chown(ini)
         owner_chown(users)
@@ -181,7 +279,8 @@ def main():
         weir_port = free_port()
         toml = os.path.join(work, "weir.toml")
         with open(toml, "w") as f:
-            f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\n\n[pool]\nmode = "transaction"\n'
+            f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\nmax_client_conn = {max(clients) * 2 + args.idle + 100}\n'
+                    f'\n[pool]\nmode = "transaction"\n'
                     f'size = {args.pool_size}\n\n[auth]\ntype = "trust"\n\n'
                     f'[databases.{db}]\nurl = "postgres://bench@127.0.0.1:{pg_port}/{db}"\n')
         weir = subprocess.Popen([weir_bin, "run", "--config", toml, "--workers", str(args.workers)],
@@ -207,6 +306,26 @@ def main():
                         results.setdefault((mode, c, name), []).append(r)
                         status = f"{r['tps']:.0f} tps" if r["ok"] else f"FAILED: {r['error']}"
                         print(f"  [{rep + 1}/{args.repeat}] -M {mode:8} -c {c:4} {name:9} {status}", file=sys.stderr)
+            if args.connect_clients:
+                order = targets[rep % 3:] + targets[:rep % 3]
+                for name, port, pid in order:
+                    cpu0 = cpu_seconds(pid) if pid else None
+                    r = run_pgbench(bd, port, args.connect_clients, "simple", args.seconds, db, connect_each=True)
+                    if pid:
+                        used = cpu_seconds(pid) - cpu0
+                        r["cpu_per_1k"] = used / r["processed"] * 1000 if r["processed"] else None
+                    results.setdefault(("connect", args.connect_clients, name), []).append(r)
+                    status = f"{r['tps']:.0f} conn/s" if r["ok"] else f"FAILED: {r['error']}"
+                    print(f"  [{rep + 1}/{args.repeat}] -C -c {args.connect_clients} {name:9} {status}", file=sys.stderr)
+        memory = {}
+        if args.idle:
+            for name, port, pid in targets[1:]:
+                try:
+                    memory[name] = idle_memory(port, pid, args.idle, db)
+                    print(f"  idle {args.idle}: {name} {memory[name]:.0f} bytes per client", file=sys.stderr)
+                except (OSError, RuntimeError) as e:
+                    memory[name] = None
+                    print(f"  idle {args.idle}: {name} failed: {e}", file=sys.stderr)
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
@@ -228,8 +347,9 @@ def main():
                  f"same machine.")
     lines.append("")
     lines.append("| mode | clients | direct tps | PgBouncer tps | Weir tps | Weir/PgBouncer | Weir/direct | "
-                 "avg latency ms direct / PgB / Weir | pooler CPU ms per 1k tx PgB / Weir |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---|")
+                 "avg latency ms direct / PgB / Weir | p99 latency ms direct / PgB / Weir | "
+                 "pooler CPU ms per 1k tx PgB / Weir |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
 
     def ok_runs(runs):
         return [r for r in runs if r["ok"]]
@@ -247,15 +367,29 @@ def main():
         failed = f" ({len(runs) - len(good)} of {len(runs)} runs failed)" if len(good) < len(runs) else ""
         return f"{statistics.median(tps):.0f}{spread}{failed}"
 
-    for mode in modes:
-        for c in clients:
-            d, b, w = (results[(mode, c, n)] for n in ("direct", "pgbouncer", "weir"))
-            td, tb, tw = med(d, "tps"), med(b, "tps"), med(w, "tps")
-            wb = f"{tw / tb:.2f}" if tb and tw else "n/a"
-            wd = f"{tw / td:.2f}" if td and tw else "n/a"
-            lat = " / ".join(f"{med(r, 'lat'):.2f}" if med(r, "lat") is not None else "-" for r in (d, b, w))
-            cpu = " / ".join(f"{med(r, 'cpu_per_1k') * 1000:.0f}" if med(r, "cpu_per_1k") else "-" for r in (b, w))
-            lines.append(f"| {mode} | {c} | {fmt(d)} | {fmt(b)} | {fmt(w)} | {wb} | {wd} | {lat} | {cpu} |")
+    cells = [(m, c) for m in modes for c in clients]
+    if args.connect_clients:
+        cells.append(("connect", args.connect_clients))
+    for mode, c in cells:
+        d, b, w = (results[(mode, c, n)] for n in ("direct", "pgbouncer", "weir"))
+        td, tb, tw = med(d, "tps"), med(b, "tps"), med(w, "tps")
+        wb = f"{tw / tb:.2f}" if tb and tw else "n/a"
+        wd = f"{tw / td:.2f}" if td and tw else "n/a"
+        lat = " / ".join(f"{med(r, 'lat'):.2f}" if med(r, "lat") is not None else "-" for r in (d, b, w))
+        p99 = " / ".join(f"{med(r, 'p99'):.2f}" if med(r, "p99") is not None else "-" for r in (d, b, w))
+        cpu = " / ".join(f"{med(r, 'cpu_per_1k') * 1000:.0f}" if med(r, "cpu_per_1k") else "-" for r in (b, w))
+        label = "simple, `-C` (tps = connections/s)" if mode == "connect" else mode
+        lines.append(f"| {label} | {c} | {fmt(d)} | {fmt(b)} | {fmt(w)} | {wb} | {wd} | {lat} | {p99} | {cpu} |")
+    if memory:
+        lines.append("")
+        lines.append(f"Resident memory per idle client, {args.idle} logged-in connections held open "
+                     "(VmRSS after minus before, divided by the count):")
+        lines.append("")
+        lines.append("| PgBouncer bytes/client | Weir bytes/client | Weir/PgBouncer |")
+        lines.append("|---:|---:|---:|")
+        pb, wm = memory.get("pgbouncer"), memory.get("weir")
+        ratio = f"{wm / pb:.2f}" if pb and wm else "n/a"
+        lines.append(f"| {pb:.0f} | {wm:.0f} | {ratio} |" if pb and wm else f"| {pb} | {wm} | n/a |")
     failures = sorted({(k, r["error"]) for k, runs in results.items() for r in runs if not r["ok"]})
     if failures:
         lines.append("")
@@ -266,6 +400,9 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
+    if args.doc:
+        with open(args.doc, "a") as f:
+            f.write(f"\n## {now}: scripts/bench_compare.py\n\n{table}\n")
 
 
 if __name__ == "__main__":
