@@ -128,7 +128,8 @@ def run_pgbench(bd, port, clients, mode, seconds, db, connect_each=False):
     p99 = p99_from_logs(logdir)
     shutil.rmtree(logdir, ignore_errors=True)
     text = out.stdout + out.stderr
-    tps = re.search(r"tps = ([\d.]+) \(without initial", text)
+    # "(without initial connection time)", or with -C "(including reconnection times)".
+    tps = re.search(r"tps = ([\d.]+) \((?:without initial|including reconnection)", text)
     lat = re.search(r"latency average = ([\d.]+) ms", text)
     processed = re.search(r"actually processed: (\d+)", text)
     failed = re.search(r"number of failed transactions: (\d+)", text)
@@ -218,8 +219,8 @@ def main():
     ap.add_argument("--workers", type=int, default=0, help="Weir worker threads (0 = one per core)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    clients = [int(c) for c in args.clients.split(",")]
-    modes = args.modes.split(",")
+    clients = [int(c) for c in args.clients.split(",") if c]
+    modes = [m for m in args.modes.split(",") if m]  # --modes "" runs only -C and the idle memory
     # A socket per client, for pgbench, the poolers and the idle connections we hold.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -245,7 +246,7 @@ def main():
                         "--locale=C"], check=True, stdout=subprocess.DEVNULL, preexec_fn=demote())
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write(f"listen_addresses='127.0.0.1'\nport={pg_port}\nunix_socket_directories='{work}'\n"
-                    f"max_connections={max(clients) + 100}\nshared_buffers=256MB\nfsync=off\n"
+                    f"max_connections={max(clients + [args.connect_clients]) + 100}\nshared_buffers=256MB\nfsync=off\n"
                     "synchronous_commit=off\n")
         pg = subprocess.Popen([os.path.join(bd, "postgres"), "-D", data], stdout=subprocess.DEVNULL,
                               stderr=open(os.path.join(work, "pg.log"), "w"), preexec_fn=demote())
@@ -266,7 +267,7 @@ def main():
             f.write(f"[databases]\n{db} = host=127.0.0.1 port={pg_port} dbname={db}\n\n[pgbouncer]\n"
                     f"listen_addr = 127.0.0.1\nlisten_port = {pgb_port}\nunix_socket_dir =\n"
                     f"auth_type = trust\nauth_file = {users}\npool_mode = transaction\n"
-                    f"default_pool_size = {args.pool_size}\nmax_client_conn = {max(clients) * 2 + args.idle + 100}\n"
+                    f"default_pool_size = {args.pool_size}\nmax_client_conn = {max(clients + [10]) * 2 + args.idle + 100}\n"
                     f"logfile = {work}/pgbouncer.log\npidfile =\nadmin_users = bench\n")
         owner_chown(ini)
         owner_chown(users)
@@ -279,7 +280,7 @@ def main():
         weir_port = free_port()
         toml = os.path.join(work, "weir.toml")
         with open(toml, "w") as f:
-            f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\nmax_client_conn = {max(clients) * 2 + args.idle + 100}\n'
+            f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\nmax_client_conn = {max(clients + [10]) * 2 + args.idle + 100}\n'
                     f'\n[pool]\nmode = "transaction"\n'
                     f'size = {args.pool_size}\n\n[auth]\ntype = "trust"\n\n'
                     f'[databases.{db}]\nurl = "postgres://bench@127.0.0.1:{pg_port}/{db}"\n')

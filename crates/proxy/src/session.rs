@@ -51,31 +51,34 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
         .clients
         .enter(shared.config.load().proxy.max_client_conn);
     let mut buf = BytesMut::with_capacity(1024);
-    let hello =
-        match tokio::time::timeout(LOGIN_TIMEOUT, startup::read_hello(&mut client, &mut buf)).await
-        {
-            Err(_) => {
-                send_fatal(
-                    &mut client,
-                    ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out"),
-                )
-                .await;
-                return;
+    let hello = match tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        Box::pin(startup::read_hello(&mut client, &mut buf)),
+    )
+    .await
+    {
+        Err(_) => {
+            send_fatal(
+                &mut client,
+                ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out"),
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "startup failed");
+            if let Some(r) = e.to_response() {
+                send_fatal(&mut client, r).await;
             }
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "startup failed");
-                if let Some(r) = e.to_response() {
-                    send_fatal(&mut client, r).await;
-                }
-                return;
-            }
-            Ok(Ok(h)) => h,
-        };
+            return;
+        }
+        Ok(Ok(h)) => h,
+    };
     match hello {
         Hello::Cancel(key) => {
             if let Some(t) = shared.cancel.target(key) {
                 let timeout = shared.config.load().pool_settings("", "").connect_timeout;
-                if let Err(e) = send_cancel(&t.addr, t.key, timeout).await {
+                if let Err(e) = Box::pin(send_cancel(&t.addr, t.key, timeout)).await {
                     tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
                 }
             }
@@ -94,12 +97,14 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 }
             };
             if crate::console::DATABASES.contains(&startup.get("database").unwrap_or("")) {
-                crate::console::serve(shared, client, buf, startup, slot).await;
+                Box::pin(crate::console::serve(shared, client, buf, startup, slot)).await;
                 return;
             }
+            // Boxed: the login's state (authentication, the first connect) is large and lives
+            // only for the login, so it should not size every idle session's task.
             let login = tokio::time::timeout(
                 LOGIN_TIMEOUT,
-                login(&shared, &mut client, &mut buf, &startup, slot),
+                Box::pin(login(&shared, &mut client, &mut buf, &startup, slot)),
             )
             .await;
             let session = match login {
@@ -655,7 +660,8 @@ impl Session {
                 .await;
             }
         }
-        self.finish().await;
+        // Boxed: cleanup runs once, its state should not size the session.
+        Box::pin(self.finish()).await;
     }
 
     async fn fatal(&mut self, e: ErrorResponse) {
@@ -704,11 +710,7 @@ impl Session {
             return Err(shutting_down());
         }
         if !self.relay.client_ready(&self.cbuf) {
-            if self.cbuf.capacity() - self.cbuf.len() < 1024 {
-                self.cbuf.reserve(CLIENT_CHUNK);
-            }
             let idle_limit = self.pool.settings().client_idle_timeout;
-            let read = self.client.read_buf(&mut self.cbuf);
             let limit = async {
                 if idle_limit.is_zero() {
                     std::future::pending::<()>().await
@@ -716,14 +718,45 @@ impl Session {
                     tokio::time::sleep(idle_limit).await
                 }
             };
-            let n = tokio::select! {
-                r = read => r,
-                _ = limit => return self.on_timeout(Phase::Idle),
-                _ = self.kill.as_mut() => return Err(killed()),
-                _ = self.drain.as_mut() => return Err(shutting_down()),
-            };
-            if n.map_err(|_| End::ClientGone)? == 0 {
-                return Err(End::ClientGone);
+            if self.cbuf.is_empty() {
+                // Nothing half-read: wait for the client without holding buffers, so a
+                // client idle between transactions costs no buffer memory. The read buffer
+                // is allocated again when data arrives: once per idle period, not per
+                // message.
+                if self.cbuf.capacity() > 0 {
+                    self.cbuf = BytesMut::new();
+                }
+                if self.scratch.capacity() > 0 {
+                    self.scratch = BytesMut::new();
+                }
+                tokio::select! {
+                    r = self.client.readable() => r.map_err(|_| End::ClientGone)?,
+                    _ = limit => return self.on_timeout(Phase::Idle),
+                    _ = self.kill.as_mut() => return Err(killed()),
+                    _ = self.drain.as_mut() => return Err(shutting_down()),
+                }
+                self.cbuf.reserve(CLIENT_CHUNK);
+                match self.client.try_read_buf(&mut self.cbuf) {
+                    Ok(0) => return Err(End::ClientGone),
+                    Ok(_) => {}
+                    // A spurious wakeup: wait again.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(_) => return Err(End::ClientGone),
+                }
+            } else {
+                if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                    self.cbuf.reserve(CLIENT_CHUNK);
+                }
+                let read = self.client.read_buf(&mut self.cbuf);
+                let n = tokio::select! {
+                    r = read => r,
+                    _ = limit => return self.on_timeout(Phase::Idle),
+                    _ = self.kill.as_mut() => return Err(killed()),
+                    _ = self.drain.as_mut() => return Err(shutting_down()),
+                };
+                if n.map_err(|_| End::ClientGone)? == 0 {
+                    return Err(End::ClientGone);
+                }
             }
         }
         self.handle_client().await
@@ -1103,8 +1136,10 @@ impl Session {
             );
             return Ok(Err(CheckoutFailure(e)));
         }
-        let get = pool.pool.get(timeout.saturating_sub(asked.elapsed()));
-        tokio::pin!(get);
+        // Boxed: the wait's state (a kilobyte) would otherwise be part of every session's
+        // task for its whole life, idle or not; one small allocation per checkout is the
+        // price of a small idle client.
+        let mut get = Box::pin(pool.pool.get(timeout.saturating_sub(asked.elapsed())));
         let result = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             tokio::select! {
@@ -1358,4 +1393,27 @@ fn summarize(buf: &[u8]) -> String {
         rest = &rest[len + 1..];
     }
     out
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every client's task holds the `serve` future for its whole life, idle or not, so its
+    /// size is most of what an idle client costs (issue 8's target: 2 KB per idle client).
+    /// Rarely used states (login, cleanup, the wait for a connection) are boxed to keep it
+    /// down; this fails if one creeps back in.
+    #[tokio::test]
+    async fn an_idle_clients_task_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let shared =
+            std::sync::Arc::new(crate::listener::Shared::new(weir_config::Config::default()));
+        let f = super::serve(shared, crate::stream::Stream::Tcp(s));
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 2048, "the serve future is {size} bytes");
+        let session = std::mem::size_of::<super::Session>();
+        assert!(session <= 768, "Session is {session} bytes");
+    }
 }
