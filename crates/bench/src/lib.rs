@@ -125,6 +125,17 @@ impl Report {
     pub fn json(&self) -> Value {
         let l = &self.latency;
         let q = |h: &Histogram<u64>, q: f64| round3(h.value_at_quantile(q) as f64 / 1000.0);
+        // No successful request, no latency: null, so a latency gate fails rather than
+        // passing on an empty histogram's zero.
+        let latency = if self.requests == 0 {
+            json!({"p50": null, "p90": null, "p95": null, "p99": null, "p99_9": null, "max": null, "mean": null})
+        } else {
+            json!({
+                "p50": q(l, 0.50), "p90": q(l, 0.90), "p95": q(l, 0.95), "p99": q(l, 0.99),
+                "p99_9": q(l, 0.999), "max": round3(l.max() as f64 / 1000.0),
+                "mean": round3(l.mean() / 1000.0),
+            })
+        };
         json!({
             "schema": "weir-bench/1",
             "scenario": self.scenario,
@@ -134,11 +145,7 @@ impl Report {
             "duration_s": round3(self.elapsed.as_secs_f64()),
             "requests": self.requests,
             "throughput_per_s": round3(self.throughput()),
-            "latency_ms": {
-                "p50": q(l, 0.50), "p90": q(l, 0.90), "p95": q(l, 0.95), "p99": q(l, 0.99),
-                "p99_9": q(l, 0.999), "max": round3(l.max() as f64 / 1000.0),
-                "mean": round3(l.mean() / 1000.0),
-            },
+            "latency_ms": latency,
             "errors": {
                 "total": self.error_count(),
                 "percent": round3(self.error_percent()),
@@ -271,6 +278,9 @@ fn error_key(e: &tokio_postgres::Error) -> String {
 
 type Shared = Arc<Mutex<Report>>;
 
+/// How long after the scenario's end requests in flight may still finish.
+const GRACE: Duration = Duration::from_secs(30);
+
 /// A connected client with its prepared statements.
 struct Conn {
     client: tokio_postgres::Client,
@@ -345,8 +355,23 @@ pub async fn run(plan: &Plan, mut progress: impl FnMut(Progress)) -> Report {
             level: plan.scenario.level_at(start.elapsed()),
         });
     }
-    for t in workers {
-        let _ = t.await;
+    // Requests still running (or, open loop, still queued) GRACE after the end are not
+    // waited for: they count as errors, so a hung server cannot hang the run.
+    let deadline = tokio::time::Instant::from_std(start + total + GRACE);
+    let mut unfinished = 0;
+    for mut t in workers {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            t.abort();
+            unfinished += 1;
+        }
+    }
+    if unfinished > 0 {
+        *shared
+            .lock()
+            .unwrap()
+            .errors
+            .entry(format!("unfinished {}s after the end", GRACE.as_secs()))
+            .or_default() += unfinished;
     }
     let mut report = shared.lock().unwrap().clone();
     report.elapsed = start.elapsed();

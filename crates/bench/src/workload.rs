@@ -295,16 +295,22 @@ impl Workload {
                 let aid = rng.random_range(1..=TPCB_ACCOUNTS);
                 let tid = rng.random_range(1..=10);
                 let delta = rng.random_range(-5000..=5000);
-                c.batch_execute(&format!(
-                    "begin;
-                     update weir_bench_accounts set abalance = abalance + {delta} where aid = {aid};
-                     select abalance from weir_bench_accounts where aid = {aid};
-                     update weir_bench_tellers set tbalance = tbalance + {delta} where tid = {tid};
-                     update weir_bench_branches set bbalance = bbalance + {delta} where bid = 1;
-                     insert into weir_bench_history (tid, bid, aid, delta) values ({tid}, 1, {aid}, {delta});
-                     end;"
-                ))
-                .await?;
+                let r = c
+                    .batch_execute(&format!(
+                        "begin;
+                         update weir_bench_accounts set abalance = abalance + {delta} where aid = {aid};
+                         select abalance from weir_bench_accounts where aid = {aid};
+                         update weir_bench_tellers set tbalance = tbalance + {delta} where tid = {tid};
+                         update weir_bench_branches set bbalance = bbalance + {delta} where bid = 1;
+                         insert into weir_bench_history (tid, bid, aid, delta) values ({tid}, 1, {aid}, {delta});
+                         end;"
+                    ))
+                    .await;
+                if r.is_err() {
+                    // Leave no aborted transaction behind for the next request.
+                    let _ = c.batch_execute("rollback").await;
+                }
+                r?;
             }
             Workload::Custom(script) => {
                 for s in script.render(rng) {

@@ -47,6 +47,12 @@ pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
 /// Environment variables named `WEIR_*` that are not settings.
 const NOT_SETTINGS: &[&str] = &["WEIR_PROFILE", "WEIR_CONFIG", "WEIR_LOG", "WEIR_ADMIN_ADDR"];
 
+/// Whether a value looks like it carries a credential (a URL with a user or password), so it
+/// is not repeated in messages whatever key it was given under.
+pub(crate) fn looks_secret(value: &str) -> bool {
+    value.contains("://") && value.contains('@')
+}
+
 /// Keys whose value is a secret: never merged key by key, may point at env or a file.
 pub(crate) const SECRET_KEYS: &[&str] = &["password", "token", "url"];
 
@@ -224,7 +230,7 @@ pub fn merge(input: &Input<'_>, problems: &mut Problems) -> Merged {
         let parts: Vec<&str> = path.split('.').collect();
         if parts.iter().any(|p| p.is_empty()) {
             problems.push(
-                Problem::error(format!("--set {arg}"), "empty key segment")
+                Problem::error(format!("--set {path}=..."), "empty key segment")
                     .fix("write a dotted key like pool.size or databases.app.pool.size"),
             );
             continue;
@@ -235,7 +241,7 @@ pub fn merge(input: &Input<'_>, problems: &mut Problems) -> Merged {
             typed_value(parts.last().unwrap(), &path, raw.trim()),
         );
         origins.retain(|k: &String, _| k != &path && !k.starts_with(&format!("{path}.")));
-        let shown = if SECRET_KEYS.contains(parts.last().unwrap()) {
+        let shown = if SECRET_KEYS.contains(parts.last().unwrap()) || looks_secret(raw) {
             format!("{path}=<redacted>")
         } else {
             arg.clone()

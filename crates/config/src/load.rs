@@ -278,11 +278,15 @@ fn remove_key(t: &mut toml::Table, keys: &[String]) -> bool {
 
 fn type_problem(path: &str, e: &toml::de::Error) -> Problem {
     let key = path.rsplit('.').next().unwrap_or(path);
+    let raw = e.message().trim();
     let msg = if crate::layers::SECRET_KEYS.contains(&key) {
         // The message would quote the value.
         "wrong type: a secret is a string (value not shown)".to_string()
+    } else if crate::layers::looks_secret(raw) {
+        // A URL with credentials (or the like) where a table was expected, say.
+        "wrong type (the value looks like it holds a credential, so it is not shown)".to_string()
     } else {
-        e.message().trim().to_string()
+        raw.to_string()
     };
     let kind = PoolOverrides::TYPES
         .iter()

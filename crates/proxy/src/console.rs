@@ -282,7 +282,8 @@ async fn run(
         ["KILL"] => Err(ErrorResponse::error(SqlState(*b"42601"), "KILL needs a database name")),
         ["SHUTDOWN"] => {
             shared.stopping.store(true, Relaxed);
-            shared.shutdown.notify_waiters();
+            // notify_one keeps the wakeup if the main loop is not waiting right now.
+            shared.shutdown.notify_one();
             backend::encode_command_complete(out, b"SHUTDOWN");
             Ok(())
         }

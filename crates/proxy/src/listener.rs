@@ -109,6 +109,7 @@ impl Proxy {
         Ok(ProxyHandle {
             addrs,
             unix_path,
+            unix_removed: std::sync::atomic::AtomicBool::new(false),
             shared,
             accept,
             maintenance,
@@ -165,6 +166,9 @@ async fn accept_error(e: io::Error) {
 pub struct ProxyHandle {
     pub addrs: Vec<SocketAddr>,
     pub unix_path: Option<PathBuf>,
+    /// Set once the socket file is removed: removing it again could delete the socket of a
+    /// newer instance that bound the same path meanwhile (a rolling restart).
+    unix_removed: std::sync::atomic::AtomicBool,
     shared: Arc<Shared>,
     accept: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
@@ -195,10 +199,18 @@ impl ProxyHandle {
         while !self.accept.iter().all(JoinHandle::is_finished) {
             tokio::task::yield_now().await;
         }
-        if let Some(p) = &self.unix_path {
+        self.remove_unix_socket();
+        self.shared.drain.cancel();
+    }
+
+    fn remove_unix_socket(&self) {
+        if let Some(p) = &self.unix_path
+            && !self
+                .unix_removed
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             let _ = std::fs::remove_file(p);
         }
-        self.shared.drain.cancel();
     }
 
     /// Returns once no client is connected.
@@ -216,9 +228,7 @@ impl ProxyHandle {
         }
         self.maintenance.abort();
         self.shared.pools.close_all();
-        if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
-        }
+        self.remove_unix_socket();
     }
 }
 

@@ -476,7 +476,8 @@ impl ServerPool {
     pub async fn wait_resumed(&self, until: Instant) -> bool {
         loop {
             let woken = self.resumed.notified();
-            if !self.is_paused() {
+            // A retired pool's clients move to its successor rather than wait here.
+            if !self.is_paused() || self.is_retired() {
                 return true;
             }
             if tokio::time::timeout_at(until.into(), woken).await.is_err() {

@@ -131,6 +131,8 @@ impl Shared {
         if size == 0 {
             return Err("size must be at least 1".into());
         }
+        // Not interleaved with a reload, which would otherwise be partly undone.
+        let _one_at_a_time = self.reloading.lock().unwrap();
         let pool = self
             .pools
             .all()

@@ -198,6 +198,9 @@ async fn login(
             r.to_string(),
         ))
     })?;
+    // Read again: authentication waited on the client, and a reload may have replaced the
+    // pools meanwhile (a pool made from the old config would outlive it).
+    let config = shared.config.load_full();
     let pool = shared.pools.get(&config, database, user).ok_or_else(|| {
         Some(ErrorResponse::fatal(
             SqlState::INVALID_CATALOG_NAME,
@@ -689,10 +692,11 @@ impl Session {
         }
     }
 
-    /// Nothing owed either way and no transaction open.
+    /// Nothing owed either way, no transaction open, and no extended-protocol batch waiting
+    /// for its Sync (ending there would commit half of an implicit transaction).
     fn at_boundary(&self) -> bool {
-        self.relay.nothing_owed()
-            && self.relay.status() == TxStatus::Idle
+        self.relay.is_idle()
+            && self.relay.nothing_owed()
             && self.to_client.is_empty()
             && self.to_server.is_empty()
     }
@@ -1204,8 +1208,14 @@ impl Session {
             return;
         }
         if self.relay.unsynced() {
-            // An extended-protocol batch without its Sync: end it so the server leaves any
-            // implicit transaction or error state.
+            if self.relay.status() == TxStatus::Idle {
+                // An implicit transaction the client never synced: a Sync would commit it,
+                // where PostgreSQL would roll it back when the client vanished. Close the
+                // connection instead, so the server rolls it back.
+                tracing::debug!(peer = %self.peer, "client left inside an unsynced batch; server connection closed");
+                return;
+            }
+            // Inside an explicit transaction: end the batch, then the ROLLBACK below.
             self.relay.inject_sync(&mut self.to_server);
         }
         let owed =

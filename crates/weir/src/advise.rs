@@ -95,6 +95,11 @@ fn measure(args: &AdviseArgs) -> anyhow::Result<(f64, Duration, String)> {
         }
         let rate = n / args.window.as_secs_f64();
         let service = (b.transaction_seconds - a.transaction_seconds) / n;
+        if !(service.is_finite() && service > 0.0) {
+            bail!(
+                "the counters at {addr} went backwards during the window (a reload replaced a pool?): measure again"
+            );
+        }
         return Ok((
             rate,
             Duration::from_secs_f64(service),
@@ -116,6 +121,8 @@ fn measure(args: &AdviseArgs) -> anyhow::Result<(f64, Duration, String)> {
             r["pool"]["transactions"].as_f64(),
             r["pool"]["mean_transaction_ms"].as_f64(),
         ) && n > 0.0
+            && ms.is_finite()
+            && ms > 0.0
         {
             return Ok((
                 n / secs,
@@ -132,6 +139,9 @@ fn measure(args: &AdviseArgs) -> anyhow::Result<(f64, Duration, String)> {
         let mean = r["latency_ms"]["mean"]
             .as_f64()
             .context("the report has no latency_ms.mean")?;
+        if !(mean.is_finite() && mean > 0.0 && rps > 0.0) {
+            bail!("the report has no successful requests to size a pool from");
+        }
         return Ok((
             rps,
             Duration::from_secs_f64(mean / 1e3),

@@ -1,6 +1,6 @@
 //! `weir bench`: a load against any PostgreSQL endpoint, with SLO gates; and
 //! `weir bench compare`: a Markdown before/after report. Exit codes: 0 GO (or no gates),
-//! 1 NO-GO, 64 usage, 69 the target could not be prepared.
+//! 1 NO-GO, 64 usage or a target that could not be reached or prepared.
 
 use std::io::{IsTerminal, Write as _};
 use std::net::SocketAddr;

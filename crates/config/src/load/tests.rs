@@ -475,3 +475,18 @@ fn every_key_is_in_the_config_reference() {
         );
     }
 }
+
+#[test]
+fn a_url_with_credentials_under_the_wrong_key_is_not_repeated() {
+    // A URL given where a database table belongs: the type error must not quote it.
+    let err = layered(
+        "[databases.app]\nurl = \"postgres://o:pw@h/app\"\n",
+        None,
+        &[],
+        &["databases.app=postgres://u:hunter2@h/db"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("databases.app"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
