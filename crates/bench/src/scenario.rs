@@ -120,6 +120,19 @@ impl Scenario {
             .map(|(_, text)| Scenario::parse(text).expect("presets parse"))
     }
 
+    /// A preset by name, else a scenario file at that path.
+    pub fn preset_or_file(name_or_path: &str) -> Result<Scenario, String> {
+        if let Some(p) = Scenario::preset(name_or_path) {
+            return Ok(p);
+        }
+        let text = std::fs::read_to_string(name_or_path).map_err(|e| {
+            format!(
+                "`{name_or_path}` is neither a preset (baseline, peak, spike, endurance) nor a readable file: {e}"
+            )
+        })?;
+        Scenario::parse(&text).map_err(|e| format!("{name_or_path}: {e}"))
+    }
+
     /// One phase: `clients` or `rate` held for `duration`.
     pub fn single(mode: Loop, level: f64, duration: Duration) -> Scenario {
         Scenario {

@@ -1302,62 +1302,9 @@ impl Session {
 /// connection idle.
 async fn run_cleanup_ok(server: &mut Pooled<ServerManager>, sql: &str) -> bool {
     matches!(
-        tokio::time::timeout(CLEANUP_TIMEOUT, run_cleanup(server, sql)).await,
+        tokio::time::timeout(CLEANUP_TIMEOUT, server.run(sql)).await,
         Ok(Ok(TxStatus::Idle))
     )
-}
-
-/// Runs `sql` on a server connection no client is using and reads to ReadyForQuery. Any
-/// error fails the cleanup: the connection is then closed rather than trusted.
-async fn run_cleanup(server: &mut Pooled<ServerManager>, sql: &str) -> io::Result<TxStatus> {
-    let mut out = BytesMut::new();
-    weir_wire::frontend::Query {
-        sql: sql.as_bytes(),
-    }
-    .encode(&mut out);
-    server.stream.write_all(&out).await?;
-    let mut failed = None;
-    loop {
-        let server = &mut **server;
-        while let Some((h, body)) =
-            frame::complete(&server.rbuf, u32::MAX).map_err(io::Error::other)?
-        {
-            let len = h.total_len();
-            match h.tag {
-                backend::tag::READY_FOR_QUERY => {
-                    let st = TxStatus::decode(body).map_err(io::Error::other)?;
-                    server.rbuf.advance(len);
-                    return match failed {
-                        Some(e) => Err(io::Error::other(format!("cleanup `{sql}` failed: {e}"))),
-                        None => Ok(st),
-                    };
-                }
-                backend::tag::PARAMETER_STATUS => {
-                    if let Ok(p) = ParameterStatus::decode(body) {
-                        let (k, v) = (
-                            String::from_utf8_lossy(p.name),
-                            String::from_utf8_lossy(p.value),
-                        );
-                        server.state.params.on_report(&k, &v, true);
-                    }
-                }
-                backend::tag::ERROR_RESPONSE => {
-                    let e = ErrorResponse::decode(body);
-                    if e.as_ref().is_none_or(|e| e.severity == Severity::Fatal) {
-                        server.state.broken = true;
-                    }
-                    failed =
-                        Some(e.map_or_else(|| "malformed error".to_string(), |e| e.to_string()));
-                }
-                _ => {}
-            }
-            server.rbuf.advance(len);
-        }
-        server.rbuf.reserve(READ_CHUNK);
-        if server.stream.read_buf(&mut server.rbuf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
 }
 
 /// Writes what the socket takes now; keeps the rest in `pending`, in order.

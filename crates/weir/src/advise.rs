@@ -13,7 +13,7 @@ use weir_advisor::{Budget, Inputs};
 #[derive(Args)]
 pub struct AdviseArgs {
     /// Transactions per second the pool must carry, e.g. 500/s.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, value_parser = crate::bench::parse_rate)]
     rate: Option<f64>,
     /// Mean time a transaction holds a server connection, e.g. 40ms.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -52,14 +52,6 @@ pub struct AdviseArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    let n = s.trim().trim_end_matches("/s").trim();
-    match n.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("`{s}` is not a rate: write it like 500/s")),
-    }
 }
 
 pub fn main(args: AdviseArgs) -> ExitCode {

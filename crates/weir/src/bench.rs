@@ -85,7 +85,8 @@ struct RunArgs {
     quiet: bool,
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+/// `500/s` or `500`: requests (or transactions) per second. Shared with `weir advise`.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
     let n = s.trim().trim_end_matches("/s").trim();
     match n.parse::<f64>() {
         Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
@@ -152,15 +153,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<(Plan, Option<Vec<slo::Gate>>)> {
         .map_err(|e| anyhow!("--slo: {e}"))?;
     let scenario = match (&args.scenario, args.rate) {
         (Some(s), _) => {
-            let sc = match Scenario::preset(s) {
-                Some(p) => p,
-                None => {
-                    let text = std::fs::read_to_string(s).with_context(|| {
-                        format!("`{s}` is neither a preset (baseline, peak, spike, endurance) nor a readable file")
-                    })?;
-                    Scenario::parse(&text).map_err(|e| anyhow!("{s}: {e}"))?
-                }
-            };
+            let sc = Scenario::preset_or_file(s).map_err(|e| anyhow!(e))?;
             match args.duration {
                 Some(d) => sc.scaled_to(d),
                 None => sc,

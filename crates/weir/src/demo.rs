@@ -34,19 +34,9 @@ pub struct DemoArgs {
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let mut scenario = match Scenario::preset(&args.scenario) {
-        Some(s) => s,
-        None => {
-            let text = std::fs::read_to_string(&args.scenario).with_context(|| {
-                format!(
-                    "`{}` is neither a preset (baseline, peak, spike, endurance) nor a readable file",
-                    args.scenario
-                )
-            })?;
-            Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario))?
-        }
-    }
-    .scaled_to(args.duration);
+    let mut scenario = Scenario::preset_or_file(&args.scenario)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .scaled_to(args.duration);
     if scenario.mode != weir_bench::Loop::Closed {
         anyhow::bail!("the demo runs closed-loop scenarios (clients, not rate)");
     }

@@ -33,20 +33,7 @@ async fn bench_db(prefix: &str) -> String {
 }
 
 fn weir_bench(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("bench")
-        .args(args)
-        .env_remove("WEIR_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    weir_cli(&[&["bench"], args].concat(), &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

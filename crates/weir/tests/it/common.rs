@@ -119,6 +119,28 @@ impl Setup {
     }
 }
 
+/// Runs the `weir` binary to completion with `args` and `env` added, without the `WEIR_*`
+/// variables that steer it from the test's own environment: (exit code, stdout + stderr).
+pub fn weir_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .env_remove("WEIR_CONFIG")
+        .env_remove("WEIR_PROFILE")
+        .env_remove("WEIR_ADMIN_TOKEN")
+        .env_remove("WEIR_ADMIN_ADDR")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// The `weir` binary, started with the quick-start flags on a free port. Killed on drop.
 pub struct WeirProcess {
     pub child: Child,

@@ -1,7 +1,5 @@
 //! Config layering and `weir check`, through the `weir` binary.
 
-use std::process::Command;
-
 use serde_json::Value;
 
 use crate::common::*;
@@ -16,19 +14,7 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 
 /// Runs `weir check` with `args` and extra environment: (exit code, stdout).
 fn check(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("check")
-        .args(args)
-        .env_remove("WEIR_PROFILE")
-        .env_remove("WEIR_CONFIG")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    (
-        out.status.code().unwrap(),
-        format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
-    )
+    weir_cli(&[&["check"], args].concat(), env)
 }
 
 #[test]

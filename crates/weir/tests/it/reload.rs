@@ -33,20 +33,10 @@ fn config(pg: &PgServer, db: &str, size: u32, extra: &str) -> String {
 
 /// `weir reload` (with `extra` args) against a running Weir: (exit code, stdout + stderr).
 fn weir_reload(admin: std::net::SocketAddr, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["reload", "--admin", &admin.to_string()])
-        .args(extra)
-        .env_remove("WEIR_CONFIG")
-        .env_remove("WEIR_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    let admin = admin.to_string();
+    weir_cli(
+        &[&["reload", "--admin", admin.as_str()], extra].concat(),
+        &[],
     )
 }
 
