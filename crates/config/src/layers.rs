@@ -71,6 +71,11 @@ const STRING_KEYS: &[&str] = &[
     "user",
     "password",
     "auth",
+    "mode",
+    "cert_file",
+    "key_file",
+    "ca_file",
+    "query",
 ];
 
 /// Where one setting's value came from.
@@ -347,7 +352,9 @@ fn env_settings(
     merged: &Table,
     problems: &mut Problems,
 ) -> Vec<(String, String, Value)> {
-    use crate::load::{ADMIN_KEYS, AUTH_KEYS, DATABASE_KEYS, PROXY_KEYS, USER_KEYS};
+    use crate::load::{
+        ADMIN_KEYS, AUTH_KEYS, DATABASE_KEYS, PROXY_KEYS, SERVER_TLS_KEYS, TLS_KEYS, USER_KEYS,
+    };
     let names = |section: &str| -> Vec<String> {
         merged
             .get(section)
@@ -366,13 +373,18 @@ fn env_settings(
             continue;
         }
         let rest = rest.to_ascii_lowercase();
-        let (section, key) = rest.split_once('_').unwrap_or((&rest, ""));
+        let (section, key) = match rest.strip_prefix("server_tls_") {
+            Some(key) => ("server_tls", key),
+            None => rest.split_once('_').unwrap_or((&rest, "")),
+        };
         let path = match section {
-            "proxy" | "admin" | "pool" | "auth" => {
+            "proxy" | "admin" | "pool" | "auth" | "tls" | "server_tls" => {
                 let keys: &[&str] = match section {
                     "proxy" => PROXY_KEYS,
                     "admin" => ADMIN_KEYS,
                     "pool" => PoolOverrides::KEYS,
+                    "tls" => TLS_KEYS,
+                    "server_tls" => SERVER_TLS_KEYS,
                     _ => AUTH_KEYS,
                 };
                 if !keys.contains(&key) {

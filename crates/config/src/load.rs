@@ -26,6 +26,45 @@ struct RawConfig {
     databases: BTreeMap<String, RawDatabase>,
     #[serde(default)]
     users: BTreeMap<String, RawUser>,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    server_tls: RawServerTls,
+    #[serde(default)]
+    access: Vec<RawAccess>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawTls {
+    mode: Option<ClientTlsMode>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawServerTls {
+    mode: Option<ServerTlsMode>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Action {
+    Allow,
+    Reject,
+}
+
+#[derive(Deserialize)]
+struct RawAccess {
+    name: Option<String>,
+    action: Action,
+    address: Option<String>,
+    database: Option<OneOrMany>,
+    user: Option<OneOrMany>,
+    #[serde(default)]
+    require_tls: bool,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +99,14 @@ struct RawAuth {
     #[serde(rename = "type")]
     kind: Option<AuthType>,
     file: Option<PathBuf>,
+    user: Option<String>,
+    query: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    cache_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    failed_login_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    failed_login_delay_max: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,7 +134,27 @@ struct RawUser {
     max_client_conn: u32,
 }
 
-pub(crate) const TOP_KEYS: &[&str] = &["proxy", "admin", "pool", "auth", "databases", "users"];
+pub(crate) const TOP_KEYS: &[&str] = &[
+    "proxy",
+    "admin",
+    "pool",
+    "auth",
+    "databases",
+    "users",
+    "tls",
+    "server_tls",
+    "access",
+];
+pub(crate) const TLS_KEYS: &[&str] = &["mode", "cert_file", "key_file"];
+pub(crate) const SERVER_TLS_KEYS: &[&str] = &["mode", "ca_file", "cert_file", "key_file"];
+pub(crate) const ACCESS_KEYS: &[&str] = &[
+    "name",
+    "action",
+    "address",
+    "database",
+    "user",
+    "require_tls",
+];
 pub(crate) const ADMIN_KEYS: &[&str] = &["listen", "token", "users"];
 pub(crate) const PROXY_KEYS: &[&str] = &[
     "listen",
@@ -98,7 +165,15 @@ pub(crate) const PROXY_KEYS: &[&str] = &[
     "shutdown_timeout",
 ];
 const POOL_KEYS: &[&str] = PoolOverrides::KEYS;
-pub(crate) const AUTH_KEYS: &[&str] = &["type", "file"];
+pub(crate) const AUTH_KEYS: &[&str] = &[
+    "type",
+    "file",
+    "user",
+    "query",
+    "cache_ttl",
+    "failed_login_delay",
+    "failed_login_delay_max",
+];
 pub(crate) const DATABASE_KEYS: &[&str] = &[
     "url",
     "host",
@@ -120,6 +195,9 @@ fn known_keys(path: &[&str]) -> &'static [&'static str] {
         ["admin", _] => ADMIN_KEYS,
         ["pool", _] => POOL_KEYS,
         ["auth", _] => AUTH_KEYS,
+        ["tls", _] => TLS_KEYS,
+        ["server_tls", _] => SERVER_TLS_KEYS,
+        ["access", _, _] => ACCESS_KEYS,
         ["databases", _, "pool", _] | ["users", _, "pool", _] => POOL_KEYS,
         ["databases", _, _] => DATABASE_KEYS,
         ["users", _, _] => USER_KEYS,
@@ -416,6 +494,38 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
         }
     }
 
+    let defaults = Config::default();
+    let auth_query = raw.auth.user.map(|user| AuthQuery {
+        user,
+        query: raw
+            .auth
+            .query
+            .unwrap_or_else(|| DEFAULT_AUTH_QUERY.to_string()),
+        cache_ttl: raw.auth.cache_ttl.unwrap_or(Duration::from_secs(60)),
+    });
+    let tls = ClientTls {
+        // A certificate turns TLS on unless the mode says otherwise.
+        mode: raw.tls.mode.unwrap_or(if raw.tls.cert_file.is_some() {
+            ClientTlsMode::Prefer
+        } else {
+            ClientTlsMode::Disable
+        }),
+        cert_file: raw.tls.cert_file.map(rel),
+        key_file: raw.tls.key_file.map(rel),
+    };
+    let server_tls = ServerTls {
+        mode: raw.server_tls.mode.unwrap_or(defaults.server_tls.mode),
+        ca_file: raw.server_tls.ca_file.map(rel),
+        cert_file: raw.server_tls.cert_file.map(rel),
+        key_file: raw.server_tls.key_file.map(rel),
+    };
+    let access = raw
+        .access
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| resolve_access(i, r, problems))
+        .collect();
+
     Config {
         profile: None,
         proxy,
@@ -423,9 +533,62 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
         pool: raw.pool,
         auth_type: raw.auth.kind.unwrap_or(AuthType::ScramSha256),
         auth_file,
+        auth_query,
+        failed_login_delay: raw
+            .auth
+            .failed_login_delay
+            .unwrap_or(defaults.failed_login_delay),
+        failed_login_delay_max: raw
+            .auth
+            .failed_login_delay_max
+            .unwrap_or(defaults.failed_login_delay_max),
+        tls,
+        server_tls,
+        access,
         databases,
         users,
     }
+}
+
+fn resolve_access(i: usize, r: RawAccess, problems: &mut Problems) -> Option<AccessRule> {
+    let list = |v: Option<OneOrMany>| -> Vec<String> {
+        let v = match v {
+            None => return Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v,
+        };
+        if v.iter().any(|s| s == "all") {
+            Vec::new()
+        } else {
+            v
+        }
+    };
+    let (address, local) = match r.address.as_deref().map(str::trim) {
+        None | Some("all") => (None, false),
+        Some("local") => (None, true),
+        Some(a) => match IpRange::parse(a) {
+            Some(range) => (Some(range), false),
+            None => {
+                problems.push(
+                    Problem::error(
+                        format!("access[{i}].address"),
+                        format!("`{a}` is not an address range"),
+                    )
+                    .fix("write an address or range like \"10.0.0.0/8\", \"::1\", \"all\" or \"local\""),
+                );
+                return None;
+            }
+        },
+    };
+    Some(AccessRule {
+        name: r.name.unwrap_or_else(|| format!("access[{i}]")),
+        allow: r.action == Action::Allow,
+        address,
+        local,
+        databases: list(r.database),
+        users: list(r.user),
+        require_tls: r.require_tls,
+    })
 }
 
 fn resolve_database(name: &str, d: RawDatabase, problems: &mut Problems) -> Option<Database> {
@@ -570,6 +733,7 @@ pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, Problem> {
 
 /// Semantic checks over the resolved config; every problem is collected.
 fn validate(c: &Config, problems: &mut Problems) {
+    validate_security(c, problems);
     if c.proxy.listen.is_empty() && c.proxy.unix_socket_dir.is_none() {
         problems.push(
             Problem::error("proxy.listen", "no listen address")
@@ -961,3 +1125,85 @@ impl QuickStart {
 
 #[cfg(test)]
 mod tests;
+
+/// TLS files present where a mode needs them, and auth settings that fit together.
+fn validate_security(c: &Config, problems: &mut Problems) {
+    let readable = |key: &str, path: &Option<PathBuf>, problems: &mut Problems| {
+        if let Some(p) = path
+            && let Err(e) = std::fs::metadata(p)
+        {
+            problems.push(
+                Problem::error(key, format!("cannot read {}: {e}", p.display()))
+                    .fix("point it at a readable PEM file"),
+            );
+        }
+    };
+    if c.tls.mode != ClientTlsMode::Disable {
+        for (key, v) in [
+            ("tls.cert_file", &c.tls.cert_file),
+            ("tls.key_file", &c.tls.key_file),
+        ] {
+            if v.is_none() {
+                problems.push(
+                    Problem::error(key, format!("tls.mode = \"{}\" needs it", c.tls.mode))
+                        .fix("give the PEM file, or set tls.mode = \"disable\""),
+                );
+            }
+        }
+    }
+    readable("tls.cert_file", &c.tls.cert_file, problems);
+    readable("tls.key_file", &c.tls.key_file, problems);
+    let s = &c.server_tls;
+    if matches!(s.mode, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull) && s.ca_file.is_none()
+    {
+        problems.push(
+            Problem::error(
+                "server_tls.ca_file",
+                format!(
+                    "server_tls.mode = \"{}\" checks certificates against it",
+                    s.mode
+                ),
+            )
+            .fix("give the PEM file of the servers' certificate authority"),
+        );
+    }
+    if s.cert_file.is_some() != s.key_file.is_some() {
+        problems.push(
+            Problem::error(
+                "server_tls.key_file",
+                "a client certificate needs both files",
+            )
+            .fix("set server_tls.cert_file and server_tls.key_file together"),
+        );
+    }
+    readable("server_tls.ca_file", &s.ca_file, problems);
+    readable("server_tls.cert_file", &s.cert_file, problems);
+    readable("server_tls.key_file", &s.key_file, problems);
+    if let Some(q) = &c.auth_query {
+        let has_pw = c.users.get(&q.user).is_some_and(|u| u.password.is_some());
+        if !has_pw {
+            problems.push(
+                Problem::error(
+                    "auth.user",
+                    format!("auth_query user `{}` has no password in [users]", q.user),
+                )
+                .fix(format!("add [users.{}] password = ...", q.user)),
+            );
+        }
+        if !q.query.contains("$1") {
+            problems.push(
+                Problem::error("auth.query", "the query does not use $1 (the user name)")
+                    .fix(format!("for example: {DEFAULT_AUTH_QUERY}")),
+            );
+        }
+    }
+    if c.failed_login_delay > c.failed_login_delay_max {
+        problems.push(
+            Problem::error(
+                "auth.failed_login_delay",
+                "the first delay is above auth.failed_login_delay_max",
+            )
+            .fix("make failed_login_delay_max at least failed_login_delay"),
+        );
+    }
+}

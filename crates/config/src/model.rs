@@ -284,6 +284,200 @@ impl Default for AdminSettings {
     }
 }
 
+/// `[tls]`: TLS toward clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'; only plain connections.
+    Disable,
+    /// TLS when the client asks, plain otherwise (the same as `prefer` on this side).
+    Allow,
+    /// TLS when the client asks, plain otherwise.
+    Prefer,
+    /// A client that does not use TLS gets 28000.
+    Require,
+}
+
+impl fmt::Display for ClientTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Prefer => "prefer",
+            ClientTlsMode::Require => "require",
+        })
+    }
+}
+
+/// `[server_tls]`: TLS toward PostgreSQL, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    /// TLS if the server offers it, without checking its certificate; plain otherwise.
+    Prefer,
+    /// TLS or no connection, without checking the certificate.
+    Require,
+    /// TLS with the certificate checked against `ca_file`, not the host name.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host Weir connects to.
+    VerifyFull,
+}
+
+impl fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// TLS toward clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub mode: ClientTlsMode,
+    /// PEM certificate chain Weir presents (leaf first).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for ClientTls {
+    fn default() -> Self {
+        ClientTls {
+            mode: ClientTlsMode::Disable,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// TLS toward servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub mode: ServerTlsMode,
+    /// PEM certificates of the authorities that sign the servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) to present to servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for ServerTls {
+    fn default() -> Self {
+        ServerTls {
+            mode: ServerTlsMode::Prefer,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// An address range: an IP address and how many leading bits must match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpRange {
+    /// `10.0.0.0/8`, `::1/128`, or a bare address (all bits).
+    pub fn parse(s: &str) -> Option<IpRange> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpRange { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => return false,
+            },
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// One `[[access]]` rule. Rules are tried in order; the first whose address, database and
+/// user all match decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRule {
+    /// What errors and logs call the rule: its `name`, else `access[N]`.
+    pub name: String,
+    pub allow: bool,
+    /// `None`: any address. Unix-socket clients match only rules without an address (or
+    /// with `address = "local"`, see [`AccessRule::local`]).
+    pub address: Option<IpRange>,
+    /// Matches Unix-socket clients only.
+    pub local: bool,
+    /// Empty: every database.
+    pub databases: Vec<String>,
+    /// Empty: every user.
+    pub users: Vec<String>,
+    /// An allowing rule that matched a client not using TLS rejects it instead.
+    pub require_tls: bool,
+}
+
+impl AccessRule {
+    /// Whether the rule applies to a client (`ip` is `None` for a Unix socket).
+    pub fn matches(&self, ip: Option<std::net::IpAddr>, database: &str, user: &str) -> bool {
+        let addr_ok = match ip {
+            None => self.address.is_none(),
+            Some(ip) => !self.local && self.address.is_none_or(|r| r.contains(ip)),
+        };
+        addr_ok
+            && (self.databases.is_empty() || self.databases.iter().any(|d| d == database))
+            && (self.users.is_empty() || self.users.iter().any(|u| u == user))
+    }
+}
+
+/// `auth.user`: look up users Weir does not know with a query on the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthQuery {
+    /// The user that runs the query; its password is `users.NAME.password`.
+    pub user: String,
+    /// Takes the user name as `$1`; returns (name, secret) with the secret an md5 hash or
+    /// SCRAM verifier (as `pg_shadow.passwd`).
+    pub query: String,
+    /// How long a fetched secret (or "no such user") is reused.
+    pub cache_ttl: Duration,
+}
+
+/// The default `auth.query`, PgBouncer's.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -294,6 +488,16 @@ pub struct Config {
     pub pool: PoolOverrides,
     pub auth_type: AuthType,
     pub auth_file: Option<PathBuf>,
+    /// Users not in the config are looked up on the server.
+    pub auth_query: Option<AuthQuery>,
+    /// First pause before answering a failed login from an address; doubles per further
+    /// failure from it (forgotten after a minute without one), up to the max. 0: off.
+    pub failed_login_delay: Duration,
+    pub failed_login_delay_max: Duration,
+    pub tls: ClientTls,
+    pub server_tls: ServerTls,
+    /// Empty: every client may try to log in.
+    pub access: Vec<AccessRule>,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
 }
@@ -307,6 +511,12 @@ impl Default for Config {
             pool: PoolOverrides::default(),
             auth_type: AuthType::ScramSha256,
             auth_file: None,
+            auth_query: None,
+            failed_login_delay: Duration::from_millis(100),
+            failed_login_delay_max: Duration::from_secs(2),
+            tls: ClientTls::default(),
+            server_tls: ServerTls::default(),
+            access: Vec::new(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }

@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use weir_config::{AuthType, Config};
 use weir_wire::backend::Authentication;
 use weir_wire::frontend::{self, tag};
-use weir_wire::scram::{MECHANISM, ScramServer, Verifier};
+use weir_wire::scram::{ScramServer, Verifier};
 use weir_wire::{ErrorResponse, SqlState, md5};
 
 use crate::startup::{StartupError, read_message};
@@ -172,9 +172,10 @@ async fn scram_exchange(
     verifier: Verifier,
     out: &mut BytesMut,
 ) -> Result<bool, AuthError> {
-    let mut server = ScramServer::new(verifier);
+    let mut server =
+        ScramServer::with_channel_binding(verifier, stream.channel_binding().map(<[u8]>::to_vec));
     Authentication::Sasl {
-        mechanisms: vec![MECHANISM.as_bytes()],
+        mechanisms: server.mechanisms(),
     }
     .encode(out);
     stream.write_all(out).await.map_err(StartupError::from)?;

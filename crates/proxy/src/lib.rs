@@ -14,8 +14,11 @@
 //! - [`reload`]: hot reload, rollback and live resize.
 //! - [`server`]: a logged-in server connection and its state.
 //! - [`cancel`]: cancel keys handed to clients and forwarding of CancelRequests.
-//! - [`stream`]: TCP or Unix socket behind one type.
+//! - [`stream`]: TCP, TLS or Unix socket behind one type.
+//! - [`tls`]: rustls on both sides (certificates, modes, handshakes, channel binding).
+//! - [`access`]: access rules and the failed-login slowdown.
 
+pub mod access;
 pub mod auth;
 pub mod cancel;
 pub mod console;
@@ -31,5 +34,6 @@ pub mod server;
 pub mod session;
 pub mod startup;
 pub mod stream;
+pub mod tls;
 
 pub use listener::{Proxy, ProxyHandle};

@@ -46,6 +46,8 @@ pub struct Shared {
     pub previous: std::sync::Mutex<Option<Arc<Config>>>,
     /// Held while a reload applies, so two never interleave.
     pub reloading: std::sync::Mutex<()>,
+    /// Recent failed logins per client address, to slow guessing down.
+    pub failed_logins: crate::access::FailedLogins,
 }
 
 impl Shared {
@@ -66,7 +68,13 @@ impl Shared {
             source: std::sync::Mutex::new(None),
             previous: std::sync::Mutex::new(None),
             reloading: std::sync::Mutex::new(()),
+            failed_logins: crate::access::FailedLogins::default(),
         }
+    }
+
+    /// TLS settings in force.
+    pub fn tls(&self) -> arc_swap::Guard<Arc<crate::tls::TlsSetup>> {
+        self.pools.tls.load()
     }
 }
 
@@ -77,7 +85,9 @@ impl Proxy {
     /// Binds every listen address (port 0 picks a free port) and starts accepting. Must be
     /// called inside a Tokio runtime.
     pub async fn start(config: Config) -> io::Result<ProxyHandle> {
+        let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
         let shared = Arc::new(Shared::new(config.clone()));
+        shared.pools.tls.store(Arc::new(tls));
         let mut accept = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {

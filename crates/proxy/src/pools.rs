@@ -30,6 +30,7 @@ pub struct Unreachable {
 #[derive(Debug)]
 pub struct ServerManager {
     pub login: ServerLogin,
+    tls: Arc<ArcSwap<crate::tls::TlsSetup>>,
     /// Swapped whole on reload and live resize; read without a lock.
     pub settings: ArcSwap<PoolSettings>,
     name: String,
@@ -115,6 +116,7 @@ impl Manager for ServerManager {
         let s = self.settings.load();
         match ServerConn::connect(
             &self.login,
+            &self.tls.load(),
             s.connect_timeout,
             s.prepared_statements_cache as usize,
             id,
@@ -675,6 +677,8 @@ impl ServerPool {
 /// Every pool, created on first use (or at start, for databases with a fixed server user).
 #[derive(Debug, Default)]
 pub struct Pools {
+    /// TLS toward servers (and clients), swapped whole on reload.
+    pub tls: Arc<ArcSwap<crate::tls::TlsSetup>>,
     map: Mutex<HashMap<(String, String), Arc<ServerPool>>>,
     databases: Mutex<HashMap<String, Arc<DatabaseState>>>,
     next_id: Arc<AtomicU64>,
@@ -715,6 +719,7 @@ impl Pools {
                 paused: AtomicBool::new(false),
                 retired: AtomicBool::new(false),
                 settings: ArcSwap::from_pointee(settings.clone()),
+                tls: self.tls.clone(),
             },
             settings.size as usize,
             settings.reserve_size as usize,

@@ -79,6 +79,13 @@ impl Shared {
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ReloadError::Stopping);
         }
+        // Certificate files are read again, so a renewed certificate takes effect; a bad
+        // one refuses the whole reload.
+        let tls = crate::tls::TlsSetup::from_config(&new).map_err(|e| {
+            let mut p = Problems::default();
+            p.push(weir_config::Problem::error("tls", e));
+            ReloadError::Invalid(p)
+        })?;
         let old = self.config.load_full();
         let mut report = ReloadReport {
             restart_needed: keep_fixed(&old, &mut new),
@@ -107,6 +114,13 @@ impl Shared {
                 old.proxy.max_client_conn, new.proxy.max_client_conn
             ));
         }
+        if tls.accepts() || tls.server_mode.is_some() {
+            report.changes.push(format!(
+                "TLS: clients {}, servers {} (certificate files read again)",
+                new.tls.mode, new.server_tls.mode
+            ));
+        }
+        self.pools.tls.store(Arc::new(tls));
         self.users.store(Arc::new(UserDirectory::new(&new)));
         let new = Arc::new(new);
         self.config.store(new.clone());

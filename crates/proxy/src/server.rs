@@ -73,6 +73,8 @@ pub enum ServerError {
     Protocol { addr: String, message: String },
     #[error("server {addr} closed the connection during login: {message}")]
     LostDuringLogin { addr: String, message: String },
+    #[error("TLS with server {addr} failed: {message}")]
+    Tls { addr: String, message: String },
     #[error("cannot log in to server {addr} as \"{user}\": {message}")]
     Credentials {
         addr: String,
@@ -103,6 +105,10 @@ impl ServerError {
                 message: message.clone(),
             },
             ServerError::LostDuringLogin { addr, message } => ServerError::LostDuringLogin {
+                addr: addr.clone(),
+                message: message.clone(),
+            },
+            ServerError::Tls { addr, message } => ServerError::Tls {
                 addr: addr.clone(),
                 message: message.clone(),
             },
@@ -176,6 +182,7 @@ impl ServerConn {
     /// Opens and logs in, all within `timeout`.
     pub async fn connect(
         login: &ServerLogin,
+        tls: &crate::tls::TlsSetup,
         timeout: Duration,
         statement_cache: usize,
         id: u64,
@@ -183,7 +190,7 @@ impl ServerConn {
         let addr = ServerAddr::of(login);
         match tokio::time::timeout(
             timeout,
-            Self::connect_inner(login, addr.clone(), statement_cache, id),
+            Self::connect_inner(login, tls, addr.clone(), statement_cache, id),
         )
         .await
         {
@@ -197,18 +204,26 @@ impl ServerConn {
 
     async fn connect_inner(
         login: &ServerLogin,
+        tls: &crate::tls::TlsSetup,
         addr: ServerAddr,
         statement_cache: usize,
         id: u64,
     ) -> Result<ServerConn, ServerError> {
         let a = addr.to_string();
-        let mut stream = addr
+        let stream = addr
             .connect()
             .await
             .map_err(|source| ServerError::Unreachable {
                 addr: a.clone(),
                 source,
             })?;
+        let mut stream =
+            tls.connect(stream, &login.host)
+                .await
+                .map_err(|message| ServerError::Tls {
+                    addr: a.clone(),
+                    message,
+                })?;
         let io_err = |e: io::Error| ServerError::LostDuringLogin {
             addr: a.clone(),
             message: e.to_string(),

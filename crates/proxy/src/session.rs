@@ -51,28 +51,49 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
         .clients
         .enter(shared.config.load().proxy.max_client_conn);
     let mut buf = BytesMut::with_capacity(1024);
-    let hello = match tokio::time::timeout(
-        LOGIN_TIMEOUT,
-        Box::pin(startup::read_hello(&mut client, &mut buf)),
-    )
-    .await
-    {
-        Err(_) => {
-            send_fatal(
-                &mut client,
-                ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out"),
-            )
-            .await;
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "startup failed");
-            if let Some(r) = e.to_response() {
-                send_fatal(&mut client, r).await;
+    let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+    let hello = loop {
+        let tls = shared.pools.tls.load_full();
+        let offer_tls = tls.accepts() && !client.is_tls();
+        let hello = tokio::time::timeout_at(
+            deadline,
+            Box::pin(startup::read_hello(&mut client, &mut buf, offer_tls)),
+        )
+        .await;
+        match hello {
+            Err(_) => {
+                send_fatal(
+                    &mut client,
+                    ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out"),
+                )
+                .await;
+                return;
             }
-            return;
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "startup failed");
+                if let Some(r) = e.to_response() {
+                    send_fatal(&mut client, r).await;
+                }
+                return;
+            }
+            Ok(Ok(Hello::SslRequest | Hello::DirectTls)) => {
+                if buf.is_empty() && client.write_all(b"S").await.is_err() {
+                    return;
+                }
+                // A failed handshake has no channel left to carry an error.
+                match tokio::time::timeout_at(deadline, Box::pin(tls.accept(client, &mut buf)))
+                    .await
+                {
+                    Ok(Ok(encrypted)) => client = encrypted,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake with a client failed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            Ok(Ok(h)) => break h,
         }
-        Ok(Ok(h)) => h,
     };
     match hello {
         Hello::Cancel(key) => {
@@ -83,6 +104,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 }
             }
         }
+        Hello::SslRequest | Hello::DirectTls => unreachable!("handled while negotiating"),
         Hello::Startup(startup) => {
             let slot = match slot {
                 Ok(s) => s,
@@ -181,11 +203,33 @@ async fn login(
             .with_hint("weir serves only the databases in its configuration"),
         ));
     }
+    if shared.tls().required() && !client.is_tls() {
+        return Err(Some(
+            ErrorResponse::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                "weir requires TLS (tls.mode = \"require\"), and the connection is not encrypted",
+            )
+            .with_hint("connect with sslmode=require or stronger"),
+        ));
+    }
+    let ip = client.peer_ip();
+    crate::access::check(&config, ip, database, user, client.is_tls()).map_err(Some)?;
     let users = shared.users.load_full();
     let method = config.auth_type(database, user);
-    auth::authenticate(client, buf, method, user, &users)
-        .await
-        .map_err(|e: AuthError| e.to_response())?;
+    if let Err(e) = auth::authenticate(client, buf, method, user, &users).await {
+        if let AuthError::Failed(_) = e {
+            // Slow guessing down: the answer to a failed login waits, longer for each recent
+            // failure from the same address.
+            let pause = shared.failed_logins.failed(
+                ip,
+                config.failed_login_delay,
+                config.failed_login_delay_max,
+            );
+            tracing::warn!(peer = ?ip, user, database, pause = ?pause, "password authentication failed");
+            tokio::time::sleep(pause).await;
+        }
+        return Err(e.to_response());
+    }
 
     let db_max = config
         .databases
@@ -781,8 +825,9 @@ impl Session {
             let read_client = self.to_server.len() < HIGH_WATER
                 && self.to_client.len() < HIGH_WATER
                 && self.relay.owed() < MAX_OWED;
-            let (write_server, write_client) =
-                (!self.to_server.is_empty(), !self.to_client.is_empty());
+            // TLS may still hold encrypted output the socket did not take.
+            let write_server = !self.to_server.is_empty() || server.stream.wants_flush();
+            let write_client = !self.to_client.is_empty() || self.client.wants_flush();
             let client = &self.client;
             let kill = &mut self.kill;
             let (drain, watch_drain) = (&mut self.drain, !self.draining);

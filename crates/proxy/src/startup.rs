@@ -15,6 +15,11 @@ use crate::stream::Stream;
 pub enum Hello {
     Startup(Startup),
     Cancel(CancelKey),
+    /// An SSLRequest Weir will honour: answer 'S' and hand the socket to TLS.
+    SslRequest,
+    /// A TLS handshake without an SSLRequest (PostgreSQL 17's direct TLS); its first bytes
+    /// are in the buffer.
+    DirectTls,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +55,29 @@ impl StartupError {
     }
 }
 
-/// Reads packets until a StartupMessage or CancelRequest. SSL and GSSAPI encryption
-/// requests are declined with 'N'; a newer 3.x minor version or `_pq_.` options get a
-/// NegotiateProtocolVersion naming what Weir speaks.
-pub async fn read_hello(stream: &mut Stream, buf: &mut BytesMut) -> Result<Hello, StartupError> {
+/// TLS record type of a handshake: the first byte of a direct TLS connection.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Reads packets until a StartupMessage or CancelRequest. With `tls` (TLS is on and the
+/// connection is not encrypted yet) an SSLRequest or a direct TLS handshake is returned for
+/// the caller to upgrade; otherwise SSL and GSSAPI encryption requests are declined with
+/// 'N'. A newer 3.x minor version or `_pq_.` options get a NegotiateProtocolVersion naming
+/// what Weir speaks.
+pub async fn read_hello(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    tls: bool,
+) -> Result<Hello, StartupError> {
     loop {
+        while buf.is_empty() {
+            buf.reserve(1024);
+            if stream.read_buf(buf).await? == 0 {
+                return Err(StartupError::Closed);
+            }
+        }
+        if tls && buf[0] == TLS_HANDSHAKE {
+            return Ok(Hello::DirectTls);
+        }
         let len = loop {
             if let Some(len) = frame::startup_packet_len(buf)? {
                 break len;
@@ -69,9 +92,12 @@ pub async fn read_hello(stream: &mut Stream, buf: &mut BytesMut) -> Result<Hello
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 // Anything already sent after the request would be read as if encrypted
-                // later; refuse it rather than mix trust levels.
+                // later; refuse it rather than mix trust levels (CVE-2021-23214).
                 if !buf.is_empty() {
                     return Err(StartupError::DataAfterSslRequest);
+                }
+                if tls && matches!(packet, StartupPacket::SslRequest) {
+                    return Ok(Hello::SslRequest);
                 }
                 stream.write_all(b"N").await?;
             }

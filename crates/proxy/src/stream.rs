@@ -1,4 +1,4 @@
-//! A TCP or Unix stream behind one type, used non-blocking: wait for readiness, then read or
+//! A TCP, TLS or Unix stream behind one type, used non-blocking: wait for readiness, then read or
 //! write without blocking. Waiting for readiness needs no buffer.
 //!
 //! Reads are hand-written on the socket (the hot path): a read that returns less than the
@@ -28,6 +28,8 @@ pub enum PeekState {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: TLS state is large and most connections are plain.
+    Tls(Box<crate::tls::TlsStream>),
 }
 
 impl Stream {
@@ -35,6 +37,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.readable().await,
             Stream::Unix(s) => s.readable().await,
+            Stream::Tls(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
         }
     }
 
@@ -45,6 +48,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::Tls(s) => s.poll_read_ready(cx),
         }
     }
 
@@ -55,6 +59,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.poll_write_ready(cx),
             Stream::Unix(s) => s.poll_write_ready(cx),
+            Stream::Tls(s) => s.poll_write_ready(cx),
         }
     }
 
@@ -62,6 +67,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.writable().await,
             Stream::Unix(s) => s.writable().await,
+            Stream::Tls(s) => std::future::poll_fn(|cx| s.poll_write_ready(cx)).await,
         }
     }
 
@@ -69,6 +75,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.tcp.as_raw_fd(),
         }
     }
 
@@ -76,12 +83,16 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_io(interest, f),
             Stream::Unix(s) => s.try_io(interest, f),
+            Stream::Tls(s) => s.tcp.try_io(interest, f),
         }
     }
 
     /// Reads into the spare capacity of `buf` (reserve first). `Ok(0)` is end of stream;
     /// WouldBlock means nothing to read now.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if let Stream::Tls(s) = self {
+            return s.try_read_buf(buf);
+        }
         let spare = buf.spare_capacity_mut();
         let cap = spare.len();
         if cap == 0 {
@@ -118,6 +129,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_write(data),
             Stream::Unix(s) => s.try_write(data),
+            Stream::Tls(s) => s.try_write(data),
         }
     }
 
@@ -125,6 +137,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.write_all(data).await,
             Stream::Unix(s) => s.write_all(data).await,
+            Stream::Tls(s) => s.write_all(data).await,
         }
     }
 
@@ -143,12 +156,12 @@ impl Stream {
     }
 
     pub fn peer(&self) -> String {
-        match self {
-            Stream::Tcp(s) => s
+        match self.tcp() {
+            Some(s) => s
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            Stream::Unix(_) => "unix".into(),
+            None => "unix".into(),
         }
     }
 
@@ -163,6 +176,8 @@ impl Stream {
         let r = match self {
             Stream::Tcp(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
             Stream::Unix(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
+            Stream::Tls(s) if s.has_buffered() => return PeekState::Readable,
+            Stream::Tls(s) => std::pin::pin!(s.tcp.ready(Interest::READABLE)).poll(&mut cx),
         };
         match r {
             Poll::Pending => PeekState::Quiet,
@@ -176,23 +191,56 @@ impl Stream {
 
     /// The peer's address and port ("unix", 0 for a Unix socket).
     pub fn peer_addr(&self) -> (String, u16) {
-        match self {
-            Stream::Tcp(s) => crate::metrics::split_addr(s.peer_addr().ok()),
-            Stream::Unix(_) => ("unix".into(), 0),
+        match self.tcp() {
+            Some(s) => crate::metrics::split_addr(s.peer_addr().ok()),
+            None => ("unix".into(), 0),
         }
     }
 
     /// Our own address and port ("unix", 0 for a Unix socket).
     pub fn local_addr(&self) -> (String, u16) {
-        match self {
-            Stream::Tcp(s) => crate::metrics::split_addr(s.local_addr().ok()),
-            Stream::Unix(_) => ("unix".into(), 0),
+        match self.tcp() {
+            Some(s) => crate::metrics::split_addr(s.local_addr().ok()),
+            None => ("unix".into(), 0),
         }
     }
 
     pub fn set_nodelay(&self) {
-        if let Stream::Tcp(s) = self {
+        if let Some(s) = self.tcp() {
             let _ = s.set_nodelay(true);
+        }
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Tls(s) => Some(&s.tcp),
+            Stream::Unix(_) => None,
+        }
+    }
+
+    /// The client's IP address; `None` for a Unix socket.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.tcp()?.peer_addr().ok().map(|a| a.ip())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// `tls-server-end-point` data of the certificate Weir presented on this connection.
+    pub fn channel_binding(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(s) => s.end_point(),
+            _ => None,
+        }
+    }
+
+    /// Encrypted output is still waiting for the socket (TLS only): wait for writability.
+    pub fn wants_flush(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.wants_flush(),
+            _ => false,
         }
     }
 }

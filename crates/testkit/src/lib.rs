@@ -357,6 +357,30 @@ impl PgServer {
         c
     }
 
+    /// Turns TLS on (ssl = on with this certificate and key, PEM files) and reloads the
+    /// server's configuration. Plain connections keep working.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) {
+        let owner = run_as();
+        let data = self.dir.join("data");
+        for (src, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let dst = data.join(name);
+            std::fs::copy(src, &dst).unwrap();
+            std::fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            chown(&dst, owner);
+        }
+        self.psql_script("postgres", "ALTER SYSTEM SET ssl = on");
+        self.psql_script("postgres", "SELECT pg_reload_conf()");
+        let start = Instant::now();
+        while self.psql_script("postgres", "SHOW ssl") != "on" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ssl did not turn on"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Creates a database (dropping any of the same name) owned by `owner`, with CONNECT and
     /// CREATE granted to every test user.
     pub fn create_database(&self, name: &str) {
@@ -537,4 +561,56 @@ pub fn weir_url(weir: &weir_proxy::ProxyHandle, login: Login, db: &str) -> Strin
         a.port(),
         db
     )
+}
+
+/// A certificate authority made for one test, writing PEM files into `dir`.
+pub struct TestCa {
+    pub dir: PathBuf,
+    /// The CA certificate: what clients trust.
+    pub cert: PathBuf,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let cert = dir.join(format!("{name}.crt"));
+        std::fs::write(&cert, issuer.pem()).unwrap();
+        TestCa {
+            dir: dir.to_path_buf(),
+            cert,
+            issuer,
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) signed by this CA: (cert, key)
+    /// PEM files named after `file`.
+    pub fn issue(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].clone());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
 }

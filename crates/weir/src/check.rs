@@ -64,6 +64,17 @@ pub fn main(args: CheckArgs) -> ExitCode {
         Ok((c, p)) => (Some(c), p),
         Err(p) => (None, p),
     };
+    // The certificate files are parsed as Weir would at start: a key that does not match
+    // its certificate is an error here, not at the first client.
+    if let Some(c) = &config
+        && let Err(e) = weir_proxy::tls::TlsSetup::from_config(c)
+    {
+        let (key, msg) = e
+            .split_once(": ")
+            .filter(|(k, _)| !k.contains(' '))
+            .unwrap_or(("tls", &e));
+        problems.push(Problem::error(key, msg).fix("give PEM files that belong together"));
+    }
     let mut servers = Vec::new();
     let mut logins = Vec::new();
     if let (true, Some(config)) = (args.online, &config) {

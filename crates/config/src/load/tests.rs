@@ -438,10 +438,16 @@ fn pools_beyond_what_a_server_takes_are_a_warning() {
 
 #[test]
 fn every_key_is_in_the_config_reference() {
-    use crate::load::{ADMIN_KEYS, AUTH_KEYS, DATABASE_KEYS, PROXY_KEYS, USER_KEYS};
+    use crate::load::{
+        ACCESS_KEYS, ADMIN_KEYS, AUTH_KEYS, DATABASE_KEYS, PROXY_KEYS, SERVER_TLS_KEYS, TLS_KEYS,
+        USER_KEYS,
+    };
     let doc = include_str!("../../../../docs/CONFIG.md");
     let mut missing = Vec::new();
-    let sections: [(&str, &[&str]); 6] = [
+    let sections: [(&str, &[&str]); 9] = [
+        ("tls.", TLS_KEYS),
+        ("server_tls.", SERVER_TLS_KEYS),
+        ("access[].", ACCESS_KEYS),
         ("proxy.", PROXY_KEYS),
         ("admin.", ADMIN_KEYS),
         ("auth.", AUTH_KEYS),

@@ -19,3 +19,4 @@ mod prepared;
 mod protocol;
 mod reload;
 mod session;
+mod tls;
