@@ -100,15 +100,19 @@ impl AuthError {
     }
 }
 
-/// Runs the login exchange and sends AuthenticationOk on success.
+/// Runs the login exchange and sends AuthenticationOk on success. `found` is a secret from
+/// auth_query, used instead of the directory's. Returns the client's SCRAM ClientKey when the
+/// exchange was SCRAM.
 pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     method: AuthType,
     user: &str,
     directory: &UserDirectory,
-) -> Result<(), AuthError> {
-    let secret = directory.get(user);
+    found: Option<&UserSecret>,
+) -> Result<Option<[u8; 32]>, AuthError> {
+    let secret = found.or_else(|| directory.get(user));
+    let mut client_key = None;
     let mut out = BytesMut::with_capacity(128);
     let ok = match method {
         AuthType::Trust => true,
@@ -121,7 +125,8 @@ pub async fn authenticate(
                 .and_then(|s| s.scram.clone())
                 .unwrap_or_else(|| Verifier::mock(&directory.mock_secret, user));
             let known = secret.is_some_and(|s| s.scram.is_some());
-            scram_exchange(stream, buf, verifier, &mut out).await? && known
+            client_key = scram_exchange(stream, buf, verifier, &mut out).await?;
+            client_key.is_some() && known
         }
     };
     if !ok {
@@ -130,7 +135,7 @@ pub async fn authenticate(
     out.clear();
     Authentication::Ok.encode(&mut out);
     stream.write_all(&out).await.map_err(StartupError::from)?;
-    Ok(())
+    Ok(client_key)
 }
 
 const AUTH_MESSAGE_LIMIT: u32 = 16 * 1024;
@@ -171,7 +176,7 @@ async fn scram_exchange(
     buf: &mut BytesMut,
     verifier: Verifier,
     out: &mut BytesMut,
-) -> Result<bool, AuthError> {
+) -> Result<Option<[u8; 32]>, AuthError> {
     let mut server =
         ScramServer::with_channel_binding(verifier, stream.channel_binding().map(<[u8]>::to_vec));
     Authentication::Sasl {
@@ -196,9 +201,9 @@ async fn scram_exchange(
             out.clear();
             Authentication::SaslFinal(fin.as_bytes()).encode(out);
             stream.write_all(out).await.map_err(StartupError::from)?;
-            Ok(true)
+            Ok(server.client_key())
         }
-        Err(weir_wire::scram::ScramError::BadProof) => Ok(false),
+        Err(weir_wire::scram::ScramError::BadProof) => Ok(None),
         Err(e) => Err(AuthError::Protocol(e.to_string())),
     }
 }

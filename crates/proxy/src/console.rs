@@ -49,9 +49,33 @@ pub async fn serve(
         send(&mut client, |o| e.encode(o)).await;
         return;
     }
+    let database = startup.get("database").unwrap_or("");
+    let ip = client.peer_ip();
+    let tls_required = shared.tls().required() && !client.is_tls();
+    if let Err(e) = crate::access::check(&config, ip, database, &user, client.is_tls()) {
+        send(&mut client, |o| e.encode(o)).await;
+        return;
+    }
+    if tls_required {
+        let e = fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            "weir requires TLS (tls.mode = \"require\"), and the connection is not encrypted"
+                .into(),
+        );
+        send(&mut client, |o| e.encode(o)).await;
+        return;
+    }
     let users = shared.users.load_full();
     let method = config.auth_type("", &user);
-    if let Err(e) = auth::authenticate(&mut client, &mut buf, method, &user, &users).await {
+    if let Err(e) = auth::authenticate(&mut client, &mut buf, method, &user, &users, None).await {
+        if let auth::AuthError::Failed(_) = e {
+            let pause = shared.failed_logins.failed(
+                ip,
+                config.failed_login_delay,
+                config.failed_login_delay_max,
+            );
+            tokio::time::sleep(pause).await;
+        }
         if let Some(r) = e.to_response() {
             send(&mut client, |o| r.encode(o)).await;
         }

@@ -5,6 +5,7 @@
 //!   used to stop it.
 //! - [`startup`]: the untagged first packets (SSLRequest, CancelRequest, StartupMessage).
 //! - [`auth`]: client authentication (SCRAM-SHA-256, md5, trust).
+//! - [`auth_query`]: secrets of users not in the config, looked up on the server and cached.
 //! - [`session`]: one client's life: waits for its messages, checks out a server connection,
 //!   relays, and releases the connection at the transaction boundary.
 //! - [`relay`]: the bookkeeping the session relies on (replies owed, statement renaming).
@@ -20,6 +21,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod auth_query;
 pub mod cancel;
 pub mod console;
 pub mod limits;

@@ -48,6 +48,8 @@ pub struct Shared {
     pub reloading: std::sync::Mutex<()>,
     /// Recent failed logins per client address, to slow guessing down.
     pub failed_logins: crate::access::FailedLogins,
+    /// Secrets found by auth_query.
+    pub auth_cache: crate::auth_query::AuthCache,
 }
 
 impl Shared {
@@ -69,6 +71,7 @@ impl Shared {
             previous: std::sync::Mutex::new(None),
             reloading: std::sync::Mutex::new(()),
             failed_logins: crate::access::FailedLogins::default(),
+            auth_cache: crate::auth_query::AuthCache::default(),
         }
     }
 

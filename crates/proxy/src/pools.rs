@@ -30,6 +30,9 @@ pub struct Unreachable {
 #[derive(Debug)]
 pub struct ServerManager {
     pub login: ServerLogin,
+    /// For a user found by auth_query: the secret its server logins use, refreshed by each
+    /// login of a client of it.
+    pub fetched: Mutex<Option<crate::server::Fetched>>,
     tls: Arc<ArcSwap<crate::tls::TlsSetup>>,
     /// Swapped whole on reload and live resize; read without a lock.
     pub settings: ArcSwap<PoolSettings>,
@@ -114,8 +117,10 @@ impl Manager for ServerManager {
         let db_permit = self.db.acquire(&self.name).await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let s = self.settings.load();
+        let fetched = self.fetched.lock().unwrap().clone();
         match ServerConn::connect(
             &self.login,
+            fetched.as_ref(),
             &self.tls.load(),
             s.connect_timeout,
             s.prepared_statements_cache as usize,
@@ -720,6 +725,7 @@ impl Pools {
                 retired: AtomicBool::new(false),
                 settings: ArcSwap::from_pointee(settings.clone()),
                 tls: self.tls.clone(),
+                fetched: Mutex::new(None),
             },
             settings.size as usize,
             settings.reserve_size as usize,

@@ -182,6 +182,7 @@ impl ServerConn {
     /// Opens and logs in, all within `timeout`.
     pub async fn connect(
         login: &ServerLogin,
+        fetched: Option<&Fetched>,
         tls: &crate::tls::TlsSetup,
         timeout: Duration,
         statement_cache: usize,
@@ -190,7 +191,7 @@ impl ServerConn {
         let addr = ServerAddr::of(login);
         match tokio::time::timeout(
             timeout,
-            Self::connect_inner(login, tls, addr.clone(), statement_cache, id),
+            Self::connect_inner(login, fetched, tls, addr.clone(), statement_cache, id),
         )
         .await
         {
@@ -204,6 +205,7 @@ impl ServerConn {
 
     async fn connect_inner(
         login: &ServerLogin,
+        fetched: Option<&Fetched>,
         tls: &crate::tls::TlsSetup,
         addr: ServerAddr,
         statement_cache: usize,
@@ -217,13 +219,19 @@ impl ServerConn {
                 addr: a.clone(),
                 source,
             })?;
-        let mut stream =
-            tls.connect(stream, &login.host)
-                .await
-                .map_err(|message| ServerError::Tls {
+        let mut stream = tls
+            .connect(stream, &login.host)
+            .await
+            .map_err(|e| match e {
+                crate::tls::ConnectError::Lost(message) => ServerError::LostDuringLogin {
                     addr: a.clone(),
                     message,
-                })?;
+                },
+                crate::tls::ConnectError::Refused(message) => ServerError::Tls {
+                    addr: a.clone(),
+                    message,
+                },
+            })?;
         let io_err = |e: io::Error| ServerError::LostDuringLogin {
             addr: a.clone(),
             message: e.to_string(),
@@ -241,6 +249,7 @@ impl ServerConn {
 
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scram: Option<ScramSha256> = None;
+        let mut keys_client: Option<weir_wire::scram::ScramKeysClient> = None;
         let mut params = ServerParams::default();
         let mut key = None;
         let protocol = |m: &str| ServerError::Protocol {
@@ -292,7 +301,10 @@ impl ServerConn {
                                 .map_err(|e| protocol(&e.to_string()))?;
                         }
                         Authentication::Md5Password { salt } => {
-                            let pw = password()?;
+                            let pw = match (&login.password, fetched) {
+                                (None, Some(Fetched::Md5(hash))) => hash.as_str(),
+                                _ => password()?,
+                            };
                             let stored = if weir_wire::md5::is_stored_secret(pw) {
                                 pw.to_string()
                             } else if pw.starts_with("SCRAM-SHA-256$") {
@@ -312,6 +324,28 @@ impl ServerConn {
                             if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
                                 return Err(protocol("no supported SASL mechanism offered"));
                             }
+                            if let (
+                                None,
+                                Some(Fetched::Scram {
+                                    client_key,
+                                    verifier,
+                                }),
+                            ) = (&login.password, fetched)
+                            {
+                                let c = weir_wire::scram::ScramKeysClient::new(
+                                    *client_key,
+                                    verifier.clone(),
+                                );
+                                pgfront::sasl_initial_response(
+                                    "SCRAM-SHA-256",
+                                    &c.client_first(),
+                                    &mut out,
+                                )
+                                .map_err(|e| protocol(&e.to_string()))?;
+                                keys_client = Some(c);
+                                stream.write_all(&out).await.map_err(io_err)?;
+                                continue;
+                            }
                             let pw = password()?;
                             if pw.starts_with("SCRAM-SHA-256$")
                                 || weir_wire::md5::is_stored_secret(pw)
@@ -326,6 +360,24 @@ impl ServerConn {
                             pgfront::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
                                 .map_err(|e| protocol(&e.to_string()))?;
                             scram = Some(s);
+                        }
+                        Authentication::SaslContinue(data) if keys_client.is_some() => {
+                            let c = keys_client.as_mut().expect("checked");
+                            let fin = c.server_first(data).map_err(|e| {
+                                credentials(
+                                    &a,
+                                    login,
+                                    &format!("SCRAM with the fetched verifier: {e}"),
+                                )
+                            })?;
+                            pgfront::sasl_response(&fin, &mut out)
+                                .map_err(|e| protocol(&e.to_string()))?;
+                        }
+                        Authentication::SaslFinal(data) if keys_client.is_some() => {
+                            let c = keys_client.as_ref().expect("checked");
+                            c.server_final(data).map_err(|e| {
+                                protocol(&format!("server SCRAM signature invalid: {e}"))
+                            })?;
                         }
                         Authentication::SaslContinue(data) => {
                             let s = scram
@@ -432,7 +484,50 @@ impl ServerConn {
             sql: sql.as_bytes(),
         }
         .encode(&mut out);
-        self.stream.write_all(&out).await?;
+        self.exchange(&out, sql, None).await
+    }
+
+    /// Runs `sql` with text parameters in the extended protocol and returns its rows, each
+    /// column as text or NULL. For Weir's own queries (auth_query), not clients'.
+    pub async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> io::Result<Vec<Vec<Option<String>>>> {
+        let mut out = BytesMut::new();
+        let bad = |e: io::Error| io::Error::other(format!("cannot encode `{sql}`: {e}"));
+        pgfront::parse("", sql, std::iter::empty(), &mut out).map_err(bad)?;
+        pgfront::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut out,
+        )
+        .map_err(|e| match e {
+            pgfront::BindError::Conversion(e) => io::Error::other(e.to_string()),
+            pgfront::BindError::Serialization(e) => bad(e),
+        })?;
+        pgfront::execute("", 0, &mut out).map_err(bad)?;
+        pgfront::sync(&mut out);
+        let mut rows = Vec::new();
+        self.exchange(&out, sql, Some(&mut rows)).await?;
+        Ok(rows)
+    }
+
+    /// Sends `out` and reads to ReadyForQuery, collecting DataRows into `rows` if given.
+    async fn exchange(
+        &mut self,
+        out: &[u8],
+        sql: &str,
+        mut rows: Option<&mut Vec<Vec<Option<String>>>>,
+    ) -> io::Result<TxStatus> {
+        self.stream.write_all(out).await?;
         let mut failed = None;
         loop {
             while let Some((h, body)) =
@@ -468,6 +563,14 @@ impl ServerConn {
                             e.map_or_else(|| "malformed error".to_string(), |e| e.to_string()),
                         );
                     }
+                    backend::tag::DATA_ROW if rows.is_some() => {
+                        let row = decode_data_row(body).ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::InvalidData, "malformed DataRow")
+                        })?;
+                        if let Some(r) = rows.as_mut() {
+                            r.push(row);
+                        }
+                    }
                     _ => {}
                 }
                 self.rbuf.advance(len);
@@ -482,6 +585,47 @@ impl ServerConn {
     /// Whether this connection has outlived its lifetime.
     pub fn expired(&self, created: std::time::Instant) -> bool {
         !self.lifetime.is_zero() && created.elapsed() >= self.lifetime
+    }
+}
+
+/// A DataRow's columns as text (NULL as `None`).
+fn decode_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = u16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
+    let mut rest = &body[2..];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+        } else {
+            let v = rest.get(..len as usize)?;
+            out.push(Some(String::from_utf8_lossy(v).into_owned()));
+            rest = &rest[len as usize..];
+        }
+    }
+    Some(out)
+}
+
+/// A server login's secret fetched by auth_query rather than configured.
+#[derive(Clone)]
+pub enum Fetched {
+    /// An md5 hash: logs in to a server that asks for md5.
+    Md5(String),
+    /// A SCRAM verifier with the ClientKey a client's own login revealed: logs in to a
+    /// server that holds the same verifier.
+    Scram {
+        client_key: [u8; 32],
+        verifier: weir_wire::scram::Verifier,
+    },
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fetched::Md5(_) => "Fetched::Md5(<redacted>)",
+            Fetched::Scram { .. } => "Fetched::Scram(<redacted>)",
+        })
     }
 }
 

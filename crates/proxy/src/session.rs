@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use weir_config::PoolMode;
+use weir_config::{AuthType, PoolMode};
 use weir_pool::{GetError, Pooled};
 use weir_wire::backend::{self, ParameterStatus, TxStatus};
 use weir_wire::frame;
@@ -216,20 +216,41 @@ async fn login(
     crate::access::check(&config, ip, database, user, client.is_tls()).map_err(Some)?;
     let users = shared.users.load_full();
     let method = config.auth_type(database, user);
-    if let Err(e) = auth::authenticate(client, buf, method, user, &users).await {
-        if let AuthError::Failed(_) = e {
-            // Slow guessing down: the answer to a failed login waits, longer for each recent
-            // failure from the same address.
-            let pause = shared.failed_logins.failed(
-                ip,
-                config.failed_login_delay,
-                config.failed_login_delay_max,
-            );
-            tracing::warn!(peer = ?ip, user, database, pause = ?pause, "password authentication failed");
-            tokio::time::sleep(pause).await;
+    let mut found = None;
+    if users.get(user).is_none() && config.auth_query.is_some() && method != AuthType::Trust {
+        let tls = shared.pools.tls.load_full();
+        match Box::pin(shared.auth_cache.lookup(&config, &tls, database, user)).await {
+            Ok(secret) => {
+                found = secret.map(|s| auth::UserSecret::from_config(user, &s));
+            }
+            Err(e) => {
+                tracing::error!(user, database, error = %e, "auth_query lookup failed");
+                return Err(Some(ErrorResponse::fatal(
+                    SqlState::CANNOT_CONNECT,
+                    format!("weir could not look up user \"{user}\" on the server: {e}"),
+                )));
+            }
         }
-        return Err(e.to_response());
     }
+    let client_key = match auth::authenticate(client, buf, method, user, &users, found.as_ref())
+        .await
+    {
+        Ok(k) => k,
+        Err(e) => {
+            if let AuthError::Failed(_) = e {
+                // Slow guessing down: the answer to a failed login waits, longer for each recent
+                // failure from the same address.
+                let pause = shared.failed_logins.failed(
+                    ip,
+                    config.failed_login_delay,
+                    config.failed_login_delay_max,
+                );
+                tracing::warn!(peer = ?ip, user, database, pause = ?pause, "password authentication failed");
+                tokio::time::sleep(pause).await;
+            }
+            return Err(e.to_response());
+        }
+    };
 
     let db_max = config
         .databases
@@ -251,6 +272,20 @@ async fn login(
             format!("database \"{database}\" does not exist"),
         ))
     })?;
+    if let Some(secret) = &found {
+        // The pool's server logins use what this login revealed (the newest wins).
+        let fetched = match (client_key, &secret.scram, &secret.md5) {
+            (Some(client_key), Some(verifier), _) => Some(crate::server::Fetched::Scram {
+                client_key,
+                verifier: verifier.clone(),
+            }),
+            (_, _, Some(hash)) => Some(crate::server::Fetched::Md5(hash.clone())),
+            _ => None,
+        };
+        if fetched.is_some() {
+            *pool.pool.manager().fetched.lock().unwrap() = fetched;
+        }
+    }
     let defaults = pool
         .defaults()
         .await

@@ -176,8 +176,10 @@ impl TlsSetup {
     }
 
     /// Asks a server for TLS (SSLRequest) as the mode says, and completes the handshake.
-    /// `Ok(plain)` when the mode allows a server that declines.
-    pub async fn connect(&self, stream: Stream, host: &str) -> Result<Stream, String> {
+    /// `Ok(plain)` when the mode allows a server that declines. An I/O failure (a server
+    /// going down or starting up) is [`ConnectError::Lost`], worth retrying; a refusal or a
+    /// certificate that does not verify is not.
+    pub async fn connect(&self, stream: Stream, host: &str) -> Result<Stream, ConnectError> {
         let (Some(mode), Some(cfg)) = (self.server_mode, &self.connector) else {
             return Ok(stream);
         };
@@ -189,37 +191,62 @@ impl TlsSetup {
         let req = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         tokio::io::AsyncWriteExt::write_all(&mut tcp, &req)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ConnectError::lost)?;
         // Exactly one byte: anything after it would be unencrypted data injected before the
         // handshake (CVE-2021-23222).
         let mut answer = [0u8; 1];
-        let n = tcp.read(&mut answer).await.map_err(|e| e.to_string())?;
+        let n = tcp.read(&mut answer).await.map_err(ConnectError::lost)?;
         match (n, answer[0]) {
             (1, b'S') => {}
             (1, b'N') if mode == ServerTlsMode::Prefer => return Ok(Stream::Tcp(tcp)),
             (1, b'N') => {
-                return Err(format!(
+                return Err(ConnectError::Refused(format!(
                     "the server does not accept TLS, and server_tls.mode is \"{mode}\""
+                )));
+            }
+            (0, _) => {
+                return Err(ConnectError::Lost(
+                    "the server closed the connection at the TLS request".into(),
                 ));
             }
-            (0, _) => return Err("the server closed the connection at the TLS request".into()),
             (_, b) => {
-                return Err(format!(
+                return Err(ConnectError::Refused(format!(
                     "the server answered the TLS request with {:?}",
                     b as char
-                ));
+                )));
             }
         }
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|_| format!("`{host}` is not a valid TLS server name"))?;
-        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            ConnectError::Refused(format!("`{host}` is not a valid TLS server name"))
+        })?;
+        let conn = rustls::ClientConnection::new(cfg.clone(), name)
+            .map_err(|e| ConnectError::Refused(e.to_string()))?;
         let tls = TlsStream {
             tcp,
             conn: Mutex::new(conn.into()),
             end_point: None,
         };
-        tls.handshake().await.map_err(|e| e.to_string())?;
+        tls.handshake().await.map_err(|e| match e.kind() {
+            // rustls's own verdicts (certificates, alerts) come as InvalidData.
+            io::ErrorKind::InvalidData => ConnectError::Refused(e.to_string()),
+            _ => ConnectError::lost(e),
+        })?;
         Ok(Stream::Tls(Box::new(tls)))
+    }
+}
+
+/// Why TLS toward a server failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The connection broke: the server may be restarting.
+    Lost(String),
+    /// TLS was refused or did not verify: trying again will not help.
+    Refused(String),
+}
+
+impl ConnectError {
+    fn lost(e: io::Error) -> ConnectError {
+        ConnectError::Lost(e.to_string())
     }
 }
 

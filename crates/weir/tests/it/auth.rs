@@ -169,3 +169,72 @@ async fn auth_file_secrets_and_a_forced_server_user() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// auth_query: a user that exists only in the server logs in through Weir with its own
+/// password (Weir holds none for it), a wrong one gets 28P01, and dropping the user takes
+/// effect once the cached secret is older than `auth.cache_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_lets_server_users_in_with_their_own_password() {
+    let s = Setup::with_config("authq", |pg, db| {
+        let mut c = weir_config(pg, db, 4, PoolMode::Transaction);
+        c.auth_query = Some(weir_config::AuthQuery {
+            user: SUPERUSER.user.into(),
+            query: weir_config::DEFAULT_AUTH_QUERY.into(),
+            cache_ttl: Duration::from_secs(1),
+        });
+        c
+    })
+    .await;
+    let name = format!("aq_{}", std::process::id());
+    s.sql(&format!(
+        "DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN PASSWORD 'own-secret'"
+    ));
+    assert!(
+        !s.weir.shared().config.load().users.contains_key(&name),
+        "the config knows nothing of the user"
+    );
+    let url = |pw: &str| {
+        let a = s.weir.local_addr();
+        format!("postgres://{name}:{pw}@{}:{}/{}", a.ip(), a.port(), s.db)
+    };
+
+    // Three clients at once, each in a transaction, so the pool opens three server
+    // connections, all logging in as the user with the key its first login revealed.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = connect(&url("own-secret"))
+            .await
+            .expect("login via auth_query");
+        c.batch_execute("BEGIN").await.unwrap();
+        clients.push(c);
+    }
+    let mut pids = std::collections::HashSet::new();
+    for c in &clients {
+        let row = c
+            .query_one("SELECT current_user::text, pg_backend_pid()", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, String>(0),
+            name,
+            "the server session is the user's own"
+        );
+        pids.insert(row.get::<_, i32>(1));
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(pids.len(), 3, "three server logins as the user");
+
+    let e = connect(&url("wrong")).await.expect_err("wrong password");
+    assert_eq!(code(&e), "28P01");
+
+    drop(clients);
+    s.sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'"
+    ));
+    s.sql(&format!("DROP ROLE {name}"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let e = connect(&url("own-secret"))
+        .await
+        .expect_err("the dropped user is gone once the cache expires");
+    assert_eq!(code(&e), "28P01");
+}

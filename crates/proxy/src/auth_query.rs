@@ -1,0 +1,94 @@
+//! auth_query: a user Weir has no secret for is looked up on the server, by running
+//! `auth.query` as `auth.user` in the client's database. The secret found (an md5 hash or a
+//! SCRAM verifier, as `pg_shadow.passwd` holds) checks the client's password, and, with the
+//! ClientKey the client's SCRAM proof reveals, logs Weir in to the server as that user: no
+//! password of such users is ever in the config. Answers, including "no such user", are
+//! cached for `auth.cache_ttl`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use weir_config::{Config, ServerLogin};
+
+use crate::server::ServerConn;
+use crate::tls::TlsSetup;
+
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+pub struct AuthCache {
+    entries: Mutex<HashMap<Key, (Instant, Option<String>)>>,
+    /// One lookup at a time: a crowd of new clients makes one query, not a crowd of them.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl AuthCache {
+    /// The secret of `user` for `database`: `Ok(None)` if the query finds no such user (or
+    /// no password). `Err` says why the lookup could not be made.
+    pub async fn lookup(
+        &self,
+        config: &Config,
+        tls: &TlsSetup,
+        database: &str,
+        user: &str,
+    ) -> Result<Option<String>, String> {
+        let q = config
+            .auth_query
+            .as_ref()
+            .ok_or("auth_query is not configured")?;
+        let key = (database.to_string(), user.to_string());
+        let cached = |entries: &Mutex<HashMap<Key, (Instant, Option<String>)>>| {
+            let map = entries.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(&key)
+                .filter(|(at, _)| at.elapsed() < q.cache_ttl)
+                .map(|(_, s)| s.clone())
+        };
+        if let Some(hit) = cached(&self.entries) {
+            return Ok(hit);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(hit) = cached(&self.entries) {
+            return Ok(hit);
+        }
+        let secret = fetch(config, tls, database, user).await?;
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (at, _)| at.elapsed() < q.cache_ttl);
+        map.insert(key, (Instant::now(), secret.clone()));
+        Ok(secret)
+    }
+}
+
+async fn fetch(
+    config: &Config,
+    tls: &TlsSetup,
+    database: &str,
+    user: &str,
+) -> Result<Option<String>, String> {
+    let q = config.auth_query.as_ref().ok_or("auth_query is off")?;
+    let db = config
+        .databases
+        .get(database)
+        .ok_or_else(|| format!("database \"{database}\" is not configured"))?;
+    let login = ServerLogin {
+        host: db.host.clone(),
+        port: db.port,
+        dbname: db.dbname.clone(),
+        user: q.user.clone(),
+        password: config.users.get(&q.user).and_then(|u| u.password.clone()),
+    };
+    let timeout = config.pool_settings(database, &q.user).connect_timeout;
+    let mut conn = ServerConn::connect(&login, None, tls, timeout, 0, 0)
+        .await
+        .map_err(|e| format!("auth_query as \"{}\": {e}", q.user))?;
+    let rows = tokio::time::timeout(timeout, conn.query(&q.query, &[user]))
+        .await
+        .map_err(|_| format!("auth_query did not answer within {timeout:?}"))?
+        .map_err(|e| format!("auth_query failed: {e}"))?;
+    drop(conn);
+    // (name, secret) as PgBouncer's query returns it; a one-column query is the secret.
+    Ok(rows.into_iter().next().and_then(|row| {
+        let i = if row.len() >= 2 { 1 } else { 0 };
+        row.into_iter().nth(i).flatten()
+    }))
+}
