@@ -666,6 +666,18 @@ fn show(
                     },
                 ),
                 ("admin.users", config.admin.users.join(",")),
+                ("tls.mode", config.tls.mode.to_string()),
+                ("tls.cert_file", path(&config.tls.cert_file)),
+                ("server_tls.mode", config.server_tls.mode.to_string()),
+                ("server_tls.ca_file", path(&config.server_tls.ca_file)),
+                (
+                    "auth.user",
+                    config
+                        .auth_query
+                        .as_ref()
+                        .map_or(String::new(), |q| q.user.clone()),
+                ),
+                ("access", format!("{} rules", config.access.len())),
             ] {
                 rows.row(&[k.into(), v, String::new(), "no".into()]);
             }
@@ -710,4 +722,9 @@ fn show(
         }
     }
     Ok(())
+}
+
+fn path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref()
+        .map_or(String::new(), |p| p.display().to_string())
 }

@@ -214,8 +214,8 @@ impl WeirProcess {
         let stdout = std::fs::File::create(&stdout_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(args)
-            .envs(env.iter().copied())
             .env("WEIR_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()

@@ -19,5 +19,6 @@ mod pooling;
 mod prepared;
 mod protocol;
 mod reload;
+mod secrets;
 mod session;
 mod tls;
