@@ -166,11 +166,7 @@ impl TlsSetup {
             prefix.advance(n);
             conn.process_new_packets().map_err(invalid)?;
         }
-        let tls = TlsStream {
-            tcp,
-            conn: Mutex::new(conn.into()),
-            end_point: self.end_point.clone(),
-        };
+        let tls = TlsStream::new(tcp, conn.into(), self.end_point.clone());
         tls.handshake().await?;
         Ok(Stream::Tls(Box::new(tls)))
     }
@@ -221,11 +217,7 @@ impl TlsSetup {
         })?;
         let conn = rustls::ClientConnection::new(cfg.clone(), name)
             .map_err(|e| ConnectError::Refused(e.to_string()))?;
-        let tls = TlsStream {
-            tcp,
-            conn: Mutex::new(conn.into()),
-            end_point: None,
-        };
+        let tls = TlsStream::new(tcp, conn.into(), None);
         tls.handshake().await.map_err(|e| match e.kind() {
             // rustls's own verdicts (certificates, alerts) come as InvalidData.
             io::ErrorKind::InvalidData => ConnectError::Refused(e.to_string()),
@@ -379,6 +371,9 @@ pub struct TlsStream {
     pub(crate) tcp: TcpStream,
     conn: Mutex<rustls::Connection>,
     end_point: Option<Arc<[u8]>>,
+    /// Set once rustls reported a fatal error: every later read fails at once, so a
+    /// readiness poll that reports it cannot become a busy loop.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -388,6 +383,29 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
+    fn new(tcp: TcpStream, conn: rustls::Connection, end_point: Option<Arc<[u8]>>) -> Self {
+        TlsStream {
+            tcp,
+            conn: Mutex::new(conn),
+            end_point,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Processes what was read; a fatal error is remembered and its alert sent.
+    fn process(&self, c: &mut rustls::Connection) -> io::Result<rustls::IoState> {
+        c.process_new_packets().map_err(|e| {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = self.flush(c);
+            invalid(e)
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, rustls::Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -431,11 +449,8 @@ impl TlsStream {
                             ));
                         }
                         Ok(_) => {
-                            if let Err(e) = c.process_new_packets() {
-                                // Send the alert that says why.
-                                let _ = self.flush(&mut c);
-                                return Err(invalid(e));
-                            }
+                            // An error sends the alert that says why.
+                            self.process(&mut c)?;
                             continue;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Wait::Read,
@@ -468,11 +483,14 @@ impl TlsStream {
     }
 
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_failed() {
+            return Poll::Ready(Ok(()));
+        }
         let mut c = self.lock();
         if let Poll::Ready(Err(e)) = self.poll_flush(&mut c, cx) {
             return Poll::Ready(Err(e));
         }
-        match c.process_new_packets() {
+        match self.process(&mut c) {
             Ok(st) if st.plaintext_bytes_to_read() == 0 && !st.peer_has_closed() => {}
             // Plaintext waiting, the end, or an error: the read tells which.
             _ => return Poll::Ready(Ok(())),
@@ -489,14 +507,23 @@ impl TlsStream {
     /// Decrypted bytes into the spare capacity of `buf`; `Ok(0)` at the end of the stream;
     /// WouldBlock when a whole record has not arrived yet.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if self.is_failed() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed",
+            ));
+        }
         let mut c = self.lock();
         let start = buf.len();
         if buf.capacity() == start {
             return Err(io::Error::other("read into a full buffer"));
         }
+        // Zeroed before rustls writes into it: bounded, so a 64 kB server buffer is not
+        // cleared whole for every record.
+        let room = (buf.capacity() - start).min(32 * 1024);
         let mut eof = false;
         loop {
-            buf.resize(buf.capacity(), 0);
+            buf.resize(start + room, 0);
             let r = c.reader().read(&mut buf[start..]);
             match r {
                 Ok(n) => {
@@ -516,10 +543,7 @@ impl TlsStream {
             if c.read_tls(&mut Sock(&self.tcp))? == 0 {
                 eof = true;
             }
-            if let Err(e) = c.process_new_packets() {
-                let _ = self.flush(&mut c);
-                return Err(invalid(e));
-            }
+            self.process(&mut c)?;
             // A key update or ticket may want an answer.
             let _ = self.flush(&mut c);
         }
@@ -557,7 +581,11 @@ impl TlsStream {
 
     /// Plaintext already decrypted and waiting.
     pub fn has_buffered(&self) -> bool {
-        self.lock().process_new_packets().map_or(true, |st| {
+        if self.is_failed() {
+            return true;
+        }
+        let mut c = self.lock();
+        self.process(&mut c).map_or(true, |st| {
             st.plaintext_bytes_to_read() > 0 || st.peer_has_closed()
         })
     }

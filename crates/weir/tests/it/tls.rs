@@ -156,6 +156,37 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
         .unwrap();
     assert_eq!(first, b'R', "AuthenticationSASL over direct TLS");
 
+    // Garbage where the TLS handshake should be: that client is closed, the next is served.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .unwrap();
+        let mut answer = [0u8; 1];
+        raw.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"S");
+        raw.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 0xff, 0xff])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            raw.read_to_end(&mut rest),
+        )
+        .await
+        .expect("weir closes a broken handshake");
+        assert!(r.is_err() || rest.len() < 64, "at most an alert: {rest:?}");
+        let (ok, _, err) = psql(
+            &pg,
+            &conninfo("localhost", &verify(&weir_ca.cert)),
+            "SELECT 1",
+        );
+        assert!(ok, "served after a broken handshake: {err}");
+    }
+
     // 5. A reload reads the certificate files again: a certificate from a new CA replaces
     // the old one for new connections.
     let new_ca = TestCa::new(&dir, "weir-ca-2");
