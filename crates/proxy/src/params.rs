@@ -166,7 +166,9 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
 /// What one client believes: every reported parameter plus what it asked for at startup.
 #[derive(Debug, Clone, Default)]
 pub struct ClientParams {
-    wanted: ParamSet,
+    /// Shared copy-on-write: clients of a pool nearly always want the same set, and an idle
+    /// client should not carry its own copy of a dozen strings (issue 8's memory target).
+    wanted: std::sync::Arc<ParamSet>,
     /// Identifies the content of `wanted`: a server connection last synchronised to the same
     /// fingerprint needs no query (the common case: every client of an app asks for the same).
     fingerprint: u64,
@@ -194,9 +196,20 @@ impl ClientParams {
     pub fn from_set(wanted: ParamSet) -> ClientParams {
         let fingerprint = wanted.fingerprint();
         ClientParams {
-            wanted,
+            wanted: std::sync::Arc::new(wanted),
             fingerprint,
         }
+    }
+
+    /// Shares the set with the last client of the pool that wanted the same (`last`), or
+    /// becomes the one shared next.
+    pub fn share(mut self, last: &std::sync::Mutex<Option<std::sync::Arc<ParamSet>>>) -> Self {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some(shared) if **shared == *self.wanted => self.wanted = shared.clone(),
+            _ => *last = Some(self.wanted.clone()),
+        }
+        self
     }
 
     pub fn wanted(&self) -> &ParamSet {
@@ -205,7 +218,10 @@ impl ClientParams {
 
     /// Records a value the client now has (from a ParameterStatus of its own session).
     pub fn set(&mut self, name: &str, value: &str) {
-        if self.wanted.set(name, value) {
+        if self.wanted.get(name) == Some(value) {
+            return;
+        }
+        if std::sync::Arc::make_mut(&mut self.wanted).set(name, value) {
             self.fingerprint = self.wanted.fingerprint();
         }
     }

@@ -363,6 +363,9 @@ pub struct ServerPool {
     pub kill: Arc<tokio::sync::Notify>,
     probe: Mutex<Option<Probe>>,
     probing: AtomicBool,
+    /// The parameter set the last client of this pool wanted, shared with the next client
+    /// that wants the same (see `ClientParams::share`).
+    pub client_params: Mutex<Option<Arc<crate::params::ParamSet>>>,
 }
 
 /// The last readiness probe of a pool: a `SELECT 1` round trip on one of its connections.
@@ -744,6 +747,7 @@ impl Pools {
             kill: Arc::new(tokio::sync::Notify::new()),
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
+            client_params: Mutex::new(None),
         });
         db.pools.lock().unwrap().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());

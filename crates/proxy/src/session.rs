@@ -291,7 +291,8 @@ async fn login(
         .await
         .map_err(|e| Some(checkout_error(&pool, e).into_fatal()))?;
     let params = ClientParams::new(&defaults, &startup.params)
-        .map_err(|m| Some(ErrorResponse::fatal(SqlState(*b"22023"), m)))?;
+        .map_err(|m| Some(ErrorResponse::fatal(SqlState(*b"22023"), m)))?
+        .share(&pool.client_params);
     let cancel = shared.cancel.register();
 
     let mut out = BytesMut::with_capacity(512);
@@ -963,8 +964,11 @@ impl Session {
         } else {
             &server.rbuf[..n]
         };
-        send(&self.client, &mut self.to_client, data).map_err(|_| End::ClientGone)?;
+        let sent = send(&self.client, &mut self.to_client, data);
+        // Consumed whether or not the client could take it: the relay has counted these
+        // replies, and a departed client's cleanup must not read them a second time.
         server.rbuf.advance(n);
+        sent.map_err(|_| End::ClientGone)?;
         let m = &self.pool.metrics;
         m.bytes_sent
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
