@@ -11,6 +11,7 @@ use weir_proxy::relay::Relay;
 use weir_proxy::server::ServerState;
 use weir_wire::frame;
 use weir_wire::frontend::{self, Bind, Named, Parse, Query, StartupPacket};
+use weir_wire::scram::{ScramServer, Verifier};
 
 fuzz_target!(|data: &[u8]| {
     // Startup phase.
@@ -18,23 +19,49 @@ fuzz_target!(|data: &[u8]| {
         let _ = StartupPacket::decode(&data[..len]);
     }
 
-    // Each framed message through every decoder.
+    // Each framed message through every decoder. A message that decodes must encode back
+    // to the same bytes (the proxy re-encodes the Parse, Bind, Describe and Close it
+    // rewrites). A SASLInitialResponse starts a SCRAM exchange the next message continues.
     let mut rest = data;
+    let mut scram: Option<ScramServer> = None;
     while let Ok(Some((h, body))) = frame::complete(rest, 1 << 20) {
-        let _ = Query::decode(body);
-        let _ = Parse::decode(body);
-        let _ = Bind::decode(body);
-        let _ = Named::decode(body);
+        let msg = &rest[..h.total_len()];
+        let mut out = BytesMut::new();
+        if let Ok(q) = Query::decode(body) {
+            q.encode(&mut out);
+            assert_eq!(&out[1..], &msg[1..]);
+        }
+        if let Ok(p) = Parse::decode(body) {
+            out.clear();
+            p.encode(&mut out);
+            assert_eq!(&out[1..], &msg[1..]);
+        }
+        if let Ok(b) = Bind::decode(body) {
+            out.clear();
+            b.encode(&mut out);
+            assert_eq!(&out[1..], &msg[1..]);
+        }
+        if let Ok(n) = Named::decode(body) {
+            out.clear();
+            n.encode(h.tag, &mut out);
+            assert_eq!(&out[..], msg);
+        }
         let _ = frontend::decode_password(body);
-        if let Ok((mech, msg)) = frontend::decode_sasl_initial(body) {
-            let mut s = weir_wire::scram::ScramServer::new(weir_wire::scram::Verifier {
+        if let Some(mut s) = scram.take() {
+            let _ = s.client_final(body);
+        }
+        if let Ok((mech, first)) = frontend::decode_sasl_initial(body) {
+            // Over TLS (channel binding data, SCRAM-SHA-256-PLUS offered) unless the tag is 'p'.
+            let tls = (h.tag != frontend::tag::PASSWORD).then(|| b"end-point".to_vec());
+            let verifier = Verifier {
                 iterations: 1,
                 salt: vec![1, 2, 3],
                 stored_key: [7; 32],
                 server_key: [9; 32],
-            });
-            if s.client_first(mech, msg).is_ok() {
-                let _ = s.client_final(body);
+            };
+            let mut s = ScramServer::with_channel_binding(verifier, tls);
+            if s.client_first(mech, first).is_ok() {
+                scram = Some(s);
             }
         }
         let _ = weir_wire::ErrorResponse::decode(body);
