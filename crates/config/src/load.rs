@@ -1167,6 +1167,18 @@ fn validate_security(c: &Config, problems: &mut Problems) {
             .fix("give the PEM file of the servers' certificate authority"),
         );
     }
+    if matches!(s.mode, ServerTlsMode::Prefer | ServerTlsMode::Require) && s.ca_file.is_some() {
+        problems.push(
+            Problem::warning(
+                "server_tls.ca_file",
+                format!(
+                    "server_tls.mode = \"{}\" does not check certificates, so ca_file is unused",
+                    s.mode
+                ),
+            )
+            .fix("use mode = \"verify-ca\" or \"verify-full\" to check the server"),
+        );
+    }
     if s.cert_file.is_some() != s.key_file.is_some() {
         problems.push(
             Problem::error(

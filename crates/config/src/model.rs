@@ -370,7 +370,9 @@ pub struct ServerTls {
 impl Default for ServerTls {
     fn default() -> Self {
         ServerTls {
-            mode: ServerTlsMode::Prefer,
+            // Not libpq's `prefer`: a server that offers TLS would then change how every
+            // existing deployment connects (and a failed handshake is not retried in plain).
+            mode: ServerTlsMode::Disable,
             ca_file: None,
             cert_file: None,
             key_file: None,

@@ -45,41 +45,119 @@ pub fn check(
 
 /// Failures are forgotten after this long without another from the same address.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
-/// Addresses tracked at most; beyond it the oldest entries are dropped first.
+/// Addresses tracked at most; past it, old entries go, and if all are recent, all go.
 const MAX_TRACKED: usize = 100_000;
+/// Logins from one address that may be held in their pause at once; more are refused
+/// (53300), so one address cannot fill the client slots with paused logins.
+pub const MAX_PAUSED_PER_ADDRESS: u32 = 4;
 
-/// Recent failed logins per client address, to slow the next answer down: the first failure
-/// waits `base`, each further one twice as long, up to `max`.
+/// Recent failed logins per client address (IPv6 by /64, since one host has a whole /64 to
+/// rotate through). A login from an address with recent failures is paused before its
+/// password exchange starts: `base` after one failure, twice as long for each further one,
+/// up to `max`. Pausing before the attempt (not before the failure's answer) is what slows a
+/// guesser: it cannot skip the pause by giving up on an answer that is late.
 #[derive(Debug, Default)]
 pub struct FailedLogins {
-    by_addr: Mutex<HashMap<Option<IpAddr>, (u32, Instant)>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    failures: HashMap<Option<IpAddr>, (u32, Instant)>,
+    paused: HashMap<Option<IpAddr>, u32>,
+}
+
+fn key(ip: Option<IpAddr>) -> Option<IpAddr> {
+    match ip {
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => Some(IpAddr::V4(v4)),
+            None => Some(IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())),
+        },
+        other => other,
+    }
+}
+
+/// A login held in its pause; counts against [`MAX_PAUSED_PER_ADDRESS`] until dropped.
+#[derive(Debug)]
+pub struct Paused<'a> {
+    owner: &'a FailedLogins,
+    key: Option<IpAddr>,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        let mut st = self.owner.lock();
+        if let Some(n) = st.paused.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.paused.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl FailedLogins {
-    /// Records a failure and returns how long to wait before answering it.
-    pub fn failed(&self, ip: Option<IpAddr>, base: Duration, max: Duration) -> Duration {
-        if base.is_zero() {
-            return Duration::ZERO;
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long a login from `ip` waits before its password exchange, with the guard that
+    /// holds its place; `Err` when too many logins from the address are already waiting.
+    pub fn pause(
+        &self,
+        ip: Option<IpAddr>,
+        base: Duration,
+        max: Duration,
+    ) -> Result<(Duration, Option<Paused<'_>>), ErrorResponse> {
+        let k = key(ip);
+        let n = self.count(ip);
+        if n == 0 || base.is_zero() {
+            return Ok((Duration::ZERO, None));
         }
+        let mut st = self.lock();
+        let waiting = st.paused.entry(k).or_insert(0);
+        if *waiting >= MAX_PAUSED_PER_ADDRESS {
+            return Err(ErrorResponse::fatal(
+                SqlState::TOO_MANY_CONNECTIONS,
+                "too many logins from this address after failed attempts; try again later",
+            ));
+        }
+        *waiting += 1;
+        let doublings = (n - 1).min(20);
+        let pause = base.saturating_mul(1 << doublings).min(max);
+        Ok((
+            pause,
+            Some(Paused {
+                owner: self,
+                key: k,
+            }),
+        ))
+    }
+
+    /// Records a failed login from `ip`.
+    pub fn failed(&self, ip: Option<IpAddr>) {
         let now = Instant::now();
-        let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (_, at)| now.duration_since(*at) < FORGET_AFTER);
+        let mut st = self.lock();
+        if st.failures.len() >= MAX_TRACKED {
+            st.failures
+                .retain(|_, (_, at)| now.duration_since(*at) < FORGET_AFTER);
+            if st.failures.len() >= MAX_TRACKED {
+                st.failures.clear();
+            }
         }
-        let entry = map.entry(ip).or_insert((0, now));
+        let entry = st.failures.entry(key(ip)).or_insert((0, now));
         if now.duration_since(entry.1) >= FORGET_AFTER {
             entry.0 = 0;
         }
         entry.0 = entry.0.saturating_add(1);
         entry.1 = now;
-        let doublings = (entry.0 - 1).min(20);
-        base.saturating_mul(1 << doublings).min(max)
     }
 
     /// Failures remembered for an address.
     pub fn count(&self, ip: Option<IpAddr>) -> u32 {
-        let map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&ip)
+        let st = self.lock();
+        st.failures
+            .get(&key(ip))
             .filter(|(_, at)| at.elapsed() < FORGET_AFTER)
             .map_or(0, |(n, _)| *n)
     }
@@ -143,17 +221,32 @@ mod tests {
     }
 
     #[test]
-    fn failures_double_the_delay_up_to_the_cap() {
+    fn failures_double_the_pause_up_to_the_cap_and_bound_the_waiters() {
         let f = FailedLogins::default();
         let ip = Some("10.0.0.1".parse().unwrap());
         let (b, m) = (Duration::from_millis(100), Duration::from_millis(500));
-        assert_eq!(f.failed(ip, b, m), Duration::from_millis(100));
-        assert_eq!(f.failed(ip, b, m), Duration::from_millis(200));
-        assert_eq!(f.failed(ip, b, m), Duration::from_millis(400));
-        assert_eq!(f.failed(ip, b, m), Duration::from_millis(500));
-        assert_eq!(f.count(ip), 4);
+        let pause = |f: &FailedLogins| f.pause(ip, b, m).unwrap().0;
+        assert_eq!(pause(&f), Duration::ZERO, "no failure yet");
+        for want in [100, 200, 400, 500, 500] {
+            f.failed(ip);
+            assert_eq!(pause(&f), Duration::from_millis(want));
+        }
+        assert_eq!(f.count(ip), 5);
         let other = Some("10.0.0.2".parse().unwrap());
-        assert_eq!(f.failed(other, b, m), Duration::from_millis(100));
-        assert_eq!(f.failed(ip, Duration::ZERO, m), Duration::ZERO);
+        assert_eq!(f.pause(other, b, m).unwrap().0, Duration::ZERO);
+        assert_eq!(f.pause(ip, Duration::ZERO, m).unwrap().0, Duration::ZERO);
+        // At most four logins of one address wait at once; a fifth is refused until one ends.
+        let held: Vec<_> = (0..MAX_PAUSED_PER_ADDRESS)
+            .map(|_| f.pause(ip, b, m).unwrap().1)
+            .collect();
+        let e = f.pause(ip, b, m).unwrap_err();
+        assert_eq!(e.code, SqlState::TOO_MANY_CONNECTIONS);
+        drop(held);
+        assert!(f.pause(ip, b, m).is_ok());
+        // One IPv6 host is one /64.
+        let a = Some("2001:db8::1".parse().unwrap());
+        let b6 = Some("2001:db8::ffff:1234".parse().unwrap());
+        f.failed(a);
+        assert_eq!(f.count(b6), 1);
     }
 }

@@ -16,11 +16,19 @@ use crate::tls::TlsSetup;
 
 type Key = (String, String);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AuthCache {
     entries: Mutex<HashMap<Key, (Instant, Option<String>)>>,
-    /// One lookup at a time: a crowd of new clients makes one query, not a crowd of them.
-    fetching: tokio::sync::Mutex<()>,
+    /// One lookup at a time per database: a crowd of new clients makes one query, not a
+    /// crowd of them, and a database that is down does not hold up lookups for the others.
+    fetching: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for AuthCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The entries are secrets.
+        f.write_str("AuthCache(<redacted>)")
+    }
 }
 
 impl AuthCache {
@@ -47,7 +55,14 @@ impl AuthCache {
         if let Some(hit) = cached(&self.entries) {
             return Ok(hit);
         }
-        let _one = self.fetching.lock().await;
+        let lock = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(database.to_string())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
         if let Some(hit) = cached(&self.entries) {
             return Ok(hit);
         }

@@ -51,7 +51,7 @@ pub async fn serve(
     }
     let database = startup.get("database").unwrap_or("");
     let ip = client.peer_ip();
-    let tls_required = shared.tls().required() && !client.is_tls();
+    let tls_required = shared.tls().required() && client.is_plain_tcp();
     if let Err(e) = crate::access::check(&config, ip, database, &user, client.is_tls()) {
         send(&mut client, |o| e.encode(o)).await;
         return;
@@ -65,16 +65,25 @@ pub async fn serve(
         send(&mut client, |o| e.encode(o)).await;
         return;
     }
+    let _paused = match shared.failed_logins.pause(
+        ip,
+        config.failed_login_delay,
+        config.failed_login_delay_max,
+    ) {
+        Ok((pause, guard)) => {
+            tokio::time::sleep(pause).await;
+            guard
+        }
+        Err(e) => {
+            send(&mut client, |o| e.encode(o)).await;
+            return;
+        }
+    };
     let users = shared.users.load_full();
     let method = config.auth_type("", &user);
     if let Err(e) = auth::authenticate(&mut client, &mut buf, method, &user, &users, None).await {
         if let auth::AuthError::Failed(_) = e {
-            let pause = shared.failed_logins.failed(
-                ip,
-                config.failed_login_delay,
-                config.failed_login_delay_max,
-            );
-            tokio::time::sleep(pause).await;
+            shared.failed_logins.failed(ip);
         }
         if let Some(r) = e.to_response() {
             send(&mut client, |o| r.encode(o)).await;

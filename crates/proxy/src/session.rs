@@ -18,6 +18,7 @@ use weir_pool::{GetError, Pooled};
 use weir_wire::backend::{self, ParameterStatus, TxStatus};
 use weir_wire::frame;
 use weir_wire::frontend::Startup;
+use weir_wire::scram::Verifier;
 use weir_wire::{ErrorResponse, Severity, SqlState};
 
 use crate::auth::{self, AuthError};
@@ -54,7 +55,8 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
     let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
     let hello = loop {
         let tls = shared.pools.tls.load_full();
-        let offer_tls = tls.accepts() && !client.is_tls();
+        // Never on a Unix socket, where PostgreSQL offers no TLS either.
+        let offer_tls = tls.accepts() && client.is_plain_tcp();
         let hello = tokio::time::timeout_at(
             deadline,
             Box::pin(startup::read_hello(&mut client, &mut buf, offer_tls)),
@@ -76,13 +78,17 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 }
                 return;
             }
-            Ok(Ok(Hello::SslRequest | Hello::DirectTls)) => {
-                if buf.is_empty() && client.write_all(b"S").await.is_err() {
+            Ok(Ok(h @ (Hello::SslRequest | Hello::DirectTls))) => {
+                let direct = matches!(h, Hello::DirectTls);
+                if !direct && client.write_all(b"S").await.is_err() {
                     return;
                 }
                 // A failed handshake has no channel left to carry an error.
-                match tokio::time::timeout_at(deadline, Box::pin(tls.accept(client, &mut buf)))
-                    .await
+                match tokio::time::timeout_at(
+                    deadline,
+                    Box::pin(tls.accept(client, &mut buf, direct)),
+                )
+                .await
                 {
                     Ok(Ok(encrypted)) => client = encrypted,
                     Ok(Err(e)) => {
@@ -203,7 +209,7 @@ async fn login(
             .with_hint("weir serves only the databases in its configuration"),
         ));
     }
-    if shared.tls().required() && !client.is_tls() {
+    if shared.tls().required() && client.is_plain_tcp() {
         return Err(Some(
             ErrorResponse::fatal(
                 SqlState::INVALID_AUTHORIZATION,
@@ -214,6 +220,16 @@ async fn login(
     }
     let ip = client.peer_ip();
     crate::access::check(&config, ip, database, user, client.is_tls()).map_err(Some)?;
+    // Recent failures from this address pause the attempt before anything is looked up or
+    // exchanged.
+    let (pause, _paused) = shared
+        .failed_logins
+        .pause(ip, config.failed_login_delay, config.failed_login_delay_max)
+        .map_err(Some)?;
+    if !pause.is_zero() {
+        tracing::debug!(peer = ?ip, user, pause = ?pause, "pausing a login after failed attempts");
+        tokio::time::sleep(pause).await;
+    }
     let users = shared.users.load_full();
     let method = config.auth_type(database, user);
     let mut found = None;
@@ -221,36 +237,34 @@ async fn login(
         let tls = shared.pools.tls.load_full();
         match Box::pin(shared.auth_cache.lookup(&config, &tls, database, user)).await {
             Ok(secret) => {
-                found = secret.map(|s| auth::UserSecret::from_config(user, &s));
+                // Only a hash or a verifier: anything else (an empty string, a custom query's
+                // odd column) would be taken for a plain password.
+                found = secret
+                    .filter(|s| weir_wire::md5::is_stored_secret(s) || Verifier::is_verifier(s))
+                    .map(|s| auth::UserSecret::from_config(user, &s));
             }
             Err(e) => {
+                // The details (server, auth user, its error) are for the operator only.
                 tracing::error!(user, database, error = %e, "auth_query lookup failed");
                 return Err(Some(ErrorResponse::fatal(
                     SqlState::CANNOT_CONNECT,
-                    format!("weir could not look up user \"{user}\" on the server: {e}"),
+                    "weir could not check this login with the server; see weir's log",
                 )));
             }
         }
     }
-    let client_key = match auth::authenticate(client, buf, method, user, &users, found.as_ref())
-        .await
-    {
-        Ok(k) => k,
-        Err(e) => {
-            if let AuthError::Failed(_) = e {
-                // Slow guessing down: the answer to a failed login waits, longer for each recent
-                // failure from the same address.
-                let pause = shared.failed_logins.failed(
-                    ip,
-                    config.failed_login_delay,
-                    config.failed_login_delay_max,
-                );
-                tracing::warn!(peer = ?ip, user, database, pause = ?pause, "password authentication failed");
-                tokio::time::sleep(pause).await;
+    let client_key =
+        match auth::authenticate(client, buf, method, user, &users, found.as_ref()).await {
+            Ok(k) => k,
+            Err(e) => {
+                if let AuthError::Failed(_) = e {
+                    // The next login from this address waits (see FailedLogins).
+                    shared.failed_logins.failed(ip);
+                    tracing::warn!(peer = ?ip, user, database, "password authentication failed");
+                }
+                return Err(e.to_response());
             }
-            return Err(e.to_response());
-        }
-    };
+        };
 
     let db_max = config
         .databases
@@ -779,11 +793,13 @@ impl Session {
             && self.relay.nothing_owed()
             && self.to_client.is_empty()
             && self.to_server.is_empty()
+            && !self.client.wants_flush()
     }
 
     /// No server connection: write what the client is owed, then wait for it to send.
     async fn idle_step(&mut self) -> Result<(), End> {
-        if !self.to_client.is_empty() {
+        if !self.to_client.is_empty() || self.client.wants_flush() {
+            // (TLS: write_all also sends what rustls still holds.)
             let pending = std::mem::take(&mut self.to_client);
             self.client
                 .write_all(&pending)

@@ -228,6 +228,11 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// TCP without TLS (what `tls.mode = "require"` refuses; Unix sockets are exempt).
+    pub fn is_plain_tcp(&self) -> bool {
+        matches!(self, Stream::Tcp(_))
+    }
+
     /// `tls-server-end-point` data of the certificate Weir presented on this connection.
     pub fn channel_binding(&self) -> Option<&[u8]> {
         match self {

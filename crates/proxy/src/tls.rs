@@ -155,8 +155,15 @@ impl TlsSetup {
     }
 
     /// Completes a TLS handshake with a client. `prefix` holds bytes already read from the
-    /// socket (the start of a direct TLS handshake); it is empty afterwards.
-    pub async fn accept(&self, stream: Stream, prefix: &mut BytesMut) -> io::Result<Stream> {
+    /// socket (the start of a direct TLS handshake); it is empty afterwards. A direct
+    /// handshake must agree on ALPN `postgresql`, as PostgreSQL 17 requires, so a connection
+    /// meant for another protocol cannot be passed off as PostgreSQL.
+    pub async fn accept(
+        &self,
+        stream: Stream,
+        prefix: &mut BytesMut,
+        direct: bool,
+    ) -> io::Result<Stream> {
         let (Some(cfg), Stream::Tcp(tcp)) = (&self.acceptor, stream) else {
             return Err(io::Error::other("TLS is not available on this connection"));
         };
@@ -168,6 +175,12 @@ impl TlsSetup {
         }
         let tls = TlsStream::new(tcp, conn.into(), self.end_point.clone());
         tls.handshake().await?;
+        if direct && tls.lock().alpn_protocol() != Some(ALPN) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "direct TLS without ALPN \"postgresql\"",
+            ));
+        }
         Ok(Stream::Tls(Box::new(tls)))
     }
 

@@ -151,10 +151,17 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
     // 4. PostgreSQL 17's direct TLS (no SSLRequest, ALPN "postgresql"): the handshake
     // completes and Weir answers the startup packet with a SASL request inside TLS.
     let ca = weir_ca.cert.clone();
-    let first = tokio::task::spawn_blocking(move || direct_tls_first_reply(port, &ca))
+    let first = tokio::task::spawn_blocking(move || direct_tls_first_reply(port, &ca, true))
         .await
         .unwrap();
-    assert_eq!(first, b'R', "AuthenticationSASL over direct TLS");
+    assert_eq!(first, Some(b'R'), "AuthenticationSASL over direct TLS");
+    // Without ALPN a direct connection is refused, as PostgreSQL 17 does (a connection made
+    // for another protocol must not pass for PostgreSQL).
+    let ca = weir_ca.cert.clone();
+    let first = tokio::task::spawn_blocking(move || direct_tls_first_reply(port, &ca, false))
+        .await
+        .unwrap();
+    assert_eq!(first, None, "direct TLS without ALPN is closed");
 
     // Garbage where the TLS handshake should be: that client is closed, the next is served.
     {
@@ -207,9 +214,9 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
     assert!(ok && out == "t", "psql with the new CA: {err}");
 }
 
-/// Opens TLS at once (no SSLRequest) with ALPN "postgresql", sends a StartupMessage and
-/// returns the type byte of Weir's first reply.
-fn direct_tls_first_reply(port: u16, ca: &Path) -> u8 {
+/// Opens TLS at once (no SSLRequest), with or without ALPN "postgresql", sends a
+/// StartupMessage and returns the type byte of Weir's first reply (`None`: closed).
+fn direct_tls_first_reply(port: u16, ca: &Path, alpn: bool) -> Option<u8> {
     use rustls::pki_types::pem::PemObject;
     use std::io::{Read, Write};
     let mut roots = rustls::RootCertStore::empty();
@@ -223,7 +230,9 @@ fn direct_tls_first_reply(port: u16, ca: &Path) -> u8 {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    if alpn {
+        cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
     let conn =
         rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
             .unwrap();
@@ -236,10 +245,10 @@ fn direct_tls_first_reply(port: u16, ca: &Path) -> u8 {
     startup.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
     startup.extend_from_slice(&196608u32.to_be_bytes());
     startup.extend_from_slice(body.as_bytes());
-    tls.write_all(&startup).unwrap();
+    tls.write_all(&startup).ok()?;
     let mut tag = [0u8; 1];
-    tls.read_exact(&mut tag).unwrap();
-    tag[0]
+    tls.read_exact(&mut tag).ok()?;
+    Some(tag[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,9 +310,11 @@ async fn weir_refuses_a_server_certificate_it_cannot_verify() {
     // verify-ca checks the chain but not the name: works, and is encrypted.
     let (ok, out, err) = run("127.0.0.1", server_tls("verify-ca", &pg_ca.cert)).await;
     assert!(ok && out == "t", "verify-ca: {err}");
-    // The default (prefer) encrypts when the server offers TLS.
-    let (ok, out, err) = run("127.0.0.1", String::new()).await;
+    // prefer encrypts when the server offers TLS; the default (disable) does not ask.
+    let (ok, out, err) = run("127.0.0.1", "[server_tls]\nmode = \"prefer\"".into()).await;
     assert!(ok && out == "t", "prefer: {err}");
+    let (ok, out, err) = run("127.0.0.1", String::new()).await;
+    assert!(ok && out == "f", "disable: {err}");
     // require against a server without TLS (the shared one): refused, saying why.
     let shared = PgServer::shared();
     let weir = start_weir(config(&weir_toml(
