@@ -10,6 +10,26 @@ use std::time::{Duration, Instant};
 use weir_config::Config;
 use weir_wire::{ErrorResponse, SqlState};
 
+/// Whether a client may go on to authenticate, for client and console logins alike: TLS if
+/// `tls.mode = "require"` (plain TCP only; Unix sockets are exempt), then the access rules.
+/// `Err` is the 28000 to send.
+pub fn admit(
+    config: &Config,
+    tls_required: bool,
+    client: &crate::stream::Stream,
+    database: &str,
+    user: &str,
+) -> Result<(), ErrorResponse> {
+    if tls_required && client.is_plain_tcp() {
+        return Err(ErrorResponse::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            "weir requires TLS (tls.mode = \"require\"), and the connection is not encrypted",
+        )
+        .with_hint("connect with sslmode=require or stronger"));
+    }
+    check(config, client.peer_ip(), database, user, client.is_tls())
+}
+
 /// Applies the rules in order; the first that matches decides. `Err` is the 28000 to send.
 pub fn check(
     config: &Config,

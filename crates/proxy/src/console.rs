@@ -51,17 +51,8 @@ pub async fn serve(
     }
     let database = startup.get("database").unwrap_or("");
     let ip = client.peer_ip();
-    let tls_required = shared.tls().required() && client.is_plain_tcp();
-    if let Err(e) = crate::access::check(&config, ip, database, &user, client.is_tls()) {
-        send(&mut client, |o| e.encode(o)).await;
-        return;
-    }
-    if tls_required {
-        let e = fatal(
-            SqlState::INVALID_AUTHORIZATION,
-            "weir requires TLS (tls.mode = \"require\"), and the connection is not encrypted"
-                .into(),
-        );
+    if let Err(e) = crate::access::admit(&config, shared.tls().required(), &client, database, &user)
+    {
         send(&mut client, |o| e.encode(o)).await;
         return;
     }

@@ -219,17 +219,8 @@ async fn login(
             .with_hint("weir serves only the databases in its configuration"),
         ));
     }
-    if shared.tls().required() && client.is_plain_tcp() {
-        return Err(Some(
-            ErrorResponse::fatal(
-                SqlState::INVALID_AUTHORIZATION,
-                "weir requires TLS (tls.mode = \"require\"), and the connection is not encrypted",
-            )
-            .with_hint("connect with sslmode=require or stronger"),
-        ));
-    }
+    crate::access::admit(&config, shared.tls().required(), client, database, user).map_err(Some)?;
     let ip = client.peer_ip();
-    crate::access::check(&config, ip, database, user, client.is_tls()).map_err(Some)?;
     // Recent failures from this address pause the attempt before anything is looked up or
     // exchanged.
     let (pause, _paused) = shared

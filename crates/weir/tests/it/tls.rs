@@ -50,15 +50,22 @@ fn weir_toml(pg: &PgServer, host: &str, client_tls: &str, server_tls: &str) -> S
     )
 }
 
-const IS_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psql_verifies_weir_and_weir_verifies_the_server() {
+/// A PostgreSQL of its own with TLS on, its certificate (for "localhost" only) signed by a
+/// test CA; with the directory for the test's PEM files.
+fn tls_server() -> (PgServer, std::path::PathBuf, TestCa) {
     let pg = PgServer::start();
     let dir = pg.dir.join("tls");
     let pg_ca = TestCa::new(&dir, "pg-ca");
     let (pg_cert, pg_key) = pg_ca.issue("pg", &["localhost"]);
     pg.enable_tls(&pg_cert, &pg_key);
+    (pg, dir, pg_ca)
+}
+
+const IS_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_verifies_weir_and_weir_verifies_the_server() {
+    let (pg, dir, pg_ca) = tls_server();
     let weir_ca = TestCa::new(&dir, "weir-ca");
     let (cert, key) = weir_ca.issue("weir", &["localhost"]);
 
@@ -253,11 +260,7 @@ fn direct_tls_first_reply(port: u16, ca: &Path, alpn: bool) -> Option<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_refuses_a_server_certificate_it_cannot_verify() {
-    let pg = PgServer::start();
-    let dir = pg.dir.join("tls");
-    let pg_ca = TestCa::new(&dir, "pg-ca");
-    let (pg_cert, pg_key) = pg_ca.issue("pg", &["localhost"]);
-    pg.enable_tls(&pg_cert, &pg_key);
+    let (pg, dir, pg_ca) = tls_server();
     let other_ca = TestCa::new(&dir, "other-ca");
     let plain = format!(
         "host=127.0.0.1 dbname=app user={} sslmode=disable",
@@ -272,25 +275,7 @@ async fn weir_refuses_a_server_certificate_it_cannot_verify() {
     let run = async |host: &str, server: String| {
         let weir = start_weir(config(&weir_toml(&pg, host, "", &server))).await;
         let conninfo = format!("{plain} port={}", weir.local_addr().port());
-        let pg = &pg;
-        tokio::task::spawn_blocking({
-            let conninfo = conninfo.clone();
-            let pg_bindir = pg.bindir.clone();
-            move || {
-                let out = Command::new(pg_bindir.join("psql"))
-                    .args(["-X", "-Atq", "-d", &conninfo, "-c", IS_SSL])
-                    .env("PGPASSWORD", SCRAM_USER.password)
-                    .output()
-                    .unwrap();
-                (
-                    out.status.success(),
-                    String::from_utf8_lossy(&out.stdout).trim().to_string(),
-                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                )
-            }
-        })
-        .await
-        .unwrap()
+        tokio::task::block_in_place(|| psql(&pg, &conninfo, IS_SSL))
     };
 
     // A CA that did not sign the server's certificate.
