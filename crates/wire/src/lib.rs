@@ -27,7 +27,7 @@ pub use frame::{FrameError, Header};
 /// Reads a NUL-terminated string from the front of `buf`, returning it (without the NUL) and
 /// the rest. `None` if there is no NUL.
 pub fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|&b| b == 0)?;
+    let nul = memchr::memchr(0, buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
 }
 
