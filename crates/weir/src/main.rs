@@ -16,6 +16,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use weir_config::{Config, PoolMode, QuickStart};
 
+/// mimalloc rather than the system allocator: no per-allocation header and size-class pages
+/// suit a process holding thousands of same-sized client tasks (Tokio aligns each to 128
+/// bytes, which glibc serves by over-allocating and splitting), and its thread-local free
+/// lists keep allocation off the shared arenas.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod advise;
 mod bench;
 mod check;
