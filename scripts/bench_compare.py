@@ -19,6 +19,7 @@ dated, to that file (docs/BENCHMARKS.md).
 Usage: scripts/bench_compare.py [--seconds 10] [--clients 1,10,100,1000] [--repeat 3]
                                 [--modes simple,extended,prepared] [--pool-size 20]
                                 [--workers N] [--idle 10000] [--out FILE] [--doc FILE]
+       scripts/bench_compare.py --serve   (start the three targets and wait, for profiling)
 """
 import argparse
 import glob
@@ -218,6 +219,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="Weir worker threads (0 = one per core)")
     ap.add_argument("--out")
+    ap.add_argument("--serve", action="store_true",
+                    help="start the three targets, print their ports and pids, and wait (for profiling)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]  # --modes "" runs only -C and the idle memory
@@ -291,6 +294,16 @@ def main():
         wait_port(weir_port, weir, "weir")
 
         targets = [("direct", pg_port, None), ("pgbouncer", pgb_port, pgb.pid), ("weir", weir_port, weir.pid)]
+        if args.serve:
+            for name, port, pid in targets:
+                print(f"{name} port={port} pid={pid or pg.pid}", flush=True)
+            print(f"database {db}, user bench (trust); Ctrl-C stops", flush=True)
+            try:
+                while all(p.poll() is None for p in procs):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            return
         results = {}
         cell = 0
         for rep in range(args.repeat):
