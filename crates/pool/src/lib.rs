@@ -51,6 +51,16 @@ pub trait Manager: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// The part of [`Manager::recycle`] that needs no waiting, for the checkout fast path:
+    /// `Some` when it decides alone, `None` when the full `recycle` must run.
+    fn quick_check(
+        &self,
+        _object: &mut Self::Object,
+        _meta: &Meta,
+    ) -> Option<Result<(), CloseReason>> {
+        None
+    }
+
     /// Decides at release whether to keep the object. An error closes it with that reason.
     fn on_release(&self, _object: &mut Self::Object, _meta: &Meta) -> Result<(), CloseReason> {
         Ok(())
@@ -204,6 +214,45 @@ impl<M: Manager> Pool<M> {
     /// Like [`Pool::get`], but a failed create is returned at once instead of retried.
     pub async fn get_once(&self, timeout: Duration) -> Result<Pooled<M>, GetError<M::Error>> {
         self.get_inner(timeout, false).await
+    }
+
+    /// The checkout fast path: a free permit and an idle object that passes
+    /// [`Manager::quick_check`], without waiting and without building the future `get` is.
+    /// `None` when that is not possible right now: call [`Pool::get`].
+    pub fn try_get(&self) -> Option<Pooled<M>> {
+        let inner = &self.inner;
+        let permit = inner.permits.try_acquire().ok()?;
+        permit.forget();
+        let permit = PermitGuard {
+            inner: inner.clone(),
+            kind: Kind::Main,
+            armed: true,
+        };
+        loop {
+            // (No idle object: the permit goes back as `permit` drops.)
+            let slot = inner.idle.lock().unwrap().pop_back()?;
+            let mut pending = PendingSlot {
+                slot: Some(slot),
+                inner,
+            };
+            let s = pending.slot.as_mut().expect("just set");
+            match inner.manager.quick_check(&mut s.object, &s.meta) {
+                Some(Ok(())) => {
+                    inner.stats.wait_buckets.observe(Duration::ZERO);
+                    inner.stats.checkout();
+                    return Some(Pooled::new(permit, pending.take()));
+                }
+                Some(Err(reason)) => {
+                    inner.stats.replaced.fetch_add(1, Relaxed);
+                    pending.close(reason);
+                }
+                None => {
+                    // Needs the full check: back where it was, for `get`.
+                    inner.idle.lock().unwrap().push_back(pending.take());
+                    return None;
+                }
+            }
+        }
     }
 
     async fn get_inner(

@@ -9,6 +9,8 @@ struct Counter {
     /// Errors are not worth retrying.
     permanent: AtomicBool,
     max_uses: AtomicU64,
+    /// quick_check leaves every verdict to recycle.
+    defer: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -42,6 +44,17 @@ impl Manager for Counter {
         } else {
             Err(CloseReason::Dead)
         }
+    }
+
+    fn quick_check(&self, o: &mut Obj, _: &Meta) -> Option<Result<(), CloseReason>> {
+        if self.defer.load(Relaxed) {
+            return None;
+        }
+        Some(if o.healthy {
+            Ok(())
+        } else {
+            Err(CloseReason::Dead)
+        })
     }
 
     fn on_release(&self, _o: &mut Obj, meta: &Meta) -> Result<(), CloseReason> {
@@ -394,4 +407,45 @@ async fn reap_trims_idle_excess_over_size() {
     pool.inner.max_size.store(1, Relaxed); // as if the excess had been kept for waiters
     assert_eq!(pool.reap(0, |_, _| Verdict::Keep), 2);
     assert_eq!(pool.snapshot().size, 1);
+}
+
+#[tokio::test]
+async fn try_get_hands_out_idle_objects_without_waiting_or_leaking_permits() {
+    let pool = Pool::new(Counter::default(), 2);
+    assert!(
+        pool.try_get().is_none(),
+        "nothing idle: the caller must get()"
+    );
+    // The permit taken by the failed attempt went back: both slots can still be filled.
+    let held = hold(&pool, 2).await;
+    assert!(pool.try_get().is_none(), "no permit free");
+    for o in held {
+        o.release();
+    }
+    let a = pool.try_get().expect("an idle object");
+    assert_eq!((a.meta().uses, pool.snapshot().active), (1, 1));
+    let checkouts = pool.snapshot().checkouts;
+    a.release();
+
+    // A failed quick check closes that object and moves to the next.
+    let mut both = hold(&pool, 2).await;
+    both[1].healthy = false;
+    for o in both {
+        o.release();
+    }
+    let b = pool.try_get().expect("the healthy one");
+    assert!(b.healthy);
+    let s = pool.snapshot();
+    assert_eq!((s.replaced, s.size, s.checkouts), (1, 1, checkouts + 3));
+    assert_eq!(pool.stats().closed(CloseReason::Dead), 1);
+    b.release();
+
+    // A check the fast path cannot make leaves the object idle for get().
+    pool.manager().defer.store(true, Relaxed);
+    assert!(pool.try_get().is_none());
+    let s = pool.snapshot();
+    assert_eq!((s.idle, s.active), (1, 0));
+    let c = pool.get(LONG).await.unwrap();
+    assert!(c.healthy);
+    assert_eq!(pool.snapshot().created, 2, "get() reused it, no new object");
 }

@@ -300,6 +300,10 @@ async fn run(
             for p in pools_of(arg.as_deref())? {
                 p.kill();
             }
+            let db = arg.as_deref().unwrap_or_default();
+            shared
+                .clients_registry
+                .raise(crate::metrics::signal::KILL, |c| &*c.database == db);
             backend::encode_command_complete(out, b"KILL");
             Ok(())
         }
@@ -425,7 +429,7 @@ fn show(
                 let s = p.pool.snapshot();
                 let maxwait = clients
                     .iter()
-                    .filter(|c| c.database == p.database)
+                    .filter(|c| *c.database == *p.database)
                     .map(|c| c.waiting_for())
                     .max()
                     .unwrap_or_default();
@@ -562,13 +566,13 @@ fn show(
                 let link = c.link();
                 rows.row(&[
                     kind.into(),
-                    c.user.clone(),
-                    c.database.clone(),
+                    c.user.to_string(),
+                    c.database.to_string(),
                     state.into(),
-                    c.addr.clone(),
-                    c.port.to_string(),
-                    c.local_addr.clone(),
-                    c.local_port.to_string(),
+                    c.addr(),
+                    c.port().to_string(),
+                    c.local_addr(),
+                    c.local_port().to_string(),
                     timestamp(unix_micros(c.connect_time)),
                     timestamp(c.request_time()),
                     wait.as_secs().to_string(),

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Default)]
 pub struct ClientCounts {
     total: AtomicUsize,
-    by_database: Mutex<HashMap<String, usize>>,
-    by_user: Mutex<HashMap<String, usize>>,
+    by_database: Mutex<HashMap<Arc<str>, usize>>,
+    by_user: Mutex<HashMap<Arc<str>, usize>>,
     last_refusal_log: Mutex<Option<std::time::Instant>>,
 }
 
@@ -79,11 +79,18 @@ impl ClientCounts {
 #[derive(Debug)]
 pub struct ClientSlot {
     counts: Arc<ClientCounts>,
-    database: Option<String>,
-    user: Option<String>,
+    /// The counters' own keys, shared by every slot of that database or user.
+    database: Option<Arc<str>>,
+    user: Option<Arc<str>>,
 }
 
 impl ClientSlot {
+    /// The database and user the slot counts against, once logged in: the counters' keys,
+    /// for other per-client records to share.
+    pub fn names(&self) -> Option<(Arc<str>, Arc<str>)> {
+        Some((self.database.clone()?, self.user.clone()?))
+    }
+
     /// Counts the client against its database's and user's limits (0: no own limit).
     pub fn login(
         &mut self,
@@ -94,7 +101,7 @@ impl ClientSlot {
     ) -> Result<(), Refused> {
         {
             let mut by = self.counts.by_database.lock().unwrap();
-            let n = by.entry(database.to_string()).or_default();
+            let (key, n) = counter(&mut by, database);
             if db_max > 0 && *n >= db_max as usize {
                 return Err(Refused::Database {
                     name: database.into(),
@@ -102,10 +109,10 @@ impl ClientSlot {
                 });
             }
             *n += 1;
+            self.database = Some(key);
         }
-        self.database = Some(database.to_string());
         let mut by = self.counts.by_user.lock().unwrap();
-        let n = by.entry(user.to_string()).or_default();
+        let (key, n) = counter(&mut by, user);
         if user_max > 0 && *n >= user_max as usize {
             return Err(Refused::User {
                 name: user.into(),
@@ -113,12 +120,23 @@ impl ClientSlot {
             });
         }
         *n += 1;
-        self.user = Some(user.to_string());
+        self.user = Some(key);
         Ok(())
     }
 }
 
-fn leave(map: &Mutex<HashMap<String, usize>>, key: &str) {
+/// The count for `name` (added at zero if absent) and the map's key for it, which the slot
+/// keeps: no copy of the name per client.
+fn counter<'a>(map: &'a mut HashMap<Arc<str>, usize>, name: &str) -> (Arc<str>, &'a mut usize) {
+    if !map.contains_key(name) {
+        map.insert(Arc::from(name), 0);
+    }
+    let key = map.get_key_value(name).expect("inserted above").0.clone();
+    let n = map.get_mut(name).expect("inserted above");
+    (key, n)
+}
+
+fn leave(map: &Mutex<HashMap<Arc<str>, usize>>, key: &str) {
     let mut m = map.lock().unwrap();
     if let Some(n) = m.get_mut(key) {
         *n -= 1;

@@ -214,6 +214,9 @@ impl ProxyHandle {
         }
         self.remove_unix_socket();
         self.shared.drain.cancel();
+        self.shared
+            .clients_registry
+            .raise_standing(crate::metrics::signal::DRAIN);
     }
 
     fn remove_unix_socket(&self) {

@@ -3,8 +3,9 @@
 //! disconnect, on errors and on slow statements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::{Duration, SystemTime};
 
 use weir_pool::Histogram;
@@ -140,12 +141,13 @@ pub fn unix_micros(t: SystemTime) -> u64 {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub user: String,
-    pub database: String,
-    pub addr: String,
-    pub port: u16,
-    pub local_addr: String,
-    pub local_port: u16,
+    /// Shared, not copied: a client's come from its connection-limit counters.
+    pub user: Arc<str>,
+    pub database: Arc<str>,
+    /// The peer's and our own address (`None`: a Unix socket). Kept as socket addresses and
+    /// turned into text only when listed: no string per connection.
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
     pub connect_time: SystemTime,
     pub application_name: String,
     /// Server connections: the backend's process id.
@@ -155,28 +157,39 @@ pub struct ConnInfo {
     wait_since: AtomicU64,
     /// The connection it is paired with right now (a client's server, a server's client).
     link: AtomicU64,
+    /// What operators asked of this connection from outside it ([`signal`] bits), and the
+    /// task to wake when they do: one word and one waker per client, polled with no lock,
+    /// where a `Notify` future per client took its waiter-list lock on every poll.
+    signals: AtomicU8,
+    waker: atomic_waker::AtomicWaker,
+}
+
+/// Requests raised on a client session from outside it.
+pub mod signal {
+    /// KILL of its database: the session ends now.
+    pub const KILL: u8 = 1;
+    /// Graceful shutdown: the session ends at its next transaction boundary.
+    pub const DRAIN: u8 = 2;
 }
 
 impl ConnInfo {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
-        user: &str,
-        database: &str,
-        (addr, port): (String, u16),
-        (local_addr, local_port): (String, u16),
+        user: Arc<str>,
+        database: Arc<str>,
+        peer: Option<std::net::SocketAddr>,
+        local: Option<std::net::SocketAddr>,
         application_name: &str,
         remote_pid: i32,
     ) -> ConnInfo {
         let now = SystemTime::now();
         ConnInfo {
             id,
-            user: user.into(),
-            database: database.into(),
-            addr,
-            port,
-            local_addr,
-            local_port,
+            user,
+            database,
+            peer,
+            local,
             connect_time: now,
             application_name: application_name.into(),
             remote_pid,
@@ -184,7 +197,53 @@ impl ConnInfo {
             request_time: AtomicU64::new(unix_micros(now)),
             wait_since: AtomicU64::new(0),
             link: AtomicU64::new(0),
+            signals: AtomicU8::new(0),
+            waker: atomic_waker::AtomicWaker::new(),
         }
+    }
+
+    /// Raises `signals` and wakes the task that polls them.
+    pub fn raise(&self, signals: u8) {
+        self.signals
+            .fetch_or(signals, std::sync::atomic::Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The signals raised so far, with the polling task registered to be woken by the next
+    /// (registered first, so a signal raised in between is seen now or wakes it).
+    pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
+        self.waker.register(cx.waker());
+        self.signals.load(Acquire)
+    }
+
+    pub fn signals(&self) -> u8 {
+        self.signals.load(Acquire)
+    }
+
+    /// The peer's IP address, or `unix`.
+    pub fn addr(&self) -> String {
+        self.peer
+            .map_or_else(|| "unix".into(), |a| a.ip().to_string())
+    }
+
+    /// The peer's port (0 for a Unix socket).
+    pub fn port(&self) -> u16 {
+        self.peer.map_or(0, |a| a.port())
+    }
+
+    /// The peer's address and port as one: `host:port`, `[v6]:port` or `unix`.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
+
+    /// Our own IP address, or `unix`.
+    pub fn local_addr(&self) -> String {
+        self.local
+            .map_or_else(|| "unix".into(), |a| a.ip().to_string())
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.local.map_or(0, |a| a.port())
     }
 
     pub fn state(&self) -> ConnState {
@@ -232,16 +291,43 @@ impl ConnInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     map: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+    /// Signals every connection gets, including those registered later (shutdown).
+    standing: AtomicU8,
 }
 
 impl Registry {
     /// Adds a connection; it is removed when the returned entry drops.
     pub fn register(self: &Arc<Self>, info: ConnInfo) -> Registered {
         let info = Arc::new(info);
-        self.map.lock().unwrap().insert(info.id, info.clone());
+        let mut map = self.map.lock().unwrap();
+        // Read under the lock that `raise_standing` holds: no connection misses a shutdown.
+        let standing = self.standing.load(Relaxed);
+        if standing != 0 {
+            info.raise(standing);
+        }
+        map.insert(info.id, info.clone());
+        drop(map);
         Registered {
             registry: self.clone(),
             info,
+        }
+    }
+
+    /// Raises `signals` on the connections `which` selects.
+    pub fn raise(&self, signals: u8, which: impl Fn(&ConnInfo) -> bool) {
+        for c in self.map.lock().unwrap().values() {
+            if which(c) {
+                c.raise(signals);
+            }
+        }
+    }
+
+    /// Raises `signals` on every connection, now and registered from now on.
+    pub fn raise_standing(&self, signals: u8) {
+        let map = self.map.lock().unwrap();
+        self.standing.fetch_or(signals, Relaxed);
+        for c in map.values() {
+            c.raise(signals);
         }
     }
 
@@ -271,11 +357,6 @@ impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.map.lock().unwrap().remove(&self.info.id);
     }
-}
-
-/// Splits a socket address text into address and port.
-pub fn split_addr(a: Option<std::net::SocketAddr>) -> (String, u16) {
-    a.map_or_else(|| ("unix".into(), 0), |a| (a.ip().to_string(), a.port()))
 }
 
 #[cfg(test)]
@@ -316,10 +397,10 @@ mod tests {
         let r = Arc::new(Registry::default());
         let a = r.register(ConnInfo::new(
             1,
-            "u",
-            "d",
-            ("a".into(), 1),
-            ("l".into(), 2),
+            "u".into(),
+            "d".into(),
+            None,
+            None,
             "app",
             0,
         ));

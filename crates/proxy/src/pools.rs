@@ -136,8 +136,8 @@ impl Manager for ServerManager {
                 let (database, user) = self.name.split_once('/').unwrap_or((&self.name, ""));
                 conn.registration = Some(self.servers.register(ConnInfo::new(
                     id,
-                    user,
-                    database,
+                    user.into(),
+                    database.into(),
                     conn.stream.peer_addr(),
                     conn.stream.local_addr(),
                     "",
@@ -171,20 +171,29 @@ impl Manager for ServerManager {
         e.is_transient().then(|| self.backoff(attempt))
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
+    fn quick_check(&self, conn: &mut ServerConn, meta: &Meta) -> Option<Result<(), CloseReason>> {
         if !conn.is_alive() {
-            return Err(CloseReason::Dead);
+            return Some(Err(CloseReason::Dead));
         }
         if conn.expired(meta.created) {
-            return Err(CloseReason::Lifetime);
+            return Some(Err(CloseReason::Lifetime));
         }
         let s = self.settings.load();
-        if !s.server_check_query.is_empty() && meta.last_used.elapsed() >= s.server_check_delay {
-            let checked =
-                tokio::time::timeout(s.connect_timeout, conn.run(&s.server_check_query)).await;
-            if !matches!(checked, Ok(Ok(TxStatus::Idle))) {
-                return Err(CloseReason::CheckFailed);
-            }
+        let due =
+            !s.server_check_query.is_empty() && meta.last_used.elapsed() >= s.server_check_delay;
+        // A check query to run means waiting: the full recycle does it.
+        (!due).then_some(Ok(()))
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
+        if let Some(verdict) = self.quick_check(conn, meta) {
+            return verdict;
+        }
+        let s = self.settings.load();
+        let checked =
+            tokio::time::timeout(s.connect_timeout, conn.run(&s.server_check_query)).await;
+        if !matches!(checked, Ok(Ok(TxStatus::Idle))) {
+            return Err(CloseReason::CheckFailed);
         }
         Ok(())
     }
@@ -359,8 +368,6 @@ pub struct ServerPool {
     pub metrics: PoolMetrics,
     /// Woken on RESUME (clients wait while the pool is paused).
     resumed: tokio::sync::Notify,
-    /// Woken on KILL: every session of the pool ends.
-    pub kill: Arc<tokio::sync::Notify>,
     probe: Mutex<Option<Probe>>,
     probing: AtomicBool,
     /// The parameter set the last client of this pool wanted, shared with the next client
@@ -506,10 +513,10 @@ impl ServerPool {
             .reap(0, |_, _| Verdict::Close(CloseReason::Drained));
     }
 
-    /// KILL: every client session of this pool ends and every server connection closes.
+    /// KILL: every server connection closes (the console ends the database's client
+    /// sessions through the client registry).
     pub fn kill(&self) {
         self.reconnect();
-        self.kill.notify_waiters();
     }
 
     /// The last readiness probe, if any.
@@ -744,7 +751,6 @@ impl Pools {
             last_warning: Mutex::new(None),
             metrics: PoolMetrics::default(),
             resumed: tokio::sync::Notify::new(),
-            kill: Arc::new(tokio::sync::Notify::new()),
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
             client_params: Mutex::new(None),

@@ -138,7 +138,9 @@ pub struct Relay {
 impl Relay {
     pub fn new(mapping: bool, max_message_size: u32) -> Relay {
         Relay {
-            queue: VecDeque::with_capacity(8),
+            // Allocated at the first request, not at login: a client that never sends one
+            // costs nothing here.
+            queue: VecDeque::new(),
             status: TxStatus::Idle,
             copy_in: false,
             copy_out: false,
@@ -656,6 +658,10 @@ impl Relay {
 
     /// Drops markers and sends synthesised replies that have reached the front.
     fn settle_front(&mut self, out: &mut Out<'_>, pos: usize) {
+        // The usual case, checked first: nothing Weir makes itself is next.
+        if !matches!(self.queue.front(), Some(Expect::Synth(_) | Expect::CopyEnd)) {
+            return;
+        }
         let synth_ahead = self
             .queue
             .iter()

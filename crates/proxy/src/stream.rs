@@ -19,8 +19,9 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum PeekState {
     /// No event since the socket was last drained.
     Quiet,
-    /// Marked readable: data, or a stale mark.
+    /// Marked readable: data, a FIN, or a stale mark.
     Readable,
+    /// The socket reported an error.
     Closed,
 }
 
@@ -165,43 +166,43 @@ impl Stream {
         }
     }
 
-    /// What the reactor has already seen of the socket: no system call. An idle server
-    /// connection that PostgreSQL terminated (a shutdown, `pg_terminate_backend`) shows as
-    /// closed once its FIN is in. Readable is often stale (Tokio skips clearing it when a newer
-    /// event, such as a write-space wakeup, slipped in), so callers confirm with a read.
+    /// What the reactor has already seen of the socket: no system call. Readable covers a
+    /// FIN too (an idle server connection that PostgreSQL terminated, by a shutdown or
+    /// `pg_terminate_backend`), and is often stale (Tokio skips clearing it when a newer
+    /// event, such as a write-space wakeup, slipped in): callers confirm with a read.
+    ///
+    /// Only for a socket no task is waiting to read (an idle pooled connection): the probe
+    /// takes the socket's reader slot with a no-op waker. That slot, unlike a `ready()`
+    /// future, costs no waiter-list lock, and this runs at every checkout.
     pub fn peek_state(&self) -> PeekState {
-        use std::future::Future;
         use std::task::{Context, Poll, Waker};
         let mut cx = Context::from_waker(Waker::noop());
         let r = match self {
-            Stream::Tcp(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
-            Stream::Unix(s) => std::pin::pin!(s.ready(Interest::READABLE)).poll(&mut cx),
+            Stream::Tcp(s) => s.poll_read_ready(&mut cx),
+            Stream::Unix(s) => s.poll_read_ready(&mut cx),
             Stream::Tls(s) if s.has_buffered() => return PeekState::Readable,
-            Stream::Tls(s) => std::pin::pin!(s.tcp.ready(Interest::READABLE)).poll(&mut cx),
+            Stream::Tls(s) => s.tcp.poll_read_ready(&mut cx),
         };
         match r {
             Poll::Pending => PeekState::Quiet,
-            Poll::Ready(Ok(ready)) if ready.is_read_closed() || ready.is_error() => {
-                PeekState::Closed
-            }
-            Poll::Ready(Ok(_)) => PeekState::Readable,
+            Poll::Ready(Ok(())) => PeekState::Readable,
             Poll::Ready(Err(_)) => PeekState::Closed,
         }
     }
 
-    /// The peer's address and port ("unix", 0 for a Unix socket).
-    pub fn peer_addr(&self) -> (String, u16) {
+    /// The peer's address (`None` for a Unix socket).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         match self.tcp() {
-            Some(s) => crate::metrics::split_addr(s.peer_addr().ok()),
-            None => ("unix".into(), 0),
+            Some(s) => s.peer_addr().ok(),
+            None => None,
         }
     }
 
-    /// Our own address and port ("unix", 0 for a Unix socket).
-    pub fn local_addr(&self) -> (String, u16) {
+    /// Our own address (`None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match self.tcp() {
-            Some(s) => crate::metrics::split_addr(s.local_addr().ok()),
-            None => ("unix".into(), 0),
+            Some(s) => s.local_addr().ok(),
+            None => None,
         }
     }
 
