@@ -231,7 +231,8 @@ impl ConnInfo {
         self.peer.map_or(0, |a| a.port())
     }
 
-    /// The peer's address and port as one: `host:port`, `[v6]:port` or `unix`.
+    /// The peer's address and port (`None` for a Unix socket, or a TCP peer whose address
+    /// could not be read).
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
         self.peer
     }

@@ -172,8 +172,9 @@ impl Stream {
     /// event, such as a write-space wakeup, slipped in): callers confirm with a read.
     ///
     /// Only for a socket no task is waiting to read (an idle pooled connection): the probe
-    /// takes the socket's reader slot with a no-op waker. That slot, unlike a `ready()`
-    /// future, costs no waiter-list lock, and this runs at every checkout.
+    /// takes the socket's reader slot with a no-op waker. That costs one waiter-list lock
+    /// when the socket is quiet, where a `ready()` future took it twice (to enter the list
+    /// and to leave it), and this runs at every checkout.
     pub fn peek_state(&self) -> PeekState {
         use std::task::{Context, Poll, Waker};
         let mut cx = Context::from_waker(Waker::noop());
