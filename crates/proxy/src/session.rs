@@ -88,6 +88,45 @@ mod spare {
             }
         });
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use bytes::Buf;
+
+        fn kept() -> usize {
+            SPARE.with(|s| s.borrow().len())
+        }
+
+        #[test]
+        fn keeps_usual_buffers_and_frees_small_and_grown_ones() {
+            let mut b = take();
+            b.extend_from_slice(&[1; 100]);
+            b.advance(100);
+            let ptr = b.as_ptr();
+            give(b);
+            assert_eq!(kept(), 1, "a used chunk is kept");
+            let again = take();
+            assert!(again.is_empty() && again.capacity() >= CLIENT_CHUNK);
+            assert_eq!(kept(), 0);
+            assert!(
+                again.as_ptr() <= ptr,
+                "the same allocation, read position rewound"
+            );
+
+            give(BytesMut::with_capacity(1024));
+            assert_eq!(kept(), 0, "login's small buffer is not kept");
+
+            // Grown for a large message and read most of the way: little space shows after
+            // the read position, yet the allocation is far over the limit.
+            let mut big = BytesMut::with_capacity(256 * 1024);
+            big.extend_from_slice(&vec![0; 200 * 1024]);
+            big.advance(200 * 1024);
+            assert!((CLIENT_CHUNK..=MAX_KEPT).contains(&big.capacity()));
+            give(big);
+            assert_eq!(kept(), 0, "a grown buffer is freed");
+        }
+    }
 }
 
 /// Serves one accepted connection to the end.
