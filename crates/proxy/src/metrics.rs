@@ -141,7 +141,7 @@ pub fn unix_micros(t: SystemTime) -> u64 {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    /// Shared, not copied: a client's come from its connection-limit counters.
+    /// Shared, not copied: a client's are the connection-limit counters' own keys.
     pub user: Arc<str>,
     pub database: Arc<str>,
     /// The peer's and our own address (`None`: a Unix socket). Kept as socket addresses and

@@ -408,15 +408,16 @@ async fn login(
     .encode(&mut out);
     TxStatus::Idle.encode(&mut out);
     client.write_all(&out).await.map_err(|_| None)?;
-    let names = slot
+    // The limit counters' own copies of the names, shared rather than copied again.
+    let (db_name, user_name) = slot
         .names()
         .unwrap_or_else(|| (database.into(), user.into()));
     let info = shared.clients_registry.register(ConnInfo::new(
         shared
             .next_client_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        names.1,
-        names.0,
+        user_name,
+        db_name,
         client.peer_addr(),
         client.local_addr(),
         startup.get("application_name").unwrap_or(""),
