@@ -130,6 +130,16 @@ struct Inner<M: Manager> {
 }
 
 impl<M: Manager> Inner<M> {
+    /// The most recently released idle object, closed (as `CheckFailed`) if dropped before
+    /// it is handed out.
+    fn pop_idle(&self) -> Option<PendingSlot<'_, M>> {
+        let slot = self.idle.lock().unwrap().pop_back()?;
+        Some(PendingSlot {
+            slot: Some(slot),
+            inner: self,
+        })
+    }
+
     /// Counts and hands over an object being closed.
     fn close(&self, object: M::Object, reason: CloseReason) {
         self.stats.closed_one(reason);
@@ -223,18 +233,10 @@ impl<M: Manager> Pool<M> {
         let inner = &self.inner;
         let permit = inner.permits.try_acquire().ok()?;
         permit.forget();
-        let permit = PermitGuard {
-            inner: inner.clone(),
-            kind: Kind::Main,
-            armed: true,
-        };
+        let permit = PermitGuard::new(inner, Kind::Main);
         loop {
             // (No idle object: the permit goes back as `permit` drops.)
-            let slot = inner.idle.lock().unwrap().pop_back()?;
-            let mut pending = PendingSlot {
-                slot: Some(slot),
-                inner,
-            };
+            let mut pending = inner.pop_idle()?;
             let s = pending.slot.as_mut().expect("just set");
             match inner.manager.quick_check(&mut s.object, &s.meta) {
                 Some(Ok(())) => {
@@ -327,12 +329,8 @@ impl<M: Manager> Pool<M> {
     ) -> Option<Result<Box<Slot<M::Object>>, GetError<M::Error>>> {
         let inner = &self.inner;
         loop {
-            let slot = inner.idle.lock().unwrap().pop_back()?;
             // Counted as closed if dropped before it is handed out (cancelled mid-check).
-            let mut pending = PendingSlot {
-                slot: Some(slot),
-                inner,
-            };
+            let mut pending = inner.pop_idle()?;
             let s = pending.slot.as_mut().expect("just set");
             let checked =
                 tokio::time::timeout_at(deadline, inner.manager.recycle(&mut s.object, &s.meta))
@@ -368,11 +366,7 @@ impl<M: Manager> Pool<M> {
             Ok(p) => {
                 p.forget();
                 inner.stats.wait_buckets.observe(Duration::ZERO);
-                return Ok(PermitGuard {
-                    inner: inner.clone(),
-                    kind: Kind::Main,
-                    armed: true,
-                });
+                return Ok(PermitGuard::new(inner, Kind::Main));
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(GetError::Closed),
             Err(tokio::sync::TryAcquireError::NoPermits) => {}
@@ -410,11 +404,7 @@ impl<M: Manager> Pool<M> {
                 if kind == Kind::Reserve {
                     inner.stats.reserve_used.fetch_add(1, Relaxed);
                 }
-                Ok(PermitGuard {
-                    inner: inner.clone(),
-                    kind,
-                    armed: true,
-                })
+                Ok(PermitGuard::new(inner, kind))
             }
             Err(_) => Err(GetError::Closed),
         }
@@ -498,11 +488,7 @@ impl<M: Manager> Pool<M> {
                 break;
             };
             p.forget();
-            let guard = PermitGuard {
-                inner: inner.clone(),
-                kind: Kind::Main,
-                armed: true,
-            };
+            let guard = PermitGuard::new(inner, Kind::Main);
             let object = inner.manager.create().await.inspect_err(|_| {
                 inner.stats.create_errors.fetch_add(1, Relaxed);
             })?;
@@ -635,6 +621,16 @@ struct PermitGuard<M: Manager> {
     inner: Arc<Inner<M>>,
     kind: Kind,
     armed: bool,
+}
+
+impl<M: Manager> PermitGuard<M> {
+    fn new(inner: &Arc<Inner<M>>, kind: Kind) -> Self {
+        PermitGuard {
+            inner: inner.clone(),
+            kind,
+            armed: true,
+        }
+    }
 }
 
 impl<M: Manager> Drop for PermitGuard<M> {
