@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -52,16 +52,19 @@ pub trait Manager: Send + Sync + 'static {
     }
 
     /// The part of [`Manager::recycle`] that needs no waiting, for the checkout fast path:
-    /// `Some` when it decides alone, `None` when the full `recycle` must run.
+    /// `Some` when it decides alone, `None` when the full `recycle` must run. `now` is the
+    /// caller's clock reading (the hot path reads the clock once per event, not per check).
     fn quick_check(
         &self,
         _object: &mut Self::Object,
         _meta: &Meta,
+        _now: Instant,
     ) -> Option<Result<(), CloseReason>> {
         None
     }
 
     /// Decides at release whether to keep the object. An error closes it with that reason.
+    /// `meta.last_used` is the time of this release.
     fn on_release(&self, _object: &mut Self::Object, _meta: &Meta) -> Result<(), CloseReason> {
         Ok(())
     }
@@ -126,6 +129,9 @@ struct Inner<M: Manager> {
     to_forget: AtomicUsize,
     /// Signalled when an object goes back to the idle list (wakes creators that are retrying).
     released: tokio::sync::Notify,
+    /// Creators pausing between attempts, waiting on `released`: a release notifies only when
+    /// there is one, since `notify_waiters` takes a lock every time.
+    retrying: AtomicUsize,
     stats: Stats,
 }
 
@@ -197,6 +203,7 @@ impl<M: Manager> Pool<M> {
                 max_size: AtomicUsize::new(max_size),
                 to_forget: AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
+                retrying: AtomicUsize::new(0),
                 stats: Stats::default(),
             }),
         }
@@ -227,9 +234,9 @@ impl<M: Manager> Pool<M> {
     }
 
     /// The checkout fast path: a free permit and an idle object that passes
-    /// [`Manager::quick_check`], without waiting and without building the future `get` is.
-    /// `None` when that is not possible right now: call [`Pool::get`].
-    pub fn try_get(&self) -> Option<Pooled<M>> {
+    /// [`Manager::quick_check`] at `now`, without waiting and without building the future
+    /// `get` is. `None` when that is not possible right now: call [`Pool::get`].
+    pub fn try_get(&self, now: Instant) -> Option<Pooled<M>> {
         let inner = &self.inner;
         let permit = inner.permits.try_acquire().ok()?;
         permit.forget();
@@ -238,7 +245,7 @@ impl<M: Manager> Pool<M> {
             // (No idle object: the permit goes back as `permit` drops.)
             let mut pending = inner.pop_idle()?;
             let s = pending.slot.as_mut().expect("just set");
-            match inner.manager.quick_check(&mut s.object, &s.meta) {
+            match inner.manager.quick_check(&mut s.object, &s.meta, now) {
                 Some(Ok(())) => {
                     inner.stats.wait_buckets.observe(Duration::ZERO);
                     inner.stats.checkout();
@@ -312,6 +319,9 @@ impl<M: Manager> Pool<M> {
                 return Err(self.timeout_error(start, last_error, false));
             }
             inner.stats.retries.fetch_add(1, Relaxed);
+            // Counted before the `notified()` future exists: a release that does not see the
+            // count came before it, and would not have woken it either.
+            let _retrying = Retrying::enter(&inner.retrying);
             let released = inner.released.notified();
             tokio::select! {
                 _ = tokio::time::sleep_until((now + pause).min(deadline)) => {}
@@ -574,6 +584,22 @@ impl<M: Manager> Pool<M> {
     }
 }
 
+/// Counts a creator pausing between attempts, however the pause ends.
+struct Retrying<'a>(&'a AtomicUsize);
+
+impl<'a> Retrying<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, SeqCst);
+        Retrying(count)
+    }
+}
+
+impl Drop for Retrying<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
 /// Counts a waiter for as long as it is queued, however the wait ends.
 struct Queued<'a>(&'a Stats);
 
@@ -682,10 +708,15 @@ impl<M: Manager> Pooled<M> {
 
     /// Puts the object back as idle, unless the manager or the capacity says to close it.
     /// Only call this when it is clean enough for any user.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now())
+    }
+
+    /// [`Pooled::release`] with the caller's clock reading as the time of release.
+    pub fn release_at(mut self, now: Instant) {
         let mut slot = self.slot.take().expect("present until consumed");
         slot.meta.uses += 1;
-        slot.meta.last_used = Instant::now();
+        slot.meta.last_used = now;
         let inner = &self.permit.inner;
         let verdict = inner.manager.on_release(&mut slot.object, &slot.meta);
         // Over capacity (after a shrink, or with the reserve in use), an object is closed
@@ -699,7 +730,9 @@ impl<M: Manager> Pooled<M> {
             Ok(()) if over => CloseReason::Shrink,
             Ok(()) => {
                 inner.idle.lock().unwrap().push_back(slot);
-                inner.released.notify_waiters();
+                if inner.retrying.load(SeqCst) > 0 {
+                    inner.released.notify_waiters();
+                }
                 // The permit guard drops with `self`, after the object is back in the idle
                 // list, so a waiter woken by it finds the object.
                 return;

@@ -8,6 +8,8 @@ struct Counter {
     failures: AtomicU32,
     /// Errors are not worth retrying.
     permanent: AtomicBool,
+    /// The pause between attempts, if not the default 5 ms.
+    pause_ms: AtomicU64,
     max_uses: AtomicU64,
     /// quick_check leaves every verdict to recycle.
     defer: AtomicBool,
@@ -35,7 +37,11 @@ impl Manager for Counter {
     }
 
     fn retry_after(&self, _e: &&'static str, _attempt: u32) -> Option<Duration> {
-        (!self.permanent.load(Relaxed)).then_some(Duration::from_millis(5))
+        let pause = match self.pause_ms.load(Relaxed) {
+            0 => 5,
+            ms => ms,
+        };
+        (!self.permanent.load(Relaxed)).then_some(Duration::from_millis(pause))
     }
 
     async fn recycle(&self, o: &mut Obj, _: &Meta) -> Result<(), CloseReason> {
@@ -46,7 +52,7 @@ impl Manager for Counter {
         }
     }
 
-    fn quick_check(&self, o: &mut Obj, _: &Meta) -> Option<Result<(), CloseReason>> {
+    fn quick_check(&self, o: &mut Obj, _: &Meta, _: Instant) -> Option<Result<(), CloseReason>> {
         if self.defer.load(Relaxed) {
             return None;
         }
@@ -363,6 +369,8 @@ async fn a_retrying_checkout_takes_an_object_released_meanwhile() {
     let pool = Pool::new(Counter::default(), 2);
     let held = pool.get(LONG).await.unwrap();
     pool.manager().failures.store(u32::MAX, Relaxed);
+    // Far longer than the test allows: only the release's notification can end the pause.
+    pool.manager().pause_ms.store(60_000, Relaxed);
     let waiter = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.get(Duration::from_secs(5)).await.map(|o| o.id) })
@@ -413,16 +421,16 @@ async fn reap_trims_idle_excess_over_size() {
 async fn try_get_hands_out_idle_objects_without_waiting_or_leaking_permits() {
     let pool = Pool::new(Counter::default(), 2);
     assert!(
-        pool.try_get().is_none(),
+        pool.try_get(Instant::now()).is_none(),
         "nothing idle: the caller must get()"
     );
     // The permit taken by the failed attempt went back: both slots can still be filled.
     let held = hold(&pool, 2).await;
-    assert!(pool.try_get().is_none(), "no permit free");
+    assert!(pool.try_get(Instant::now()).is_none(), "no permit free");
     for o in held {
         o.release();
     }
-    let a = pool.try_get().expect("an idle object");
+    let a = pool.try_get(Instant::now()).expect("an idle object");
     assert_eq!((a.meta().uses, pool.snapshot().active), (1, 1));
     let checkouts = pool.snapshot().checkouts;
     a.release();
@@ -433,7 +441,7 @@ async fn try_get_hands_out_idle_objects_without_waiting_or_leaking_permits() {
     for o in both {
         o.release();
     }
-    let b = pool.try_get().expect("the healthy one");
+    let b = pool.try_get(Instant::now()).expect("the healthy one");
     assert!(b.healthy);
     let s = pool.snapshot();
     assert_eq!((s.replaced, s.size, s.checkouts), (1, 1, checkouts + 3));
@@ -442,7 +450,7 @@ async fn try_get_hands_out_idle_objects_without_waiting_or_leaking_permits() {
 
     // A check the fast path cannot make leaves the object idle for get().
     pool.manager().defer.store(true, Relaxed);
-    assert!(pool.try_get().is_none());
+    assert!(pool.try_get(Instant::now()).is_none());
     let s = pool.snapshot();
     assert_eq!((s.idle, s.active), (1, 0));
     let c = pool.get(LONG).await.unwrap();

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Context;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use weir_pool::Histogram;
 use weir_wire::SqlState;
@@ -137,6 +137,19 @@ pub fn unix_micros(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// [`unix_micros`] of a monotonic clock reading, through one pairing of the two clocks made
+/// at first use: the hot path reads the clock once per event and turns that reading into
+/// the wall time the console shows, instead of reading the wall clock a second time. A
+/// wall clock stepped since then (not slewed) shifts the times shown by the step.
+pub fn unix_micros_at(t: Instant) -> u64 {
+    static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (i0, u0) = *BASE.get_or_init(|| (Instant::now(), unix_micros(SystemTime::now())));
+    match t.checked_duration_since(i0) {
+        Some(d) => u0.saturating_add(d.as_micros() as u64),
+        None => u0.saturating_sub(i0.duration_since(t).as_micros() as u64),
+    }
+}
+
 /// One connection (client or server) as the console and the API show it.
 #[derive(Debug)]
 pub struct ConnInfo {
@@ -251,16 +264,24 @@ impl ConnInfo {
         ConnState::from_u8(self.state.load(Relaxed))
     }
 
-    pub fn set_state(&self, s: ConnState) {
+    /// Records a change of state at `now` (the caller's clock reading).
+    pub fn set_state(&self, s: ConnState, now: Instant) {
+        let at = match s {
+            ConnState::Idle => 0,
+            _ => unix_micros_at(now),
+        };
+        self.set_state_at(s, at);
+    }
+
+    /// [`ConnInfo::set_state`] at a time already in [`unix_micros`] (one conversion for the
+    /// client and its server at a checkout).
+    pub fn set_state_at(&self, s: ConnState, at: u64) {
         self.state.store(s as u8, Relaxed);
         match s {
-            ConnState::Waiting => self
-                .wait_since
-                .store(unix_micros(SystemTime::now()), Relaxed),
+            ConnState::Waiting => self.wait_since.store(at, Relaxed),
             ConnState::Active => {
                 self.wait_since.store(0, Relaxed);
-                self.request_time
-                    .store(unix_micros(SystemTime::now()), Relaxed);
+                self.request_time.store(at, Relaxed);
             }
             ConnState::Idle => self.wait_since.store(0, Relaxed),
         }
@@ -276,7 +297,7 @@ impl ConnInfo {
         if since == 0 {
             return Duration::ZERO;
         }
-        Duration::from_micros(unix_micros(SystemTime::now()).saturating_sub(since))
+        Duration::from_micros(unix_micros_at(Instant::now()).saturating_sub(since))
     }
 
     pub fn set_link(&self, other: u64) {
@@ -388,6 +409,27 @@ mod tests {
     }
 
     #[test]
+    fn a_monotonic_reading_maps_to_the_wall_clock() {
+        let before = unix_micros(SystemTime::now());
+        let now = Instant::now();
+        let mapped = unix_micros_at(now);
+        let after = unix_micros(SystemTime::now());
+        // Within the two wall readings, give or take the first call's own pairing.
+        assert!(
+            mapped + 1_000 >= before && mapped <= after + 1_000,
+            "{before} {mapped} {after}"
+        );
+        let later = unix_micros_at(now + Duration::from_secs(2));
+        // (Microseconds are whole: a reading either side of the pairing rounds its own way.)
+        assert!(
+            (later - mapped).abs_diff(2_000_000) <= 1,
+            "{mapped} {later}"
+        );
+        let earlier = unix_micros_at(now - Duration::from_millis(1));
+        assert!(earlier < mapped);
+    }
+
+    #[test]
     fn cut_respects_characters() {
         assert_eq!(cut("héllo", 2), "hé…");
         assert_eq!(cut("hi", 5), "hi");
@@ -406,7 +448,7 @@ mod tests {
             0,
         ));
         assert_eq!(r.len(), 1);
-        a.info.set_state(ConnState::Waiting);
+        a.info.set_state(ConnState::Waiting, Instant::now());
         assert_eq!(r.list()[0].state(), ConnState::Waiting);
         drop(a);
         assert!(r.is_empty());

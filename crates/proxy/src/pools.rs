@@ -2,7 +2,7 @@
 //! checked, retired and kept topped up, and the per-database connection cap.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,8 +34,11 @@ pub struct ServerManager {
     /// login of a client of it.
     pub fetched: Mutex<Option<crate::server::Fetched>>,
     tls: Arc<ArcSwap<crate::tls::TlsSetup>>,
-    /// Swapped whole on reload and live resize; read without a lock.
-    pub settings: ArcSwap<PoolSettings>,
+    /// Swapped whole on reload and live resize (through [`ServerManager::set_settings`]);
+    /// read without a lock.
+    settings: ArcSwap<PoolSettings>,
+    /// The few settings read on every transaction, copied out of `settings`.
+    hot: HotSettings,
     name: String,
     next_id: Arc<AtomicU64>,
     defaults: Mutex<Option<Arc<ParamSet>>>,
@@ -62,7 +65,83 @@ pub struct ServerManager {
 /// How long a login the server refused for good is answered from memory.
 const REFUSED_MEMORY: Duration = Duration::from_secs(5);
 
+/// The settings the hot path reads on every transaction, as plain atomics (durations in
+/// nanoseconds): an `ArcSwap` load walks a thread-local debt list and costs about as much
+/// as the rest of a checkout. Written only by [`ServerManager::set_settings`], together with
+/// the full settings; a reader may see one new value beside an old one for an instant,
+/// which for timeouts and thresholds is harmless.
+#[derive(Debug, Default)]
+pub struct HotSettings {
+    query_timeout: AtomicU64,
+    idle_transaction_timeout: AtomicU64,
+    client_idle_timeout: AtomicU64,
+    slow_query_threshold: AtomicU64,
+    /// How long a connection may sit idle before its check query runs; `u64::MAX` when
+    /// there is no check query.
+    server_check_delay: AtomicU64,
+    server_max_uses: AtomicU64,
+}
+
+/// The session timeouts of [`HotSettings`], read together.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub query: Duration,
+    pub idle_transaction: Duration,
+    pub client_idle: Duration,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl HotSettings {
+    fn store(&self, s: &PoolSettings) {
+        let r = Ordering::Relaxed;
+        self.query_timeout.store(nanos(s.query_timeout), r);
+        self.idle_transaction_timeout
+            .store(nanos(s.idle_transaction_timeout), r);
+        self.client_idle_timeout
+            .store(nanos(s.client_idle_timeout), r);
+        self.slow_query_threshold
+            .store(nanos(s.slow_query_threshold), r);
+        let check = if s.server_check_query.is_empty() {
+            u64::MAX
+        } else {
+            nanos(s.server_check_delay)
+        };
+        self.server_check_delay.store(check, r);
+        self.server_max_uses.store(s.server_max_uses, r);
+    }
+
+    fn get(v: &AtomicU64) -> Duration {
+        Duration::from_nanos(v.load(Ordering::Relaxed))
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            query: Self::get(&self.query_timeout),
+            idle_transaction: Self::get(&self.idle_transaction_timeout),
+            client_idle: Self::get(&self.client_idle_timeout),
+        }
+    }
+
+    pub fn client_idle_timeout(&self) -> Duration {
+        Self::get(&self.client_idle_timeout)
+    }
+
+    /// Zero: the slow-query log is off.
+    pub fn slow_query_threshold(&self) -> Duration {
+        Self::get(&self.slow_query_threshold)
+    }
+}
+
 impl ServerManager {
+    /// Installs new settings (reload, live resize).
+    fn set_settings(&self, s: PoolSettings) {
+        self.hot.store(&s);
+        self.settings.store(Arc::new(s));
+    }
+
     /// Since when connects have been failing, if they are.
     pub fn unreachable(&self) -> Option<Unreachable> {
         self.unreachable.lock().unwrap().clone()
@@ -144,9 +223,10 @@ impl Manager for ServerManager {
                     conn.key.pid,
                 )));
                 if !s.server_lifetime.is_zero() {
-                    conn.lifetime = s
+                    let lifetime = s
                         .server_lifetime
                         .mul_f64(1.0 - rand::rng().random_range(0.0..0.25));
+                    conn.expires = Instant::now().checked_add(lifetime);
                 }
                 tracing::info!(pool = %self.name, server = %conn.addr, id, pid = conn.key.pid, "server connection opened");
                 let mut d = self.defaults.lock().unwrap();
@@ -171,22 +251,27 @@ impl Manager for ServerManager {
         e.is_transient().then(|| self.backoff(attempt))
     }
 
-    fn quick_check(&self, conn: &mut ServerConn, meta: &Meta) -> Option<Result<(), CloseReason>> {
+    fn quick_check(
+        &self,
+        conn: &mut ServerConn,
+        meta: &Meta,
+        now: Instant,
+    ) -> Option<Result<(), CloseReason>> {
         if !conn.is_alive() {
             return Some(Err(CloseReason::Dead));
         }
-        if conn.expired(meta.created) {
+        if conn.expired(now) {
             return Some(Err(CloseReason::Lifetime));
         }
-        let s = self.settings.load();
+        let delay = self.hot.server_check_delay.load(Ordering::Relaxed);
         let due =
-            !s.server_check_query.is_empty() && meta.last_used.elapsed() >= s.server_check_delay;
+            delay != u64::MAX && nanos(now.saturating_duration_since(meta.last_used)) >= delay;
         // A check query to run means waiting: the full recycle does it.
         (!due).then_some(Ok(()))
     }
 
     async fn recycle(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
-        if let Some(verdict) = self.quick_check(conn, meta) {
+        if let Some(verdict) = self.quick_check(conn, meta, Instant::now()) {
             return verdict;
         }
         let s = self.settings.load();
@@ -199,12 +284,12 @@ impl Manager for ServerManager {
     }
 
     fn on_release(&self, conn: &mut ServerConn, meta: &Meta) -> Result<(), CloseReason> {
-        let max_uses = self.settings.load().server_max_uses;
+        let max_uses = self.hot.server_max_uses.load(Ordering::Relaxed);
         if conn.state.broken {
             Err(CloseReason::Broken)
         } else if max_uses > 0 && meta.uses >= max_uses {
             Err(CloseReason::MaxUses)
-        } else if conn.expired(meta.created) {
+        } else if conn.expired(meta.last_used) {
             Err(CloseReason::Lifetime)
         } else if self.paused.load(Ordering::Acquire)
             || self.retired.load(Ordering::Acquire)
@@ -242,6 +327,9 @@ pub struct DatabaseState {
     /// Creates waiting on the cap, by pool: while another pool waits, connections released
     /// here are closed rather than reused, so one busy pool cannot starve the others.
     blocked: Mutex<HashMap<String, usize>>,
+    /// The sum of `blocked`, so a release (every transaction) looks at the map only when
+    /// some create is waiting.
+    any_blocked: AtomicUsize,
 }
 
 impl DatabaseState {
@@ -251,6 +339,7 @@ impl DatabaseState {
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
             pools: Mutex::new(Vec::new()),
             blocked: Mutex::new(HashMap::new()),
+            any_blocked: AtomicUsize::new(0),
         }
     }
 
@@ -280,6 +369,9 @@ impl DatabaseState {
 
     /// Whether a pool other than `me` is waiting on the cap.
     fn others_blocked(&self, me: &str) -> bool {
+        if self.any_blocked.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         self.blocked
             .lock()
             .unwrap()
@@ -335,6 +427,7 @@ impl<'a> Blocked<'a> {
             .unwrap()
             .entry(pool.to_string())
             .or_default() += 1;
+        db.any_blocked.fetch_add(1, Ordering::AcqRel);
         Blocked { db, pool }
     }
 }
@@ -344,6 +437,7 @@ impl Drop for Blocked<'_> {
         if let Some(n) = self.db.blocked.lock().unwrap().get_mut(self.pool) {
             *n -= 1;
         }
+        self.db.any_blocked.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -391,12 +485,17 @@ impl ServerPool {
         self.pool.manager().settings.load()
     }
 
+    /// The settings read on every transaction, without the `ArcSwap` load.
+    pub fn hot(&self) -> &HotSettings {
+        &self.pool.manager().hot
+    }
+
     /// Applies new settings that keep the pool's shape: timeouts and the like take effect at
     /// their next use, a new size at once (growing frees waiters; shrinking closes idle
     /// connections first and in-use ones as they are released, never inside a transaction).
     pub fn apply(&self, new: PoolSettings) {
         let size = new.size as usize;
-        self.pool.manager().settings.store(Arc::new(new));
+        self.pool.manager().set_settings(new);
         if size != self.pool.max_size() {
             self.pool.resize(size);
         }
@@ -608,13 +707,14 @@ impl ServerPool {
     /// `min_size`), and log utilisation crossing its thresholds.
     pub fn reap(&self) {
         let s = self.settings();
+        let now = Instant::now();
         self.pool.reap(s.min_size as usize, |conn, meta| {
             if !conn.is_alive() {
                 Verdict::Close(CloseReason::Dead)
-            } else if conn.expired(meta.created) {
+            } else if conn.expired(now) {
                 Verdict::Close(CloseReason::Lifetime)
             } else if !s.server_idle_timeout.is_zero()
-                && meta.last_used.elapsed() >= s.server_idle_timeout
+                && now.saturating_duration_since(meta.last_used) >= s.server_idle_timeout
             {
                 Verdict::CloseAboveMin(CloseReason::IdleTimeout)
             } else {
@@ -733,6 +833,11 @@ impl Pools {
                 generation: AtomicU64::new(0),
                 paused: AtomicBool::new(false),
                 retired: AtomicBool::new(false),
+                hot: {
+                    let hot = HotSettings::default();
+                    hot.store(&settings);
+                    hot
+                },
                 settings: ArcSwap::from_pointee(settings.clone()),
                 tls: self.tls.clone(),
                 fetched: Mutex::new(None),

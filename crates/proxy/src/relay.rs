@@ -325,6 +325,11 @@ impl Relay {
             }
             match h.tag {
                 tag::QUERY => {
+                    // Without a server, most queries stop here, and are decoded once a server
+                    // is attached: only a possible DEALLOCATE is worth decoding twice.
+                    if server.is_none() && !(self.mapping && starts_with_deallocate(body)) {
+                        return Ok(ClientStep::NeedServer(pos));
+                    }
                     let q = Query::decode(body)?;
                     let kind = if self.mapping {
                         classify_sql(q.sql)
@@ -607,6 +612,11 @@ impl Relay {
             self.server_partial.remaining -= n;
             pos = n;
         }
+        // Synthesised replies due before the first message; after that, each message's
+        // own settling below leaves the front settled for the next.
+        if pos < input.len() {
+            self.settle_front(&mut out, pos);
+        }
         while pos < input.len() {
             let rest = &input[pos..];
             let Some(h) = Header::parse(rest, u32::MAX)? else {
@@ -632,7 +642,6 @@ impl Relay {
                 }
                 break;
             }
-            self.settle_front(&mut out, pos);
             let body = if whole {
                 &rest[HEADER_LEN..total]
             } else {
@@ -921,17 +930,22 @@ enum SqlKind {
     Other,
 }
 
-/// Recognises `DEALLOCATE [PREPARE] name|ALL` as a whole query.
-fn classify_sql(sql: &[u8]) -> SqlKind {
-    // Most queries are not DEALLOCATE: decide that from the first word without UTF-8 work.
+/// Whether the text starts with the word DEALLOCATE (in any case, after any whitespace):
+/// a look at the first word, no decoding.
+fn starts_with_deallocate(sql: &[u8]) -> bool {
     let start = sql
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(sql.len());
-    if !sql[start..]
+    sql[start..]
         .get(..10)
         .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
-    {
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` as a whole query.
+fn classify_sql(sql: &[u8]) -> SqlKind {
+    // Most queries are not DEALLOCATE: decide that from the first word without UTF-8 work.
+    if !starts_with_deallocate(sql) {
         return SqlKind::Other;
     }
     let text = match std::str::from_utf8(sql) {

@@ -154,9 +154,10 @@ pub struct ServerConn {
     pub addr: std::sync::Arc<ServerAddr>,
     pub state: ServerState,
     pub id: u64,
-    /// This connection's lifetime: the pool's, less up to 25% at random, so connections
-    /// opened together are not all replaced together. Zero: no limit.
-    pub lifetime: Duration,
+    /// When this connection retires: its opening plus the pool's lifetime less up to 25% at
+    /// random, so connections opened together are not all replaced together. `None`: no
+    /// limit.
+    pub expires: Option<std::time::Instant>,
     /// Held for the connection's life when its database caps connections.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Its pool's generation when it opened (older ones are closed at release).
@@ -430,7 +431,7 @@ impl ServerConn {
                             broken: false,
                         },
                         id,
-                        lifetime: Duration::ZERO,
+                        expires: None,
                         db_permit: None,
                         generation: 0,
                         registration: None,
@@ -463,7 +464,6 @@ impl ServerConn {
         }
         match self.stream.peek_state() {
             PeekState::Quiet => true,
-            PeekState::Closed => false,
             // Often stale readiness; otherwise bytes the server sent unprompted (a FATAL whose
             // FIN is still on its way). A read tells which, and clears stale readiness.
             PeekState::Readable => {
@@ -582,9 +582,10 @@ impl ServerConn {
         }
     }
 
-    /// Whether this connection has outlived its lifetime.
-    pub fn expired(&self, created: std::time::Instant) -> bool {
-        !self.lifetime.is_zero() && created.elapsed() >= self.lifetime
+    /// Whether this connection has outlived its lifetime at `now` (a comparison, no clock
+    /// arithmetic: it runs at every checkout and release).
+    pub fn expired(&self, now: std::time::Instant) -> bool {
+        self.expires.is_some_and(|at| now >= at)
     }
 }
 

@@ -743,12 +743,8 @@ impl Session {
     /// owes replies, idle_transaction_timeout while a transaction waits on the client,
     /// client_idle_timeout otherwise.
     fn deadline(&mut self) -> Option<(Instant, Phase)> {
-        let s = self.pool.settings();
-        let (query, in_tx, idle) = (
-            s.query_timeout,
-            s.idle_transaction_timeout,
-            s.client_idle_timeout,
-        );
+        let t = self.pool.hot().timeouts();
+        let (query, in_tx, idle) = (t.query, t.idle_transaction, t.client_idle);
         if query.is_zero() && in_tx.is_zero() && idle.is_zero() {
             return None;
         }
@@ -792,9 +788,9 @@ impl Session {
         }
     }
 
-    /// Fresh timers for a newly attached server connection.
-    fn reset_phase(&mut self) {
-        self.phase = (Phase::Idle, Instant::now());
+    /// Fresh timers for a server connection attached at `now`.
+    fn reset_phase(&mut self, now: Instant) {
+        self.phase = (Phase::Idle, now);
         self.phase_owed = 0;
         self.cancelled = false;
         self.relay.cancel_note = None;
@@ -945,7 +941,7 @@ impl Session {
             return Err(shutting_down());
         }
         if !self.relay.client_ready(&self.cbuf) {
-            let idle_limit = self.pool.settings().client_idle_timeout;
+            let idle_limit = self.pool.hot().client_idle_timeout();
             let at = (!idle_limit.is_zero()).then(|| Instant::now() + idle_limit);
             let timer = &mut self.timer;
             let limit = async move {
@@ -1076,7 +1072,7 @@ impl Session {
                 let server = self.server.as_ref().expect("attached");
                 flush_pending(&server.stream, &mut self.to_server)
                     .map_err(|e| End::ServerLost(e.to_string()))?;
-                self.maybe_release();
+                self.maybe_release(Instant::now());
                 Ok(())
             }
             Event::ClientWritable(r) => {
@@ -1135,13 +1131,15 @@ impl Session {
         for code in self.relay.errors.drain(..) {
             m.error(code);
         }
-        self.settle_request();
-        self.maybe_release();
+        // The one clock reading for this event.
+        let now = Instant::now();
+        self.settle_request(now);
+        self.maybe_release(now);
         Ok(())
     }
 
     /// Transaction mode: hand the server connection back once nothing ties it to this client.
-    fn maybe_release(&mut self) {
+    fn maybe_release(&mut self, now: Instant) {
         if self.mode != PoolMode::Transaction || !self.relay.is_idle() || !self.to_server.is_empty()
         {
             return;
@@ -1154,10 +1152,10 @@ impl Session {
             return;
         }
         self.cancel.detach();
-        self.info.info.set_state(ConnState::Idle);
+        self.info.info.set_state(ConnState::Idle, now);
         self.info.info.set_link(0);
         if let Some(r) = &server.registration {
-            r.info.set_state(ConnState::Idle);
+            r.info.set_state(ConnState::Idle, now);
             r.info.set_link(0);
         }
         tracing::trace!(peer = %Peer(&self.info.info), server = server.id, "released");
@@ -1165,19 +1163,20 @@ impl Session {
         if server.state.broken || std::mem::take(&mut self.suspect) {
             server.discard(weir_pool::CloseReason::Broken);
         } else {
-            server.release();
+            server.release_at(now);
         }
     }
 
     /// Handles the complete messages in `cbuf`, checking out a server when one is needed.
     async fn handle_client(&mut self) -> Result<(), End> {
         tracing::trace!(peer = %Peer(&self.info.info), bytes = ?summarize(&self.cbuf), "from client");
+        // The one clock reading for this event (read again only after waiting for a server).
+        let mut now = Instant::now();
         if self.request.is_none()
             && self.relay.nothing_owed()
             && self.relay.client_ready(&self.cbuf)
         {
             let label = self.label_request();
-            let now = Instant::now();
             self.request = Some((now, label, false));
             if self.tx_start.is_none() && self.relay.status() == TxStatus::Idle {
                 self.tx_start = Some(now);
@@ -1206,7 +1205,7 @@ impl Session {
                 }
                 ClientStep::NeedServer(n) => {
                     self.cbuf.advance(n);
-                    if let Err(failure) = self.checkout().await? {
+                    if let Err(failure) = self.checkout(&mut now).await? {
                         // Answer this batch with the error and carry on: the client may retry.
                         failure.0.encode(&mut self.to_client);
                         let n = self.relay.fail_batch(&self.cbuf, &mut self.to_client);
@@ -1229,10 +1228,10 @@ impl Session {
             let pending = std::mem::take(&mut self.to_client);
             send(&self.client, &mut self.to_client, &pending).map_err(|_| End::ClientGone)?;
         }
-        self.settle_request();
+        self.settle_request(now);
         // A client message can end what held the connection (CopyDone after a COPY the
         // server already aborted, say) without any reply from the server.
-        self.maybe_release();
+        self.maybe_release(now);
         Ok(())
     }
 
@@ -1240,16 +1239,16 @@ impl Session {
     /// text of a simple query or Parse (copied into a reused buffer), or the statement a
     /// Bind names. Costs nothing when the log is off.
     fn label_request(&mut self) -> QueryLabel {
-        if self.pool.settings().slow_query_threshold.is_zero() {
+        if self.pool.hot().slow_query_threshold().is_zero() {
             return QueryLabel::Other;
         }
         let Ok(Some((h, body))) = frame::complete(&self.cbuf, u32::MAX) else {
             return QueryLabel::Other;
         };
         let text = match h.tag {
-            weir_wire::frontend::tag::QUERY => {
-                weir_wire::frontend::Query::decode(body).ok().map(|q| q.sql)
-            }
+            // The text up to the terminating NUL, without a scan for it: the relay checks the
+            // message when it handles it, and this copy is only ever shown.
+            weir_wire::frontend::tag::QUERY => Some(body.strip_suffix(&[0]).unwrap_or(body)),
             weir_wire::frontend::tag::PARSE => weir_wire::frontend::Parse::decode(body)
                 .ok()
                 .map(|p| p.query),
@@ -1274,8 +1273,9 @@ impl Session {
         }
     }
 
-    /// The request in flight has all its replies: time it, and the transaction if it ended.
-    fn settle_request(&mut self) {
+    /// The request in flight has all its replies (by `now`): time it, and the transaction if
+    /// it ended.
+    fn settle_request(&mut self, now: Instant) {
         if self.request.is_none() || !self.relay.nothing_owed() || !self.to_server.is_empty() {
             return;
         }
@@ -1288,13 +1288,13 @@ impl Session {
             }
             return;
         }
-        let took = start.elapsed();
+        let took = now.saturating_duration_since(start);
         let m = &self.pool.metrics;
         m.queries.observe(took);
         if ended && let Some(t) = self.tx_start.take() {
-            m.transactions.observe(t.elapsed());
+            m.transactions.observe(now.saturating_duration_since(t));
         }
-        let threshold = self.pool.settings().slow_query_threshold;
+        let threshold = self.pool.hot().slow_query_threshold();
         if !threshold.is_zero() && took >= threshold {
             let text = match &label {
                 QueryLabel::Text => String::from_utf8_lossy(&self.query_text).into_owned(),
@@ -1329,13 +1329,14 @@ impl Session {
     }
 
     /// Waits for a server connection while watching the client (a client that leaves stops
-    /// waiting). The outer error ends the session; the inner one is for the client.
-    async fn checkout(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
+    /// waiting). The outer error ends the session; the inner one is for the client. `now` is
+    /// the caller's clock reading, brought up to date if the checkout had to wait.
+    async fn checkout(&mut self, now: &mut Instant) -> Result<Result<(), CheckoutFailure>, End> {
         loop {
             if self.pool.is_retired() {
                 self.follow_reload()?;
             }
-            match self.checkout_from_pool().await? {
+            match self.checkout_from_pool(now).await? {
                 // The pool was retired while this client waited on it: wait on its successor.
                 Err(CheckoutFailure(_)) if self.pool.is_retired() => continue,
                 r => return Ok(r),
@@ -1408,23 +1409,27 @@ impl Session {
         })
     }
 
-    async fn checkout_from_pool(&mut self) -> Result<Result<(), CheckoutFailure>, End> {
+    async fn checkout_from_pool(
+        &mut self,
+        now: &mut Instant,
+    ) -> Result<Result<(), CheckoutFailure>, End> {
         let pool = self.pool.clone();
         // The fast path: a connection free, nothing to wait for, time or allocate.
         let free = if pool.is_paused() {
             None
         } else {
-            pool.pool.try_get()
+            pool.pool.try_get(*now)
         };
         let result = match free {
             Some(server) => Ok(server),
             None => {
                 let timeout = pool.settings().query_wait_timeout;
-                let asked = std::time::Instant::now();
-                self.info.info.set_state(ConnState::Waiting);
+                let asked = *now;
+                self.info.info.set_state(ConnState::Waiting, asked);
                 // Boxed, as rare and larger than the rest of the checkout.
                 if pool.is_paused() && !Box::pin(pool.wait_resumed(asked + timeout)).await {
-                    self.info.info.set_state(ConnState::Idle);
+                    *now = Instant::now();
+                    self.info.info.set_state(ConnState::Idle, *now);
                     let e = ErrorResponse::error(
                         SqlState::TOO_MANY_CONNECTIONS,
                         format!(
@@ -1438,14 +1443,15 @@ impl Session {
                 let r = self
                     .wait_for_server(&pool, timeout.saturating_sub(asked.elapsed()))
                     .await?;
-                pool.note_wait(asked.elapsed());
+                *now = Instant::now();
+                pool.note_wait(now.saturating_duration_since(asked));
                 r
             }
         };
         let mut server = match result {
             Ok(s) => s,
             Err(e) => {
-                self.info.info.set_state(ConnState::Idle);
+                self.info.info.set_state(ConnState::Idle, *now);
                 let failure = checkout_error(&pool, e);
                 pool.metrics.error(failure.0.code);
                 if pool.may_warn() {
@@ -1458,13 +1464,14 @@ impl Session {
             self.relay.inject_query(&q, &mut self.to_server);
         }
         self.cancel.attach(server.addr.clone(), server.key);
-        self.info.info.set_state(ConnState::Active);
+        let at = crate::metrics::unix_micros_at(*now);
+        self.info.info.set_state_at(ConnState::Active, at);
         if let Some(r) = &server.registration {
-            r.info.set_state(ConnState::Active);
+            r.info.set_state_at(ConnState::Active, at);
             r.info.set_link(self.info.info.id);
             self.info.info.set_link(r.info.id);
         }
-        self.reset_phase();
+        self.reset_phase(*now);
         tracing::trace!(peer = %Peer(&self.info.info), server = server.id, "checked out");
         self.server = Some(server);
         Ok(Ok(()))

@@ -19,10 +19,8 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum PeekState {
     /// No event since the socket was last drained.
     Quiet,
-    /// Marked readable: data, a FIN, or a stale mark.
+    /// Marked readable: data, a FIN, an error (a reset), or a stale mark.
     Readable,
-    /// The socket reported an error.
-    Closed,
 }
 
 #[derive(Debug)]
@@ -171,23 +169,21 @@ impl Stream {
     /// `pg_terminate_backend`), and is often stale (Tokio skips clearing it when a newer
     /// event, such as a write-space wakeup, slipped in): callers confirm with a read.
     ///
-    /// Only for a socket no task is waiting to read (an idle pooled connection): the probe
-    /// takes the socket's reader slot with a no-op waker. That costs one waiter-list lock
-    /// when the socket is quiet, where a `ready()` future took it twice (to enter the list
-    /// and to leave it), and this runs at every checkout.
+    /// This runs at every checkout, so it only loads the readiness Tokio recorded (through
+    /// `try_io` with an operation that does nothing): no waker is registered and no
+    /// waiter-list lock taken, where `poll_read_ready` took that lock whenever the socket was
+    /// quiet.
     pub fn peek_state(&self) -> PeekState {
-        use std::task::{Context, Poll, Waker};
-        let mut cx = Context::from_waker(Waker::noop());
-        let r = match self {
-            Stream::Tcp(s) => s.poll_read_ready(&mut cx),
-            Stream::Unix(s) => s.poll_read_ready(&mut cx),
-            Stream::Tls(s) if s.has_buffered() => return PeekState::Readable,
-            Stream::Tls(s) => s.tcp.poll_read_ready(&mut cx),
-        };
-        match r {
-            Poll::Pending => PeekState::Quiet,
-            Poll::Ready(Ok(())) => PeekState::Readable,
-            Poll::Ready(Err(_)) => PeekState::Closed,
+        if let Stream::Tls(s) = self
+            && s.has_buffered()
+        {
+            return PeekState::Readable;
+        }
+        // Tokio answers WouldBlock itself when no readiness is recorded; the closure runs
+        // only when some is.
+        match self.try_io(Interest::READABLE, || Ok(())) {
+            Ok(()) => PeekState::Readable,
+            Err(_) => PeekState::Quiet,
         }
     }
 
