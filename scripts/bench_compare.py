@@ -286,7 +286,9 @@ def main():
             f.write(f'[proxy]\nlisten = "127.0.0.1:{weir_port}"\nmax_client_conn = {max(clients + [10]) * 2 + args.idle + 100}\n'
                     f'\n[pool]\nmode = "transaction"\n'
                     f'size = {args.pool_size}\n\n[auth]\ntype = "trust"\n\n'
-                    f'[databases.{db}]\nurl = "postgres://bench@127.0.0.1:{pg_port}/{db}"\n')
+                    f'[databases.{db}]\nurl = "postgres://bench@127.0.0.1:{pg_port}/{db}"\n'
+                    # Its own admin port, so the run never collides with a Weir already running.
+                    f'\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n')
         weir = subprocess.Popen([weir_bin, "run", "--config", toml, "--workers", str(args.workers)],
                                 stdout=subprocess.DEVNULL,
                                 stderr=open(os.path.join(work, "weir.log"), "w"), env={**os.environ, "WEIR_LOG": "warn"})

@@ -7,22 +7,31 @@
 //! - [`Pooled`]: the RAII guard for a checked-out object. Dropping it *discards* the object;
 //!   only [`Pooled::release`] puts it back. A task cancelled mid-transaction therefore can never
 //!   return a dirty object to the pool.
+//! - [`Ticket`]: a place in the queue of waiting checkouts, for a caller that does its own
+//!   waiting ([`Pool::get`] is built on it).
+//! - `Core`: the locked state: free permits, idle objects and the queue, under one lock.
 //! - [`stats`]: counters kept with atomics (and a wait-time histogram) read at scrape time.
 //!
-//! Capacity is a [`tokio::sync::Semaphore`] of `max_size` permits, plus a reserve semaphore a
-//! waiter may draw on after `reserve_timeout`. A checked-out object, or one being created, holds
-//! a permit; idle objects hold none. The semaphores hand released permits to waiters in arrival
-//! order, so waiters are served first-come first-served, and dropping a waiting future leaves the
-//! queue without leaking a permit.
+//! Capacity is `max_size` permits, plus `reserve_size` reserve permits a waiter may draw on
+//! once it has waited `reserve_timeout`. A checked-out object, or one being created, holds a
+//! permit; idle objects hold none. A checkout takes the core lock once; so does a release.
+//! A release with checkouts queued hands its object (or, when the object closes, its permit)
+//! straight to the first waiter that may have it: waiters are served first come, first served,
+//! a newcomer cannot overtake the queue, and the waiter gets an object that was in use a moment
+//! ago without a second look in the idle list. The semaphore this replaces cost a lock per
+//! release, a timer and a queue node per wait, and a second pass through the idle list; this is
+//! the hot path of every transaction in transaction pooling, so it is written by hand.
+//!
+//! Dropping a [`Ticket`] (or the future of [`Pool::get`]) at any point leaves the queue and
+//! passes on whatever it was handed meanwhile: neither a permit nor an object leaks.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-
-use tokio::sync::Semaphore;
 
 pub mod stats;
 pub use stats::{BUCKETS, CloseReason, Histogram, HistogramSnapshot, Snapshot, Stats};
@@ -118,15 +127,134 @@ pub enum Verdict {
     CloseAboveMin(CloseReason),
 }
 
+/// Which kind of permit a checkout holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Main,
+    Reserve,
+}
+
+/// What the pool hands a waiter.
+enum Grant<T> {
+    /// An object that was just released, with its permit.
+    Object(Box<Slot<T>>, Kind),
+    /// A permit alone: the waiter takes an idle object or opens one.
+    Permit(Kind),
+    Closed,
+}
+
+/// A waiter's side of the queue: what it was handed, and the task to wake. Locked after the
+/// core lock, never before it.
+struct WaitState<T> {
+    grant: Option<Grant<T>>,
+    waker: Option<Waker>,
+}
+
+struct Waiter<T> {
+    state: Mutex<WaitState<T>>,
+}
+
+/// One place in the queue.
+struct Entry<T> {
+    waiter: Arc<Waiter<T>>,
+    /// Has waited `reserve_timeout`: may take a reserve permit.
+    reserve_ok: bool,
+}
+
+/// The state a checkout and a release change, under one lock.
+struct Core<T> {
+    /// Idle objects, most recently released at the back.
+    idle: VecDeque<Box<Slot<T>>>,
+    /// Main permits no one holds.
+    free: usize,
+    /// Reserve permits no one holds.
+    reserve_free: usize,
+    /// Main permits to swallow as they come back, after a shrink below the number in use.
+    to_forget: usize,
+    queue: VecDeque<Entry<T>>,
+    closed: bool,
+}
+
+/// Wakers to wake and objects to close once the core lock is let go (neither runs under it:
+/// a close may log, and a woken task may run on this thread at once).
+struct After<T> {
+    wake: Option<Waker>,
+    close: Option<(T, CloseReason)>,
+}
+
+impl<T> After<T> {
+    fn none() -> Self {
+        After {
+            wake: None,
+            close: None,
+        }
+    }
+}
+
+impl<T> Core<T> {
+    /// Removes the first waiter that may have a permit of `kind`.
+    fn next_waiter(&mut self, kind: Kind) -> Option<Arc<Waiter<T>>> {
+        let i = match kind {
+            Kind::Main => 0,
+            Kind::Reserve => self.queue.iter().position(|e| e.reserve_ok)?,
+        };
+        self.queue.remove(i).map(|e| e.waiter)
+    }
+
+    /// Hands `grant` to `waiter`; returns the waker to wake.
+    fn give(waiter: &Waiter<T>, grant: Grant<T>) -> Option<Waker> {
+        let mut st = waiter.state.lock().unwrap();
+        st.grant = Some(grant);
+        st.waker.take()
+    }
+
+    /// A permit comes back: to pay shrink debt, to the first waiter that may have it, or to
+    /// the free count.
+    fn return_permit(&mut self, kind: Kind, stats: &Stats) -> Option<Waker> {
+        if kind == Kind::Main && self.to_forget > 0 {
+            self.to_forget -= 1;
+            return None;
+        }
+        if !self.closed
+            && let Some(w) = self.next_waiter(kind)
+        {
+            stats.waiting.fetch_sub(1, Relaxed);
+            return Self::give(&w, Grant::Permit(kind));
+        }
+        match kind {
+            Kind::Main => self.free += 1,
+            Kind::Reserve => {
+                self.reserve_free += 1;
+                stats.reserve_used.fetch_sub(1, Relaxed);
+            }
+        }
+        None
+    }
+
+    /// A healthy object comes back with its permit: to the first waiter that may have it, or
+    /// to the idle list (the permit to the free count).
+    fn put_back(&mut self, slot: Box<Slot<T>>, kind: Kind, stats: &Stats) -> After<T> {
+        if let Some(w) = self.next_waiter(kind) {
+            stats.waiting.fetch_sub(1, Relaxed);
+            return After {
+                wake: Self::give(&w, Grant::Object(slot, kind)),
+                close: None,
+            };
+        }
+        self.idle.push_back(slot);
+        self.return_permit(kind, stats);
+        After::none()
+    }
+}
+
 struct Inner<M: Manager> {
     manager: M,
-    permits: Semaphore,
-    reserve: Semaphore,
-    reserve_timeout: Mutex<Duration>,
-    idle: Mutex<VecDeque<Box<Slot<M::Object>>>>,
+    core: Mutex<Core<M::Object>>,
+    /// Mirrors `Core::closed`, for a look without the lock.
+    closed: AtomicBool,
+    reserve_size: usize,
+    reserve_timeout: Duration,
     max_size: AtomicUsize,
-    /// Permits to swallow as they come back, after a shrink below the number in use.
-    to_forget: AtomicUsize,
     /// Signalled when an object goes back to the idle list (wakes creators that are retrying).
     released: tokio::sync::Notify,
     /// Creators pausing between attempts, waiting on `released`: a release notifies only when
@@ -136,20 +264,62 @@ struct Inner<M: Manager> {
 }
 
 impl<M: Manager> Inner<M> {
-    /// The most recently released idle object, closed (as `CheckFailed`) if dropped before
-    /// it is handed out.
-    fn pop_idle(&self) -> Option<PendingSlot<'_, M>> {
-        let slot = self.idle.lock().unwrap().pop_back()?;
-        Some(PendingSlot {
-            slot: Some(slot),
-            inner: self,
-        })
+    fn core(&self) -> std::sync::MutexGuard<'_, Core<M::Object>> {
+        self.core.lock().unwrap()
     }
 
     /// Counts and hands over an object being closed.
     fn close(&self, object: M::Object, reason: CloseReason) {
         self.stats.closed_one(reason);
         self.manager.closed(object, reason);
+    }
+
+    fn finish(&self, after: After<M::Object>) {
+        if let Some((object, reason)) = after.close {
+            self.close(object, reason);
+        }
+        if let Some(w) = after.wake {
+            w.wake();
+        }
+    }
+
+    /// Gives a permit back (see [`Core::return_permit`]).
+    fn return_permit(&self, kind: Kind) {
+        let wake = self.core().return_permit(kind, &self.stats);
+        if let Some(w) = wake {
+            w.wake();
+        }
+    }
+
+    /// Puts a healthy object back with its permit (see [`Core::put_back`]).
+    fn put_back(&self, slot: Box<Slot<M::Object>>, kind: Kind) {
+        let after = {
+            let mut core = self.core();
+            if core.closed {
+                let after = After {
+                    wake: core.return_permit(kind, &self.stats),
+                    close: Some((slot.object, CloseReason::PoolClosed)),
+                };
+                drop(core);
+                self.finish(after);
+                return;
+            }
+            core.put_back(slot, kind, &self.stats)
+        };
+        if after.wake.is_none() && self.retrying.load(SeqCst) > 0 {
+            self.released.notify_waiters();
+        }
+        self.finish(after);
+    }
+
+    /// The most recently released idle object, closed (as `CheckFailed`) if dropped before
+    /// it is handed out. The caller holds a permit.
+    fn pop_idle(&self) -> Option<PendingSlot<'_, M>> {
+        let slot = self.core().idle.pop_back()?;
+        Some(PendingSlot {
+            slot: Some(slot),
+            inner: self,
+        })
     }
 }
 
@@ -174,11 +344,13 @@ impl<M: Manager> std::fmt::Debug for Pool<M> {
     }
 }
 
-/// Which semaphore a permit came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Main,
-    Reserve,
+/// What a [`Ticket`] turns into.
+pub enum Granted<M: Manager> {
+    /// An object ready for use: one a release just handed over, already judged by
+    /// [`Manager::on_release`], so it is not checked again.
+    Object(Pooled<M>),
+    /// Capacity only: [`Pool::fill`] checks an idle object or opens one.
+    Capacity(Permit<M>),
 }
 
 impl<M: Manager> Pool<M> {
@@ -196,12 +368,18 @@ impl<M: Manager> Pool<M> {
         Pool {
             inner: Arc::new(Inner {
                 manager,
-                permits: Semaphore::new(max_size),
-                reserve: Semaphore::new(reserve_size),
-                reserve_timeout: Mutex::new(reserve_timeout),
-                idle: Mutex::new(VecDeque::with_capacity(max_size)),
+                core: Mutex::new(Core {
+                    idle: VecDeque::with_capacity(max_size),
+                    free: max_size,
+                    reserve_free: reserve_size,
+                    to_forget: 0,
+                    queue: VecDeque::new(),
+                    closed: false,
+                }),
+                closed: AtomicBool::new(false),
+                reserve_size,
+                reserve_timeout,
                 max_size: AtomicUsize::new(max_size),
-                to_forget: AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
                 retrying: AtomicUsize::new(0),
                 stats: Stats::default(),
@@ -233,55 +411,117 @@ impl<M: Manager> Pool<M> {
         self.get_inner(timeout, false).await
     }
 
-    /// The checkout fast path: a free permit and an idle object that passes
+    /// The checkout fast path: nobody queued, a free permit and an idle object that passes
     /// [`Manager::quick_check`] at `now`, without waiting and without building the future
-    /// `get` is. `None` when that is not possible right now: call [`Pool::get`].
+    /// `get` is. `None` when that is not possible right now: queue with [`Pool::ticket`] or
+    /// call [`Pool::get`].
     pub fn try_get(&self, now: Instant) -> Option<Pooled<M>> {
         let inner = &self.inner;
-        let permit = inner.permits.try_acquire().ok()?;
-        permit.forget();
-        let permit = PermitGuard::new(inner, Kind::Main);
         loop {
-            // (No idle object: the permit goes back as `permit` drops.)
-            let mut pending = inner.pop_idle()?;
-            let s = pending.slot.as_mut().expect("just set");
-            match inner.manager.quick_check(&mut s.object, &s.meta, now) {
+            let mut slot = {
+                let mut core = inner.core();
+                if core.closed || core.free == 0 || !core.queue.is_empty() {
+                    return None;
+                }
+                let slot = core.idle.pop_back()?;
+                core.free -= 1;
+                slot
+            };
+            match inner.manager.quick_check(&mut slot.object, &slot.meta, now) {
                 Some(Ok(())) => {
                     inner.stats.wait_buckets.observe(Duration::ZERO);
                     inner.stats.checkout();
-                    return Some(Pooled::new(permit, pending.take()));
+                    return Some(Pooled::new(PermitGuard::new(inner, Kind::Main), slot));
                 }
                 Some(Err(reason)) => {
                     inner.stats.replaced.fetch_add(1, Relaxed);
-                    pending.close(reason);
+                    inner.close(slot.object, reason);
+                    inner.return_permit(Kind::Main);
                 }
                 None => {
                     // Needs the full check: back where it was, for `get`.
-                    inner.idle.lock().unwrap().push_back(pending.take());
+                    let mut core = inner.core();
+                    core.idle.push_back(slot);
+                    let wake = core.return_permit(Kind::Main, &inner.stats);
+                    drop(core);
+                    if let Some(w) = wake {
+                        w.wake();
+                    }
                     return None;
                 }
             }
         }
     }
 
-    async fn get_inner(
+    /// Takes a place in the queue, or capacity at once if some is free and nobody is queued
+    /// (then the ticket is ready at its first poll). `now` starts the wait's clock: it decides
+    /// when the reserve opens to this waiter and what the wait statistics record.
+    pub fn ticket(&self, now: Instant) -> Ticket<M> {
+        let inner = &self.inner;
+        let reserve_timeout = inner.reserve_timeout;
+        let mut ticket = Ticket {
+            inner: inner.clone(),
+            waiter: None,
+            ready: None,
+            start: now,
+            reserve_at: None,
+            queued: false,
+        };
+        let mut core = inner.core();
+        if core.closed {
+            ticket.ready = Some(Grant::Closed);
+            return ticket;
+        }
+        if core.free > 0 && core.queue.is_empty() {
+            core.free -= 1;
+            drop(core);
+            inner.stats.wait_buckets.observe(Duration::ZERO);
+            ticket.ready = Some(Grant::Permit(Kind::Main));
+            return ticket;
+        }
+        let waiter = Arc::new(Waiter {
+            state: Mutex::new(WaitState {
+                grant: None,
+                waker: None,
+            }),
+        });
+        let reserve = inner.reserve_size > 0;
+        core.queue.push_back(Entry {
+            waiter: waiter.clone(),
+            reserve_ok: reserve && reserve_timeout.is_zero(),
+        });
+        drop(core);
+        if reserve && !reserve_timeout.is_zero() {
+            ticket.reserve_at = now.checked_add(reserve_timeout);
+        }
+        inner.stats.waiting.fetch_add(1, Relaxed);
+        inner.stats.waited.fetch_add(1, Relaxed);
+        ticket.waiter = Some(waiter);
+        ticket.queued = true;
+        if reserve && reserve_timeout.is_zero() {
+            ticket.try_reserve();
+        }
+        ticket
+    }
+
+    /// Turns capacity into an object before `deadline`: an idle object that passes its check,
+    /// or a new one (retried as the manager allows when `retry`).
+    pub async fn fill(
         &self,
-        timeout: Duration,
+        permit: Permit<M>,
+        deadline: Instant,
         retry: bool,
     ) -> Result<Pooled<M>, GetError<M::Error>> {
-        let start = Instant::now();
-        let deadline = tokio::time::Instant::from_std(start + timeout);
+        let start = permit.start;
+        let permit = permit.guard;
         let inner = &self.inner;
-        let permit = match self.acquire(start, deadline).await {
-            Ok(p) => p,
-            Err(e) => return Err(e),
-        };
+        let deadline = tokio::time::Instant::from_std(deadline);
         let mut attempt = 0;
         let mut last_error = None;
         loop {
             // An idle object, checked before use. After a failed health check the rest are
             // likely as stale (a failover, say): create instead of checking them one by one.
-            if let Some(got) = self.take_idle(&permit, start, deadline).await {
+            if let Some(got) = self.take_idle(start, deadline).await {
                 return got.map(|slot| Pooled::new(permit, slot));
             }
             attempt += 1;
@@ -330,10 +570,51 @@ impl<M: Manager> Pool<M> {
         }
     }
 
+    async fn get_inner(
+        &self,
+        timeout: Duration,
+        retry: bool,
+    ) -> Result<Pooled<M>, GetError<M::Error>> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut ticket = self.ticket(start);
+        let granted = {
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                ticket.reserve_at.map_or(deadline, |r| r.min(deadline)),
+            ));
+            tokio::pin!(sleep);
+            std::future::poll_fn(|cx| {
+                loop {
+                    let now = Instant::now();
+                    if let Poll::Ready(r) = ticket.poll(cx, now) {
+                        return Poll::Ready(Some(r));
+                    }
+                    if now >= deadline {
+                        return Poll::Ready(None);
+                    }
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The reserve opened (the ticket looks at it on the next poll): sleep on
+                    // to the deadline.
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(deadline));
+                }
+            })
+            .await
+        };
+        match granted {
+            None => Err(ticket.give_up()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(Granted::Object(p))) => Ok(p),
+            Some(Ok(Granted::Capacity(permit))) => self.fill(permit, deadline, retry).await,
+        }
+    }
+
     /// Takes an idle object that passes its check, or `None` if there is none worth using.
     async fn take_idle(
         &self,
-        _permit: &PermitGuard<M>,
         start: Instant,
         deadline: tokio::time::Instant,
     ) -> Option<Result<Box<Slot<M::Object>>, GetError<M::Error>>> {
@@ -365,66 +646,6 @@ impl<M: Manager> Pool<M> {
         }
     }
 
-    /// Waits for a permit: the main pool first, the reserve too once `reserve_timeout` passed.
-    async fn acquire(
-        &self,
-        start: Instant,
-        deadline: tokio::time::Instant,
-    ) -> Result<PermitGuard<M>, GetError<M::Error>> {
-        let inner = &self.inner;
-        match inner.permits.try_acquire() {
-            Ok(p) => {
-                p.forget();
-                inner.stats.wait_buckets.observe(Duration::ZERO);
-                return Ok(PermitGuard::new(inner, Kind::Main));
-            }
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(GetError::Closed),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {}
-        }
-        let _queued = Queued::enter(&inner.stats);
-        inner.stats.waited.fetch_add(1, Relaxed);
-        let reserve_at =
-            tokio::time::Instant::from_std(start + *inner.reserve_timeout.lock().unwrap());
-        let main = inner.permits.acquire();
-        tokio::pin!(main);
-        let first = tokio::time::timeout_at(reserve_at.min(deadline), &mut main).await;
-        let result = match first {
-            Ok(r) => r.map(|p| (p, Kind::Main)),
-            Err(_) if reserve_at < deadline => {
-                let r = tokio::time::timeout_at(deadline, async {
-                    tokio::select! {
-                        biased;
-                        p = &mut main => p.map(|p| (p, Kind::Main)),
-                        p = inner.reserve.acquire() => p.map(|p| (p, Kind::Reserve)),
-                    }
-                })
-                .await;
-                match r {
-                    Ok(r) => r,
-                    Err(_) => return Err(self.waited_out(start)),
-                }
-            }
-            Err(_) => return Err(self.waited_out(start)),
-        };
-        let waited = start.elapsed();
-        inner.stats.record_wait(waited);
-        match result {
-            Ok((p, kind)) => {
-                p.forget();
-                if kind == Kind::Reserve {
-                    inner.stats.reserve_used.fetch_add(1, Relaxed);
-                }
-                Ok(PermitGuard::new(inner, kind))
-            }
-            Err(_) => Err(GetError::Closed),
-        }
-    }
-
-    fn waited_out(&self, start: Instant) -> GetError<M::Error> {
-        self.inner.stats.record_wait(start.elapsed());
-        self.timeout_error(start, None, true)
-    }
-
     /// `queued`: whether this caller is still counted among the waiters.
     fn timeout_error(
         &self,
@@ -432,38 +653,37 @@ impl<M: Manager> Pool<M> {
         last_error: Option<M::Error>,
         queued: bool,
     ) -> GetError<M::Error> {
-        self.inner.stats.timeouts.fetch_add(1, Relaxed);
-        let waiting = self.inner.stats.waiting.load(Relaxed);
-        GetError::Timeout {
-            waited: start.elapsed(),
-            max_size: self.max_size(),
-            queued: if queued {
-                waiting.saturating_sub(1)
-            } else {
-                waiting
-            },
-            last_error,
-        }
+        timeout_error(&self.inner, start, last_error, queued)
     }
 
     /// Changes the capacity. Growing frees waiters at once; shrinking closes idle objects
     /// first and takes the rest of the reduction from checked-out ones as they come back.
     pub fn resize(&self, new_max: usize) {
         let inner = &self.inner;
-        let old = inner.max_size.swap(new_max, Relaxed);
-        if new_max > old {
-            let grow = new_max - old;
-            // Cancel pending shrink debt before adding permits. The closure may run more than
-            // once, so it must not mutate anything it captures.
-            let debt = inner
-                .to_forget
-                .fetch_update(Relaxed, Relaxed, |debt| Some(debt - debt.min(grow)))
-                .expect("the closure always returns Some");
-            inner.permits.add_permits(grow - debt.min(grow));
-        } else if new_max < old {
-            let shrink = old - new_max;
-            let forgotten = inner.permits.forget_permits(shrink);
-            inner.to_forget.fetch_add(shrink - forgotten, Relaxed);
+        let mut wake = Vec::new();
+        let shrunk = {
+            let mut core = inner.core();
+            let old = inner.max_size.swap(new_max, Relaxed);
+            if new_max > old {
+                // Cancel pending shrink debt before adding permits.
+                let grow = new_max - old;
+                let paid = core.to_forget.min(grow);
+                core.to_forget -= paid;
+                for _ in 0..grow - paid {
+                    wake.extend(core.return_permit(Kind::Main, &inner.stats));
+                }
+            } else if new_max < old {
+                let shrink = old - new_max;
+                let forgotten = core.free.min(shrink);
+                core.free -= forgotten;
+                core.to_forget += shrink - forgotten;
+            }
+            new_max < old
+        };
+        for w in wake {
+            w.wake();
+        }
+        if shrunk {
             self.trim_idle();
         }
     }
@@ -474,9 +694,9 @@ impl<M: Manager> Pool<M> {
         let max = inner.max_size.load(Relaxed);
         let mut removed = Vec::new();
         {
-            let mut idle = inner.idle.lock().unwrap();
+            let mut core = inner.core();
             while inner.stats.size.load(Relaxed) - removed.len() > max {
-                match idle.pop_front() {
+                match core.idle.pop_front() {
                     Some(s) => removed.push(s),
                     None => break,
                 }
@@ -494,32 +714,26 @@ impl<M: Manager> Pool<M> {
         let inner = &self.inner;
         let mut made = 0;
         while inner.stats.size.load(Relaxed) < min {
-            let Ok(p) = inner.permits.try_acquire() else {
-                break;
-            };
-            p.forget();
+            {
+                let mut core = inner.core();
+                if core.closed || core.free == 0 || !core.queue.is_empty() {
+                    break;
+                }
+                core.free -= 1;
+            }
             let guard = PermitGuard::new(inner, Kind::Main);
             let object = inner.manager.create().await.inspect_err(|_| {
                 inner.stats.create_errors.fetch_add(1, Relaxed);
             })?;
             inner.stats.created_one();
-            if inner.permits.is_closed() {
-                inner.close(object, CloseReason::PoolClosed);
-                break;
-            }
             let now = Instant::now();
             let meta = Meta {
                 created: now,
                 last_used: now,
                 uses: 0,
             };
-            inner
-                .idle
-                .lock()
-                .unwrap()
-                .push_back(Box::new(Slot { object, meta }));
-            inner.released.notify_waiters();
-            drop(guard);
+            guard.disarm();
+            inner.put_back(Box::new(Slot { object, meta }), Kind::Main);
             made += 1;
         }
         Ok(made)
@@ -535,7 +749,8 @@ impl<M: Manager> Pool<M> {
         let inner = &self.inner;
         let mut closed: Vec<(Box<Slot<M::Object>>, CloseReason)> = Vec::new();
         {
-            let mut idle = inner.idle.lock().unwrap();
+            let mut core = inner.core();
+            let idle = &mut core.idle;
             let size = inner.stats.size.load(Relaxed);
             let mut i = 0;
             while i < idle.len() {
@@ -569,19 +784,210 @@ impl<M: Manager> Pool<M> {
     /// Closes the pool: current and future waiters get [`GetError::Closed`]; idle objects are
     /// dropped. Checked-out objects are discarded as they come back.
     pub fn close(&self) {
-        self.inner.permits.close();
-        self.inner.reserve.close();
+        let inner = &self.inner;
+        let mut wake = Vec::new();
+        {
+            let mut core = inner.core();
+            core.closed = true;
+            inner.closed.store(true, SeqCst);
+            while let Some(e) = core.queue.pop_front() {
+                inner.stats.waiting.fetch_sub(1, Relaxed);
+                wake.extend(Core::give(&e.waiter, Grant::Closed));
+            }
+        }
+        for w in wake {
+            w.wake();
+        }
         self.reap(0, |_, _| Verdict::Close(CloseReason::PoolClosed));
     }
 
     pub fn is_closed(&self) -> bool {
-        self.inner.permits.is_closed()
+        self.inner.closed.load(SeqCst)
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let idle = self.inner.idle.lock().unwrap().len();
+        let idle = self.inner.core().idle.len();
         self.inner.stats.snapshot(idle, self.max_size())
     }
+}
+
+fn timeout_error<M: Manager>(
+    inner: &Inner<M>,
+    start: Instant,
+    last_error: Option<M::Error>,
+    queued: bool,
+) -> GetError<M::Error> {
+    inner.stats.timeouts.fetch_add(1, Relaxed);
+    let waiting = inner.stats.waiting.load(Relaxed);
+    GetError::Timeout {
+        waited: start.elapsed(),
+        max_size: inner.max_size.load(Relaxed),
+        queued: if queued {
+            waiting.saturating_sub(1)
+        } else {
+            waiting
+        },
+        last_error,
+    }
+}
+
+/// A checkout's place in the queue (see [`Pool::ticket`]). Poll it until it is ready;
+/// dropping it leaves the queue and passes on anything it was handed meanwhile.
+pub struct Ticket<M: Manager> {
+    inner: Arc<Inner<M>>,
+    /// In the queue: the shared half.
+    waiter: Option<Arc<Waiter<M::Object>>>,
+    /// Resolved without queueing (or on a look at the reserve).
+    ready: Option<Grant<M::Object>>,
+    start: Instant,
+    /// When this waiter may start drawing on the reserve; `None` once it may (or never).
+    reserve_at: Option<Instant>,
+    /// Joined the queue (rather than finding capacity free): its wait is recorded.
+    queued: bool,
+}
+
+impl<M: Manager> Ticket<M> {
+    /// When the caller should poll again, even unwoken: the reserve opens to this waiter then.
+    pub fn reserve_at(&self) -> Option<Instant> {
+        self.reserve_at
+    }
+
+    /// Polls for the checkout. `now` is the caller's clock reading: from `reserve_at` on, the
+    /// ticket may take a reserve permit. Wakes the task in `cx` when something is handed over.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+    ) -> Poll<Result<Granted<M>, GetError<M::Error>>> {
+        if let Some(grant) = self.take_grant(Some(cx)) {
+            return Poll::Ready(self.resolve(grant));
+        }
+        if self.reserve_at.is_some_and(|at| now >= at) {
+            self.reserve_at = None;
+            self.try_reserve();
+            if let Some(grant) = self.ready.take() {
+                return Poll::Ready(self.resolve(grant));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// What was handed over, if anything; with `cx`, registers its waker otherwise.
+    fn take_grant(&mut self, cx: Option<&mut Context<'_>>) -> Option<Grant<M::Object>> {
+        if let Some(g) = self.ready.take() {
+            return Some(g);
+        }
+        let waiter = self.waiter.as_ref()?;
+        let mut st = waiter.state.lock().unwrap();
+        if let Some(g) = st.grant.take() {
+            drop(st);
+            self.waiter = None;
+            return Some(g);
+        }
+        if let Some(cx) = cx
+            && !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            st.waker = Some(cx.waker().clone());
+        }
+        None
+    }
+
+    /// This waiter has waited long enough for the reserve: marks it so, and takes a reserve
+    /// permit at once if one is free.
+    fn try_reserve(&mut self) {
+        let Some(waiter) = &self.waiter else {
+            return;
+        };
+        let inner = &self.inner;
+        let mut core = inner.core();
+        let Some(i) = core
+            .queue
+            .iter()
+            .position(|e| Arc::ptr_eq(&e.waiter, waiter))
+        else {
+            return; // handed something meanwhile: the next poll takes it
+        };
+        if core.reserve_free == 0 {
+            core.queue[i].reserve_ok = true;
+            return;
+        }
+        core.queue.remove(i);
+        core.reserve_free -= 1;
+        drop(core);
+        inner.stats.waiting.fetch_sub(1, Relaxed);
+        inner.stats.reserve_used.fetch_add(1, Relaxed);
+        self.waiter = None;
+        self.ready = Some(Grant::Permit(Kind::Reserve));
+    }
+
+    fn resolve(&mut self, grant: Grant<M::Object>) -> Result<Granted<M>, GetError<M::Error>> {
+        let inner = &self.inner;
+        if self.queued && !matches!(grant, Grant::Closed) {
+            // (A checkout that did not queue recorded its zero wait already.)
+            inner.stats.record_wait(self.start.elapsed());
+        }
+        match grant {
+            Grant::Closed => Err(GetError::Closed),
+            Grant::Object(slot, kind) => {
+                inner.stats.checkout();
+                Ok(Granted::Object(Pooled::new(
+                    PermitGuard::new(inner, kind),
+                    slot,
+                )))
+            }
+            Grant::Permit(kind) => Ok(Granted::Capacity(Permit {
+                guard: PermitGuard::new(inner, kind),
+                start: self.start,
+            })),
+        }
+    }
+
+    /// Leaves the queue at the deadline: the timeout error, with the wait recorded. Something
+    /// handed over at the last moment is passed on.
+    pub fn give_up(mut self) -> GetError<M::Error> {
+        self.leave();
+        self.inner.stats.record_wait(self.start.elapsed());
+        timeout_error(&self.inner, self.start, None, false)
+    }
+
+    /// Leaves the queue, passing on whatever was handed over.
+    fn leave(&mut self) {
+        let inner = &self.inner;
+        let grant = match self.waiter.take() {
+            Some(waiter) => {
+                let mut core = inner.core();
+                if let Some(i) = core
+                    .queue
+                    .iter()
+                    .position(|e| Arc::ptr_eq(&e.waiter, &waiter))
+                {
+                    core.queue.remove(i);
+                    inner.stats.waiting.fetch_sub(1, Relaxed);
+                }
+                // Still under the core lock: nothing can be handed over after this.
+                waiter.state.lock().unwrap().grant.take()
+            }
+            None => self.ready.take(),
+        };
+        match grant {
+            None | Some(Grant::Closed) => {}
+            Some(Grant::Permit(kind)) => inner.return_permit(kind),
+            Some(Grant::Object(slot, kind)) => inner.put_back(slot, kind),
+        }
+    }
+}
+
+impl<M: Manager> Drop for Ticket<M> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// Capacity granted to a checkout that still needs an object (see [`Pool::fill`]). Dropping
+/// it gives the permit back.
+pub struct Permit<M: Manager> {
+    guard: PermitGuard<M>,
+    start: Instant,
 }
 
 /// Counts a creator pausing between attempts, however the pause ends.
@@ -597,22 +1003,6 @@ impl<'a> Retrying<'a> {
 impl Drop for Retrying<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, SeqCst);
-    }
-}
-
-/// Counts a waiter for as long as it is queued, however the wait ends.
-struct Queued<'a>(&'a Stats);
-
-impl<'a> Queued<'a> {
-    fn enter(stats: &'a Stats) -> Self {
-        stats.waiting.fetch_add(1, Relaxed);
-        Queued(stats)
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Relaxed);
     }
 }
 
@@ -657,25 +1047,17 @@ impl<M: Manager> PermitGuard<M> {
             armed: true,
         }
     }
+
+    /// The permit goes back some other way (with its object).
+    fn disarm(mut self) {
+        self.armed = false;
+    }
 }
 
 impl<M: Manager> Drop for PermitGuard<M> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if self.kind == Kind::Reserve {
-            self.inner.stats.reserve_used.fetch_sub(1, Relaxed);
-            self.inner.reserve.add_permits(1);
-            return;
-        }
-        let paid = self
-            .inner
-            .to_forget
-            .fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1))
-            .is_ok();
-        if !paid {
-            self.inner.permits.add_permits(1);
+        if self.armed {
+            self.inner.return_permit(self.kind);
         }
     }
 }
@@ -717,28 +1099,38 @@ impl<M: Manager> Pooled<M> {
         let mut slot = self.slot.take().expect("present until consumed");
         slot.meta.uses += 1;
         slot.meta.last_used = now;
-        let inner = &self.permit.inner;
+        let inner = self.permit.inner.clone();
+        let kind = self.permit.kind;
+        // The permit goes back with the object (or alone, below): not by the guard.
+        self.permit.armed = false;
         let verdict = inner.manager.on_release(&mut slot.object, &slot.meta);
-        // Over capacity (after a shrink, or with the reserve in use), an object is closed
-        // unless a client is waiting for one: closing it would only make that client open
-        // another. The reaper trims the excess once it is idle.
-        let over = inner.stats.size.load(Relaxed) > inner.max_size.load(Relaxed)
-            && inner.stats.waiting.load(Relaxed) == 0;
-        let reason = match verdict {
-            Err(reason) => reason,
-            Ok(()) if inner.permits.is_closed() => CloseReason::PoolClosed,
-            Ok(()) if over => CloseReason::Shrink,
-            Ok(()) => {
-                inner.idle.lock().unwrap().push_back(slot);
-                if inner.retrying.load(SeqCst) > 0 {
-                    inner.released.notify_waiters();
-                }
-                // The permit guard drops with `self`, after the object is back in the idle
-                // list, so a waiter woken by it finds the object.
-                return;
+        let after = {
+            let mut core = inner.core();
+            // Over capacity (after a shrink, or with the reserve in use), an object is closed
+            // unless a client is waiting for one: closing it would only make that client open
+            // another. The reaper trims the excess once it is idle.
+            let over = inner.stats.size.load(Relaxed) > inner.max_size.load(Relaxed)
+                && core.queue.is_empty();
+            let reason = match verdict {
+                Err(reason) => Some(reason),
+                Ok(()) if core.closed => Some(CloseReason::PoolClosed),
+                Ok(()) if over => Some(CloseReason::Shrink),
+                // Shrink debt is paid by closing what comes back.
+                Ok(()) if kind == Kind::Main && core.to_forget > 0 => Some(CloseReason::Shrink),
+                Ok(()) => None,
+            };
+            match reason {
+                None => core.put_back(slot, kind, &inner.stats),
+                Some(reason) => After {
+                    wake: core.return_permit(kind, &inner.stats),
+                    close: Some((slot.object, reason)),
+                },
             }
         };
-        inner.close(slot.object, reason);
+        if after.close.is_none() && after.wake.is_none() && inner.retrying.load(SeqCst) > 0 {
+            inner.released.notify_waiters();
+        }
+        inner.finish(after);
     }
 
     /// Closes the object instead of returning it.

@@ -1,5 +1,6 @@
 use super::*;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
 struct Counter {
@@ -456,4 +457,109 @@ async fn try_get_hands_out_idle_objects_without_waiting_or_leaking_permits() {
     let c = pool.get(LONG).await.unwrap();
     assert!(c.healthy);
     assert_eq!(pool.snapshot().created, 2, "get() reused it, no new object");
+}
+
+/// Polls a ticket once with a no-op waker.
+fn poll_once(t: &mut Ticket<Counter>) -> Option<Result<Granted<Counter>, GetError<&'static str>>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match t.poll(&mut cx, Instant::now()) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
+    }
+}
+
+fn object(g: Option<Result<Granted<Counter>, GetError<&'static str>>>) -> Pooled<Counter> {
+    match g {
+        Some(Ok(Granted::Object(p))) => p,
+        Some(Ok(Granted::Capacity(_))) => panic!("capacity, not an object"),
+        Some(Err(e)) => panic!("error: {e}"),
+        None => panic!("not ready"),
+    }
+}
+
+#[tokio::test]
+async fn a_release_hands_its_object_to_the_first_waiter_and_wakes_it() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap();
+    let mut first = pool.ticket(Instant::now());
+    let mut second = pool.ticket(Instant::now());
+    assert!(poll_once(&mut first).is_none() && poll_once(&mut second).is_none());
+    assert_eq!(pool.snapshot().waiting, 2);
+
+    // The first waiter's task is woken by the release.
+    let woken = Arc::new(AtomicBool::new(false));
+    struct Flag(Arc<AtomicBool>);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    let waker = Waker::from(Arc::new(Flag(woken.clone())));
+    assert!(
+        first
+            .poll(&mut Context::from_waker(&waker), Instant::now())
+            .is_pending()
+    );
+    held.release();
+    assert!(woken.load(Relaxed), "the first waiter was woken");
+    let s = pool.snapshot();
+    assert_eq!((s.idle, s.waiting), (0, 1), "handed over, not left idle");
+    // A newcomer cannot overtake the queue, even with the object in flight.
+    assert!(pool.try_get(Instant::now()).is_none());
+    let a = object(poll_once(&mut first));
+    assert_eq!(
+        (a.id, a.meta().uses),
+        (0, 1),
+        "the same object, as released"
+    );
+    assert!(poll_once(&mut second).is_none(), "the second still waits");
+    a.release();
+    assert_eq!(object(poll_once(&mut second)).id, 0);
+    assert_eq!(pool.snapshot().created, 1);
+}
+
+#[tokio::test]
+async fn a_ticket_dropped_after_it_was_handed_an_object_passes_it_on() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap();
+    let first = pool.ticket(Instant::now());
+    let mut second = pool.ticket(Instant::now());
+    held.release(); // handed to `first`, which never looks
+    drop(first);
+    let s = pool.snapshot();
+    // Handed on at once: no longer queued, not idle either.
+    assert_eq!((s.waiting, s.idle, s.size), (0, 0, 1));
+    let b = object(poll_once(&mut second));
+    assert_eq!(b.id, 0, "passed on to the next waiter");
+    drop(second);
+    b.release();
+
+    // With nobody left to pass it to, it goes back idle with its permit.
+    let held = pool.get(LONG).await.unwrap();
+    let lone = pool.ticket(Instant::now());
+    held.release();
+    drop(lone);
+    let s = pool.snapshot();
+    assert_eq!((s.idle, s.active, s.waiting), (1, 0, 0));
+    assert_eq!(pool.try_get(Instant::now()).expect("idle and free").id, 0);
+}
+
+#[tokio::test]
+async fn a_discarded_object_passes_its_permit_to_the_first_waiter() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap();
+    let mut waiting = pool.ticket(Instant::now());
+    drop(held); // broken: closed, its permit goes on
+    match poll_once(&mut waiting) {
+        Some(Ok(Granted::Capacity(permit))) => {
+            let o = pool
+                .fill(permit, Instant::now() + LONG, true)
+                .await
+                .unwrap();
+            assert_eq!(o.id, 1, "a new object in the freed place");
+            o.release();
+        }
+        _ => panic!("expected capacity"),
+    }
+    assert_eq!(pool.snapshot().size, 1);
 }

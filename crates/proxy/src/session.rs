@@ -1369,15 +1369,18 @@ impl Session {
         Ok(())
     }
 
-    /// Waits for a server connection from the pool while still reading what the client
-    /// sends. Boxed: the wait's state (a kilobyte) would otherwise be part of every session's
-    /// task for its whole life, idle or not; one small allocation per waited checkout is the
-    /// price of a small idle client.
+    /// Waits in the pool's queue for a server connection while still reading what the client
+    /// sends (a client that leaves stops waiting). Polled by hand with the session's own timer
+    /// for the deadline: a wait costs a place in the queue and this small box, no timer built
+    /// and no second look in the idle list (at 1,000 clients on a pool of 20, nearly every
+    /// checkout waits). Boxed so that the wait's state is not part of every idle session's
+    /// task.
     #[allow(clippy::type_complexity)]
     fn wait_for_server<'a>(
         &'a mut self,
         pool: &'a ServerPool,
-        timeout: Duration,
+        start: Instant,
+        deadline: Instant,
     ) -> Pin<
         Box<
             dyn std::future::Future<
@@ -1386,26 +1389,70 @@ impl Session {
                 + 'a,
         >,
     > {
-        Box::pin(async move {
-            let mut get = std::pin::pin!(pool.pool.get(timeout));
-            loop {
-                let watch = self.cbuf.len() < HIGH_WATER;
-                tokio::select! {
-                    // The pool first: when a connection is free, the client is not looked at.
-                    biased;
-                    r = &mut get => return Ok(r),
-                    r = self.client.readable(), if watch => {
-                        r.map_err(|_| End::ClientGone)?;
-                        self.cbuf.reserve(CLIENT_CHUNK);
-                        match self.client.try_read_buf(&mut self.cbuf) {
-                            Ok(0) => return Err(End::ClientGone),
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(_) => return Err(End::ClientGone),
-                        }
+        Box::pin(self.wait_in_queue(pool, start, deadline))
+    }
+
+    async fn wait_in_queue(
+        &mut self,
+        pool: &ServerPool,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<Result<Pooled<ServerManager>, GetError<ServerError>>, End> {
+        use std::task::Poll;
+        use weir_pool::Granted;
+        enum Wait {
+            Granted(Result<Granted<ServerManager>, GetError<ServerError>>),
+            Client(io::Result<()>),
+            Timer,
+        }
+        let mut ticket = pool.pool.ticket(start);
+        let granted = loop {
+            let watch = self.cbuf.len() < HIGH_WATER;
+            let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
+            let client = &self.client;
+            let mut timer = arm(&mut self.timer, wake_at);
+            let ev = std::future::poll_fn(|cx| {
+                // The clock only matters while the reserve is still to open.
+                let now = if ticket.reserve_at().is_some() {
+                    Instant::now()
+                } else {
+                    start
+                };
+                // The pool first: when a connection is free, the client is not looked at.
+                if let Poll::Ready(r) = ticket.poll(cx, now) {
+                    return Poll::Ready(Wait::Granted(r));
+                }
+                if watch && let Poll::Ready(r) = client.poll_read_ready(cx) {
+                    return Poll::Ready(Wait::Client(r));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wait::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match ev {
+                Wait::Granted(r) => break r,
+                Wait::Client(r) => {
+                    r.map_err(|_| End::ClientGone)?;
+                    self.cbuf.reserve(CLIENT_CHUNK);
+                    match self.client.try_read_buf(&mut self.cbuf) {
+                        Ok(0) => return Err(End::ClientGone),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(End::ClientGone),
                     }
                 }
+                // The deadline, or the reserve opening to this waiter (polled again above).
+                Wait::Timer if Instant::now() >= deadline => return Ok(Err(ticket.give_up())),
+                Wait::Timer => {}
             }
+        };
+        Ok(match granted {
+            Ok(Granted::Object(server)) => Ok(server),
+            // Capacity without a connection: the pool is growing. Boxed, as rare and large.
+            Ok(Granted::Capacity(permit)) => Box::pin(pool.pool.fill(permit, deadline, true)).await,
+            Err(e) => Err(e),
         })
     }
 
@@ -1440,9 +1487,7 @@ impl Session {
                     );
                     return Ok(Err(CheckoutFailure(e)));
                 }
-                let r = self
-                    .wait_for_server(&pool, timeout.saturating_sub(asked.elapsed()))
-                    .await?;
+                let r = self.wait_for_server(&pool, asked, asked + timeout).await?;
                 *now = Instant::now();
                 pool.note_wait(now.saturating_duration_since(asked));
                 r
