@@ -304,6 +304,16 @@ impl Collector for WeirCollector {
             .map(|(l, _, p)| (l.clone(), p.metrics.bytes_sent.load(Relaxed)))
             .collect();
         counters(&mut enc, "weir_sent_bytes", "Bytes to clients", &tx)?;
+        let moves: Vec<_> = snaps
+            .iter()
+            .map(|(l, _, p)| (l.clone(), p.metrics.server_moves.load(Relaxed)))
+            .collect();
+        counters(
+            &mut enc,
+            "weir_server_moves",
+            "Server connections moved to another worker thread at checkout",
+            &moves,
+        )?;
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
@@ -14,12 +14,16 @@ struct Counter {
     max_uses: AtomicU64,
     /// quick_check leaves every verdict to recycle.
     defer: AtomicBool,
+    /// Where the caller runs, as `Manager::here` reports it.
+    here: AtomicUsize,
 }
 
 #[derive(Debug)]
 struct Obj {
     id: u32,
     healthy: bool,
+    /// Where it was created.
+    home: usize,
 }
 
 impl Manager for Counter {
@@ -34,7 +38,16 @@ impl Manager for Counter {
         Ok(Obj {
             id: self.next.fetch_add(1, Relaxed),
             healthy: true,
+            home: self.here.load(Relaxed),
         })
+    }
+
+    fn home(&self, o: &Obj) -> usize {
+        o.home
+    }
+
+    fn here(&self) -> usize {
+        self.here.load(Relaxed)
     }
 
     fn retry_after(&self, _e: &&'static str, _attempt: u32) -> Option<Duration> {
@@ -562,4 +575,86 @@ async fn a_discarded_object_passes_its_permit_to_the_first_waiter() {
         _ => panic!("expected capacity"),
     }
     assert_eq!(pool.snapshot().size, 1);
+}
+
+#[tokio::test]
+async fn a_checkout_prefers_an_idle_object_from_its_own_home() {
+    let pool = Pool::new(Counter::default(), 3);
+    let a = pool.get(LONG).await.unwrap(); // home 0
+    pool.manager().here.store(1, Relaxed);
+    let b = pool.get(LONG).await.unwrap(); // home 1
+    a.release();
+    b.release(); // the most recent
+    pool.manager().here.store(0, Relaxed);
+    let got = pool.try_get(Instant::now()).expect("idle");
+    assert_eq!(
+        (got.id, got.home),
+        (0, 0),
+        "home 0's own, not the most recent"
+    );
+    // Nothing from this home left: the most recent of the others.
+    let other = pool.try_get(Instant::now()).expect("idle");
+    assert_eq!(other.home, 1);
+}
+
+#[tokio::test]
+async fn a_release_prefers_a_waiter_from_its_home_near_the_front() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap(); // home 0
+    pool.manager().here.store(1, Relaxed);
+    let mut away = pool.ticket(Instant::now());
+    pool.manager().here.store(0, Relaxed);
+    let mut local = pool.ticket(Instant::now());
+    held.release();
+    assert!(poll_once(&mut away).is_none(), "passed over once");
+    let o = object(poll_once(&mut local));
+    assert_eq!(o.home, 0);
+    // The next release serves the waiter that was passed over.
+    o.release();
+    assert_eq!(object(poll_once(&mut away)).id, 0);
+}
+
+#[tokio::test]
+async fn a_release_serves_the_first_waiter_once_it_has_waited_the_slack_longer() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap(); // home 0
+    let t0 = Instant::now();
+    pool.manager().here.store(1, Relaxed);
+    let mut away = pool.ticket(t0);
+    pool.manager().here.store(0, Relaxed);
+    let mut local = pool.ticket(t0 + MIN_AFFINITY_SLACK + Duration::from_millis(1));
+    held.release();
+    assert!(
+        poll_once(&mut local).is_none(),
+        "joined too long after the first"
+    );
+    assert_eq!(object(poll_once(&mut away)).id, 0, "the first waiter");
+}
+
+#[tokio::test]
+async fn the_slack_grows_with_the_first_waiters_wait() {
+    let pool = Pool::new(Counter::default(), 1);
+    let held = pool.get(LONG).await.unwrap(); // home 0
+    let now = Instant::now();
+    pool.manager().here.store(1, Relaxed);
+    let mut away = pool.ticket(now - Duration::from_millis(100));
+    pool.manager().here.store(0, Relaxed);
+    // 100 ms into the first waiter's wait, the slack is 50 ms: a waiter that joined 40 ms
+    // after it is preferred, one that joined 60 ms after it would not be.
+    let mut near = pool.ticket(now - Duration::from_millis(60));
+    held.release();
+    assert!(poll_once(&mut away).is_none());
+    let o = object(poll_once(&mut near));
+    let mut late = pool.ticket(Instant::now());
+    o.release();
+    assert!(
+        poll_once(&mut late).is_none(),
+        "joined over half the first one's wait after it"
+    );
+    assert_eq!(object(poll_once(&mut away)).id, 0);
+    assert_eq!(affinity_slack(Duration::ZERO), MIN_AFFINITY_SLACK);
+    assert_eq!(
+        affinity_slack(Duration::from_secs(1)),
+        Duration::from_millis(500)
+    );
 }

@@ -18,6 +18,8 @@
 //! - [`stream`]: TCP, TLS or Unix socket behind one type.
 //! - [`tls`]: rustls on both sides (certificates, modes, handshakes, channel binding).
 //! - [`access`]: access rules and the failed-login slowdown.
+//! - [`workers`]: the worker threads (one single-threaded runtime per core) clients are
+//!   spread over.
 
 pub mod access;
 pub mod auth;
@@ -37,5 +39,6 @@ pub mod session;
 pub mod startup;
 pub mod stream;
 pub mod tls;
+pub mod workers;
 
 pub use listener::{Proxy, ProxyHandle};

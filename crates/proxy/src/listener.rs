@@ -17,6 +17,7 @@ use crate::metrics::{Registry, SlowLog};
 use crate::pools::Pools;
 use crate::session;
 use crate::stream::Stream;
+use crate::workers::Workers;
 use std::sync::atomic::AtomicU64;
 
 /// State shared by every session, passed as a handle (no globals), so several proxies can
@@ -85,9 +86,15 @@ impl Shared {
 pub struct Proxy;
 
 impl Proxy {
-    /// Binds every listen address (port 0 picks a free port) and starts accepting. Must be
-    /// called inside a Tokio runtime.
+    /// Binds every listen address (port 0 picks a free port) and starts accepting, serving
+    /// every client on the calling runtime. Must be called inside a Tokio runtime.
     pub async fn start(config: Config) -> io::Result<ProxyHandle> {
+        Self::start_on(config, Workers::single()).await
+    }
+
+    /// [`Proxy::start`], spreading clients over `workers` (the accept loops, maintenance
+    /// and the caller's own tasks run on the calling runtime, worker 0).
+    pub async fn start_on(config: Config, workers: Arc<Workers>) -> io::Result<ProxyHandle> {
         let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
         let shared = Arc::new(Shared::new(config.clone()));
         shared.pools.tls.store(Arc::new(tls));
@@ -98,7 +105,7 @@ impl Proxy {
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             addrs.push(l.local_addr()?);
-            accept.push(tokio::spawn(accept_tcp(l, shared.clone())));
+            accept.push(tokio::spawn(accept_tcp(l, shared.clone(), workers.clone())));
         }
         let mut unix_path = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
@@ -111,7 +118,11 @@ impl Proxy {
                     format!("cannot listen on {}: {e}", path.display()),
                 )
             })?;
-            accept.push(tokio::spawn(accept_unix(l, shared.clone())));
+            accept.push(tokio::spawn(accept_unix(
+                l,
+                shared.clone(),
+                workers.clone(),
+            )));
             unix_path = Some(path);
         }
         shared.pools.create_fixed(&config);
@@ -130,23 +141,52 @@ impl Proxy {
     }
 }
 
-async fn accept_tcp(l: TcpListener, shared: Arc<Shared>) {
+async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, workers: Arc<Workers>) {
     loop {
         match l.accept().await {
             Ok((sock, _)) => {
                 let _ = sock.set_nodelay(true);
-                tokio::spawn(session::serve(shared.clone(), Stream::Tcp(sock)));
+                let w = workers.next();
+                if w == crate::workers::current() {
+                    tokio::spawn(session::serve(shared.clone(), Stream::Tcp(sock)));
+                    continue;
+                }
+                // Another worker's: registered with that worker's runtime instead of this one.
+                let shared = shared.clone();
+                match sock.into_std() {
+                    Ok(sock) => drop(workers.handle(w).spawn(async move {
+                        match tokio::net::TcpStream::from_std(sock) {
+                            Ok(s) => session::serve(shared, Stream::Tcp(s)).await,
+                            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+                        }
+                    })),
+                    Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
+                }
             }
             Err(e) => accept_error(e).await,
         }
     }
 }
 
-async fn accept_unix(l: UnixListener, shared: Arc<Shared>) {
+async fn accept_unix(l: UnixListener, shared: Arc<Shared>, workers: Arc<Workers>) {
     loop {
         match l.accept().await {
             Ok((sock, _)) => {
-                tokio::spawn(session::serve(shared.clone(), Stream::Unix(sock)));
+                let w = workers.next();
+                if w == crate::workers::current() {
+                    tokio::spawn(session::serve(shared.clone(), Stream::Unix(sock)));
+                    continue;
+                }
+                let shared = shared.clone();
+                match sock.into_std() {
+                    Ok(sock) => drop(workers.handle(w).spawn(async move {
+                        match tokio::net::UnixStream::from_std(sock) {
+                            Ok(s) => session::serve(shared, Stream::Unix(s)).await,
+                            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+                        }
+                    })),
+                    Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
+                }
             }
             Err(e) => accept_error(e).await,
         }

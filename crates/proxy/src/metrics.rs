@@ -21,6 +21,8 @@ pub struct PoolMetrics {
     /// Bytes from clients to the server, and from the server to clients.
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Server connections a checkout moved to its own worker thread (see `crate::workers`).
+    pub server_moves: AtomicU64,
     /// Gauge: clients logged in to this pool.
     pub clients: AtomicUsize,
     /// ErrorResponses clients got, by SQLSTATE (the server's and Weir's own).

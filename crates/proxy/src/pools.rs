@@ -304,6 +304,14 @@ impl Manager for ServerManager {
         }
     }
 
+    fn home(&self, conn: &ServerConn) -> usize {
+        conn.home
+    }
+
+    fn here(&self) -> usize {
+        crate::workers::current()
+    }
+
     fn closed(&self, conn: ServerConn, reason: CloseReason) {
         // Routine retirements are info; a connection that died or failed is a warning.
         let level_info = !matches!(

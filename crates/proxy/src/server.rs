@@ -154,6 +154,8 @@ pub struct ServerConn {
     pub addr: std::sync::Arc<ServerAddr>,
     pub state: ServerState,
     pub id: u64,
+    /// The worker whose runtime the socket is registered with ([`crate::workers`]).
+    pub home: usize,
     /// When this connection retires: its opening plus the pool's lifetime less up to 25% at
     /// random, so connections opened together are not all replaced together. `None`: no
     /// limit.
@@ -431,6 +433,7 @@ impl ServerConn {
                             broken: false,
                         },
                         id,
+                        home: crate::workers::current(),
                         expires: None,
                         db_permit: None,
                         generation: 0,
@@ -580,6 +583,18 @@ impl ServerConn {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+
+    /// Registers the connection with the calling worker's runtime if it is registered with
+    /// another's (see [`Stream::rehome`]). True if it moved.
+    pub fn rehome(&mut self) -> io::Result<bool> {
+        let here = crate::workers::current();
+        if self.home == here {
+            return Ok(false);
+        }
+        self.stream.rehome()?;
+        self.home = here;
+        Ok(true)
     }
 
     /// Whether this connection has outlived its lifetime at `now` (a comparison, no clock

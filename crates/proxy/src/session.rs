@@ -1505,6 +1505,20 @@ impl Session {
                 return Ok(Err(failure));
             }
         };
+        // Registered with another worker's runtime: move it to this one, so its replies wake
+        // this thread. Should that fail (no file descriptor to spare), it still works from
+        // where it is, only with a detour through the other worker.
+        match server.rehome() {
+            Ok(true) => {
+                pool.metrics
+                    .server_moves
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(server = server.id, error = %e, "could not move a server connection to this worker")
+            }
+        }
         if let Some(q) = server.state.params.sync_query(&self.params) {
             self.relay.inject_query(&q, &mut self.to_server);
         }

@@ -124,6 +124,30 @@ impl Stream {
         }
     }
 
+    /// Registers the socket with the calling thread's runtime instead of the one it was
+    /// registered with: a worker that takes a server connection opened on another worker
+    /// moves it here, so the connection's replies wake this worker directly rather than
+    /// passing through the other one. The socket is duplicated and the duplicate registered;
+    /// dropping the original deregisters it from the old runtime before closing it, which
+    /// leaves the connection itself open. A dup, two epoll_ctl and a close.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        fn tcp(s: &mut TcpStream) -> io::Result<()> {
+            let fd = s.as_fd().try_clone_to_owned()?;
+            *s = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+            Ok(())
+        }
+        match self {
+            Stream::Tcp(s) => tcp(s),
+            Stream::Tls(s) => tcp(&mut s.tcp),
+            Stream::Unix(s) => {
+                let fd = s.as_fd().try_clone_to_owned()?;
+                *s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+                Ok(())
+            }
+        }
+    }
+
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_write(data),

@@ -102,7 +102,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
             slo,
             out,
         }) => compare(before, after, slo, out),
-        None => crate::runtime(0).and_then(|rt| rt.block_on(run(args.run))),
+        None => crate::multi_thread_runtime().and_then(|rt| rt.block_on(run(args.run))),
     };
     r.unwrap_or_else(|e| {
         eprintln!("weir bench: {e:#}");

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
         Command::Reload(args) => return reload::main(args),
         Command::Bench(args) => return bench::main(args),
         Command::Advise(args) => return advise::main(args),
-        Command::Demo(args) => runtime(0).and_then(|rt| rt.block_on(demo::demo(args))),
+        Command::Demo(args) => multi_thread_runtime().and_then(|rt| rt.block_on(demo::demo(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,21 +218,23 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
 }
 
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    // One worker: Tokio's single-threaded scheduler, with no work stealing or cross-thread
-    // wakeups to pay for.
-    let mut b = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if workers > 1 {
-        b.worker_threads(workers);
-    }
-    b.enable_all()
-        .thread_name("weir-worker")
+/// For `weir demo` (its load generator beside Weir in one process) and `weir bench` (a load
+/// generator): Tokio's multi-threaded scheduler shares the cores between their tasks.
+fn multi_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weir-demo")
         .build()
         .context("start the runtime")
+}
+
+/// How many worker threads `weir run` uses: `--workers`, else `proxy.workers`, where 0 means
+/// one per core.
+fn worker_count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -249,10 +251,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         source
     });
-    let workers = args.workers.unwrap_or(config.proxy.workers);
-    runtime(workers)?.block_on(async move {
+    let workers = worker_count(args.workers.unwrap_or(config.proxy.workers));
+    // This thread is worker 0, with a single-threaded runtime like every other worker's
+    // (see weir_proxy::workers); it also runs the accept loops, the admin API and the
+    // maintenance tasks.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(async move {
         let admin_addr = config.admin.listen;
-        let proxy = weir_proxy::Proxy::start(config).await?;
+        let workers = weir_proxy::workers::Workers::start(workers)
+            .context("start the worker threads")?;
+        tracing::info!(workers = workers.len(), "worker threads started");
+        let proxy = weir_proxy::Proxy::start_on(config, workers.clone()).await?;
         if let Some(s) = source {
             proxy.shared().set_source(s);
         }
@@ -306,6 +318,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // sessions still running and closes their connections.
         proxy.stop();
         drop(admin);
+        workers.stop();
         Ok(())
     })
 }

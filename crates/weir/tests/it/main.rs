@@ -22,3 +22,4 @@ mod reload;
 mod secrets;
 mod session;
 mod tls;
+mod workers;

@@ -1,0 +1,134 @@
+//! Clients spread over worker threads (one single-threaded runtime each) share the pools:
+//! a server connection moves to the worker of the client that checks it out, and every
+//! transaction still runs whole on one connection.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::common::*;
+
+/// A Weir with two workers (the test's runtime is worker 0, one extra thread worker 1) and a
+/// pool of `pool_size` in transaction mode, in front of a fresh database.
+async fn two_workers(
+    prefix: &str,
+    pool_size: u32,
+) -> (
+    String,
+    weir_proxy::ProxyHandle,
+    std::sync::Arc<weir_proxy::workers::Workers>,
+) {
+    let db = unique_db(prefix);
+    let d2 = db.clone();
+    let pg = tokio::task::spawn_blocking(move || {
+        let pg = PgServer::shared();
+        pg.create_database(&d2);
+        pg
+    })
+    .await
+    .unwrap();
+    let config = weir_config(pg, &db, pool_size, PoolMode::Transaction);
+    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
+    let weir = weir_proxy::Proxy::start_on(config, workers.clone())
+        .await
+        .expect("start weir");
+    (db, weir, workers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_workers_share_one_server_connection() {
+    let (db, weir, workers) = two_workers("workers_one", 1).await;
+    let url = weir_url(&weir, SCRAM_USER, &db);
+    // Handed to the workers in turn: `a` to worker 0, `b` to worker 1.
+    let a = connect(&url).await.unwrap();
+    let b = connect(&url).await.unwrap();
+    for i in 0..40i32 {
+        let x: i32 = a.query_one("select $1::int", &[&i]).await.unwrap().get(0);
+        let y: i32 = b
+            .query_one("select $1::int + 1000", &[&i])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((x, y), (i, i + 1000));
+    }
+    // A transaction on one worker holds the only connection; the other worker's client
+    // waits for it and then gets it, with nothing of the first transaction left on it.
+    b.batch_execute("begin; set local application_name = 'held by b'")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        a.query_one("select current_setting('application_name')", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "a waits while b's transaction runs");
+    b.batch_execute("commit").await.unwrap();
+    assert_ne!(waiting.await.unwrap(), "held by b");
+
+    let pools = weir.shared().pools.all();
+    let pool = &pools[0];
+    let s = pool.pool.snapshot();
+    assert_eq!(s.created, 1, "one server connection served both workers");
+    let moves = pool.metrics.server_moves.load(Relaxed);
+    assert!(
+        moves >= 40,
+        "the connection moved between the workers at checkouts: {moves} moves"
+    );
+    drop(b);
+    weir.stop();
+    workers.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_from_many_clients_on_two_workers_stay_whole() {
+    let (db, weir, workers) = two_workers("workers_many", 3).await;
+    let url = weir_url(&weir, SCRAM_USER, &db);
+    let setup = connect(&url).await.unwrap();
+    setup
+        .batch_execute(
+            "create table counters (id int primary key, n int not null);
+             insert into counters select g, 0 from generate_series(0, 7) g",
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for id in 0..8i32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            for _ in 0..50 {
+                // Read, then write what was read plus one, in one transaction: if any
+                // statement landed on another server connection, or another client's
+                // statement landed inside it, counts would go missing.
+                c.batch_execute("begin").await.unwrap();
+                let n: i32 = c
+                    .query_one("select n from counters where id = $1 for update", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                c.execute("update counters set n = $2 where id = $1", &[&id, &(n + 1)])
+                    .await
+                    .unwrap();
+                c.batch_execute("commit").await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total: i64 = setup
+        .query_one("select sum(n) from counters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 8 * 50);
+    let s = weir.shared().pools.all()[0].pool.snapshot();
+    assert!(
+        s.created <= 3,
+        "{} server connections for a pool of 3",
+        s.created
+    );
+    drop(setup);
+    weir.stop();
+    workers.stop();
+}
