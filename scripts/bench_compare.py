@@ -218,6 +218,9 @@ def main():
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="Weir worker threads (0 = one per core)")
+    ap.add_argument("--also-workers", type=int, default=1,
+                    help="also measure a second Weir with this many worker threads, like single-threaded "
+                         "PgBouncer (0: skip; skipped too when it equals --workers' count)")
     ap.add_argument("--out")
     ap.add_argument("--serve", action="store_true",
                     help="start the three targets, print their ports and pids, and wait (for profiling)")
@@ -237,6 +240,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "weir"], cwd=ROOT, check=True)
     weir_bin = os.path.join(ROOT, "target", "release", "weir")
 
+    weir_workers = args.workers or os.cpu_count()
+    weir_second = (f"weir-{args.also_workers}w"
+                   if args.also_workers and args.also_workers != weir_workers else None)
     bd = bindir()
     work = tempfile.mkdtemp(prefix="weir-bench-")
     os.chmod(work, 0o777)
@@ -296,6 +302,23 @@ def main():
         wait_port(weir_port, weir, "weir")
 
         targets = [("direct", pg_port, None), ("pgbouncer", pgb_port, pgb.pid), ("weir", weir_port, weir.pid)]
+        if weir_second:
+            # The same config on its own ports, with a different worker count.
+            port2 = free_port()
+            toml2 = os.path.join(work, "weir2.toml")
+            with open(toml) as f:
+                text = f.read()
+            text = text.replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{port2}")
+            text = re.sub(r'(\[admin\]\nlisten = "127\.0\.0\.1:)\d+', lambda m: m.group(1) + str(free_port()), text)
+            with open(toml2, "w") as f:
+                f.write(text)
+            weir2 = subprocess.Popen([weir_bin, "run", "--config", toml2, "--workers", str(args.also_workers)],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(work, "weir2.log"), "w"),
+                                     env={**os.environ, "WEIR_LOG": "warn"})
+            procs.append(weir2)
+            wait_port(port2, weir2, "weir (second)")
+            targets.append((weir_second, port2, weir2.pid))
         if args.serve:
             for name, port, pid in targets:
                 print(f"{name} port={port} pid={pid or pg.pid}", flush=True)
@@ -311,7 +334,7 @@ def main():
         for rep in range(args.repeat):
             for mode in modes:
                 for c in clients:
-                    order = targets[cell % 3:] + targets[:cell % 3]
+                    order = targets[cell % len(targets):] + targets[:cell % len(targets)]
                     cell += 1
                     for name, port, pid in order:
                         cpu0 = cpu_seconds(pid) if pid else None
@@ -323,7 +346,7 @@ def main():
                         status = f"{r['tps']:.0f} tps" if r["ok"] else f"FAILED: {r['error']}"
                         print(f"  [{rep + 1}/{args.repeat}] -M {mode:8} -c {c:4} {name:9} {status}", file=sys.stderr)
             if args.connect_clients:
-                order = targets[rep % 3:] + targets[:rep % 3]
+                order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for name, port, pid in order:
                     cpu0 = cpu_seconds(pid) if pid else None
                     r = run_pgbench(bd, port, args.connect_clients, "simple", args.seconds, db, connect_each=True)
@@ -355,17 +378,30 @@ def main():
     lines = []
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    weir_workers = args.workers or os.cpu_count()
+    weirs = ["weir"] + ([weir_second] if weir_second else [])
+    label_of = {"direct": "direct", "pgbouncer": "PgB", "weir": f"Weir {weir_workers}w"}
+    if weir_second:
+        label_of[weir_second] = f"Weir {args.also_workers}w"
+    second = f", and a second Weir with {args.also_workers}" if weir_second else ""
     lines.append(f"pgbench -S -j 2 -T {args.seconds}, scale {args.scale}, pool_size {args.pool_size} (transaction "
-                 f"mode) for PgBouncer and Weir (Weir with {weir_workers} worker threads); median of "
-                 f"{args.repeat} runs per cell, [lowest-highest] in brackets; targets alternated; {now}; "
-                 f"{os.cpu_count()} cores, {mem:.0f} GiB; PostgreSQL, PgBouncer, Weir and pgbench on the "
-                 f"same machine.")
+                 f"mode) for PgBouncer and Weir (Weir with {weir_workers} worker threads, its default here"
+                 f"{second}); median of {args.repeat} runs per cell, [lowest-highest] in brackets; targets "
+                 f"alternated; {now}; {os.cpu_count()} cores, {mem:.0f} GiB; PostgreSQL, PgBouncer, Weir and "
+                 f"pgbench on the same machine.")
     lines.append("")
-    lines.append("| mode | clients | direct tps | PgBouncer tps | Weir tps | Weir/PgBouncer | Weir/direct | "
-                 "avg latency ms direct / PgB / Weir | p99 latency ms direct / PgB / Weir | "
-                 "pooler CPU ms per 1k tx PgB / Weir |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
+    head = "| mode | clients | direct tps | PgBouncer tps |"
+    rule = "|---|---:|---:|---:|"
+    for w in weirs:
+        head += f" {label_of[w]} tps | {label_of[w]}/PgB | {label_of[w]}/direct |"
+        rule += "---:|---:|---:|"
+    names = ["direct", "pgbouncer"] + weirs
+    poolers = ["pgbouncer"] + weirs
+    head += (f" avg latency ms {' / '.join(label_of[n] for n in names)} |"
+             f" p99 latency ms {' / '.join(label_of[n] for n in names)} |"
+             f" pooler CPU ms per 1k tx {' / '.join(label_of[n] for n in poolers)} |")
+    rule += "---|---|---|"
+    lines.append(head)
+    lines.append(rule)
 
     def ok_runs(runs):
         return [r for r in runs if r["ok"]]
@@ -387,25 +423,32 @@ def main():
     if args.connect_clients:
         cells.append(("connect", args.connect_clients))
     for mode, c in cells:
-        d, b, w = (results[(mode, c, n)] for n in ("direct", "pgbouncer", "weir"))
-        td, tb, tw = med(d, "tps"), med(b, "tps"), med(w, "tps")
-        wb = f"{tw / tb:.2f}" if tb and tw else "n/a"
-        wd = f"{tw / td:.2f}" if td and tw else "n/a"
-        lat = " / ".join(f"{med(r, 'lat'):.2f}" if med(r, "lat") is not None else "-" for r in (d, b, w))
-        p99 = " / ".join(f"{med(r, 'p99'):.2f}" if med(r, "p99") is not None else "-" for r in (d, b, w))
-        cpu = " / ".join(f"{med(r, 'cpu_per_1k') * 1000:.0f}" if med(r, "cpu_per_1k") else "-" for r in (b, w))
-        label = "simple, `-C` (tps = connections/s)" if mode == "connect" else mode
-        lines.append(f"| {label} | {c} | {fmt(d)} | {fmt(b)} | {fmt(w)} | {wb} | {wd} | {lat} | {p99} | {cpu} |")
+        runs = {n: results[(mode, c, n)] for n in names}
+        td, tb = med(runs["direct"], "tps"), med(runs["pgbouncer"], "tps")
+        row = f"| {'simple, `-C` (tps = connections/s)' if mode == 'connect' else mode} | {c} | " \
+              f"{fmt(runs['direct'])} | {fmt(runs['pgbouncer'])} |"
+        for w in weirs:
+            tw = med(runs[w], "tps")
+            wb = f"{tw / tb:.2f}" if tb and tw else "n/a"
+            wd = f"{tw / td:.2f}" if td and tw else "n/a"
+            row += f" {fmt(runs[w])} | {wb} | {wd} |"
+        lat = " / ".join(f"{med(runs[n], 'lat'):.2f}" if med(runs[n], "lat") is not None else "-" for n in names)
+        p99 = " / ".join(f"{med(runs[n], 'p99'):.2f}" if med(runs[n], "p99") is not None else "-" for n in names)
+        cpu = " / ".join(f"{med(runs[n], 'cpu_per_1k') * 1000:.0f}" if med(runs[n], "cpu_per_1k") else "-"
+                         for n in poolers)
+        lines.append(f"{row} {lat} | {p99} | {cpu} |")
     if memory:
         lines.append("")
         lines.append(f"Resident memory per idle client, {args.idle} logged-in connections held open "
                      "(VmRSS after minus before, divided by the count):")
         lines.append("")
-        lines.append("| PgBouncer bytes/client | Weir bytes/client | Weir/PgBouncer |")
-        lines.append("|---:|---:|---:|")
-        pb, wm = memory.get("pgbouncer"), memory.get("weir")
-        ratio = f"{wm / pb:.2f}" if pb and wm else "n/a"
-        lines.append(f"| {pb:.0f} | {wm:.0f} | {ratio} |" if pb and wm else f"| {pb} | {wm} | n/a |")
+        lines.append("| " + " | ".join(f"{label_of[n]} bytes/client" for n in poolers) + " | " +
+                     " | ".join(f"{label_of[w]}/PgB" for w in weirs) + " |")
+        lines.append("|" + "---:|" * (len(poolers) + len(weirs)))
+        pb = memory.get("pgbouncer")
+        cells_m = [f"{memory[n]:.0f}" if memory.get(n) else "n/a" for n in poolers]
+        ratios = [f"{memory[w] / pb:.2f}" if pb and memory.get(w) else "n/a" for w in weirs]
+        lines.append("| " + " | ".join(cells_m + ratios) + " |")
     failures = sorted({(k, r["error"]) for k, runs in results.items() for r in runs if not r["ok"]})
     if failures:
         lines.append("")
