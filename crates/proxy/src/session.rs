@@ -1398,6 +1398,7 @@ impl Session {
         start: Instant,
         deadline: Instant,
     ) -> Result<Result<Pooled<ServerManager>, GetError<ServerError>>, End> {
+        use std::future::Future;
         use std::task::Poll;
         use weir_pool::Granted;
         enum Wait {
@@ -1444,16 +1445,46 @@ impl Session {
                     }
                 }
                 // The deadline, or the reserve opening to this waiter (polled again above).
-                Wait::Timer if Instant::now() >= deadline => return Ok(Err(ticket.give_up())),
+                Wait::Timer if Instant::now() >= deadline => break ticket.give_up(),
                 Wait::Timer => {}
             }
         };
-        Ok(match granted {
-            Ok(Granted::Object(server)) => Ok(server),
-            // Capacity without a connection: the pool is growing. Boxed, as rare and large.
-            Ok(Granted::Capacity(permit)) => Box::pin(pool.pool.fill(permit, deadline, true)).await,
-            Err(e) => Err(e),
-        })
+        let permit = match granted {
+            Ok(Granted::Object(server)) => return Ok(Ok(server)),
+            Ok(Granted::Capacity(permit)) => permit,
+            Err(e) => return Ok(Err(e)),
+        };
+        // Capacity without a connection: an idle one to check, or one to open (the pool is
+        // growing, or the server is coming back). Boxed, as rarer and larger than the rest;
+        // the client is still watched, so one that leaves stops the connect.
+        let mut fill = Box::pin(pool.pool.fill(permit, deadline, true));
+        loop {
+            let watch = self.cbuf.len() < HIGH_WATER;
+            let client = &self.client;
+            let ev = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = fill.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(r));
+                }
+                if watch && let Poll::Ready(r) = client.poll_read_ready(cx) {
+                    return Poll::Ready(Err(r));
+                }
+                Poll::Pending
+            })
+            .await;
+            match ev {
+                Ok(r) => return Ok(r),
+                Err(r) => {
+                    r.map_err(|_| End::ClientGone)?;
+                    self.cbuf.reserve(CLIENT_CHUNK);
+                    match self.client.try_read_buf(&mut self.cbuf) {
+                        Ok(0) => return Err(End::ClientGone),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(End::ClientGone),
+                    }
+                }
+            }
+        }
     }
 
     async fn checkout_from_pool(

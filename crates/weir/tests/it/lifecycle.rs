@@ -223,6 +223,47 @@ async fn waiting_clients_ride_out_an_outage_within_query_wait_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_connect_is_retried_stops_the_retries() {
+    let d = Dedicated::new(2, |c| {
+        c.pool.query_wait_timeout = Some(Duration::from_secs(30))
+    })
+    .await;
+    let (c, conn) = connect_killable(&d.url()).await;
+    c.simple_query("select 1").await.unwrap();
+    d.stop("fast").await;
+    // Its next query needs a new server connection: Weir retries the connect with backoff.
+    let query = tokio::spawn(async move { c.simple_query("select 1").await.map(|_| ()) });
+    let pool = d.pool();
+    let t = Instant::now();
+    while pool.pool.snapshot().retries == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no connect retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client goes away mid-wait: its session ends at once, not at query_wait_timeout.
+    conn.abort();
+    let _ = query.await;
+    let clients = &d.weir.shared().clients;
+    let t = Instant::now();
+    while clients.total() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the session outlived its client by {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And nobody retries on its behalf any more.
+    let retries = pool.pool.snapshot().retries;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = pool.pool.snapshot();
+    assert_eq!(
+        s.retries, retries,
+        "connects retried for a client that left: {s:?}"
+    );
+    d.start().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_lifetime_replaces_connections_spread_out_without_errors() {
     let s = Setup::with_config("lifetime", |pg, db| {
         let mut c = weir_config(pg, db, 3, PoolMode::Transaction);
