@@ -16,7 +16,7 @@ use weir_wire::{ErrorResponse, SqlState};
 use crate::auth;
 use crate::limits::ClientSlot;
 use crate::listener::Shared;
-use crate::metrics::{ConnInfo, ConnState, unix_micros};
+use crate::metrics::{ConnInfo, ConnState};
 use crate::pools::ServerPool;
 use crate::startup::read_message;
 use crate::stream::Stream;
@@ -573,7 +573,7 @@ fn show(
                     c.port().to_string(),
                     c.local_addr(),
                     c.local_port().to_string(),
-                    timestamp(unix_micros(c.connect_time)),
+                    timestamp(c.connect_time()),
                     timestamp(c.request_time()),
                     wait.as_secs().to_string(),
                     wait.subsec_micros().to_string(),
