@@ -331,11 +331,15 @@ impl<M: Manager> Inner<M> {
     /// The most recently released idle object that lives here, or else the most recent.
     fn take_idle_near(&self, core: &mut Core<M::Object>) -> Option<Box<Slot<M::Object>>> {
         let here = self.manager.here();
+        // Usually the newest already lives here.
+        if self.manager.home(&core.idle.back()?.object) == here {
+            return core.idle.pop_back();
+        }
         let i = core
             .idle
             .iter()
             .rposition(|s| self.manager.home(&s.object) == here)
-            .unwrap_or(core.idle.len().checked_sub(1)?);
+            .unwrap_or(core.idle.len() - 1);
         core.idle.remove(i)
     }
 
@@ -1184,10 +1188,10 @@ impl<M: Manager> Pooled<M> {
         let mut slot = self.slot.take().expect("present until consumed");
         slot.meta.uses += 1;
         slot.meta.last_used = now;
-        let inner = self.permit.inner.clone();
-        let kind = self.permit.kind;
         // The permit goes back with the object (or alone, below): not by the guard.
         self.permit.armed = false;
+        let kind = self.permit.kind;
+        let inner = &*self.permit.inner;
         let verdict = inner.manager.on_release(&mut slot.object, &slot.meta);
         let home = inner.manager.home(&slot.object);
         let after = {

@@ -27,15 +27,26 @@ pub struct HistogramSnapshot {
     pub sum: f64,
 }
 
+/// [`BUCKETS`] in microseconds: an observation compares integers, not floats.
+const BUCKETS_US: [u64; BUCKETS.len()] = {
+    let mut us = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        us[i] = (BUCKETS[i] * 1e6 + 0.5) as u64;
+        i += 1;
+    }
+    us
+};
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = BUCKETS_US
             .iter()
-            .position(|b| secs <= *b)
+            .position(|b| us <= *b)
             .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
@@ -260,6 +271,20 @@ pub struct Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_bounds_match_the_published_ones() {
+        for (us, secs) in BUCKETS_US.iter().zip(BUCKETS) {
+            assert_eq!(*us as f64 / 1e6, secs);
+        }
+        // A bound is inclusive, as Prometheus's `le` is.
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_micros(501));
+        let s = h.snapshot();
+        assert_eq!(s.buckets[1], (0.0005, 1));
+        assert_eq!(s.buckets[2], (0.001, 2));
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

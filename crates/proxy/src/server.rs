@@ -156,6 +156,9 @@ pub struct ServerConn {
     pub id: u64,
     /// The worker whose runtime the socket is registered with ([`crate::workers`]).
     pub home: usize,
+    /// Registered here a moment ago: the next write goes out without waiting for Tokio to
+    /// record writability (see [`Stream::send_unready`]).
+    pub just_moved: bool,
     /// When this connection retires: its opening plus the pool's lifetime less up to 25% at
     /// random, so connections opened together are not all replaced together. `None`: no
     /// limit.
@@ -434,6 +437,7 @@ impl ServerConn {
                         },
                         id,
                         home: crate::workers::current(),
+                        just_moved: false,
                         expires: None,
                         db_permit: None,
                         generation: 0,
@@ -594,6 +598,7 @@ impl ServerConn {
         }
         self.stream.rehome()?;
         self.home = here;
+        self.just_moved = true;
         Ok(true)
     }
 

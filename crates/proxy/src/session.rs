@@ -1319,9 +1319,16 @@ impl Session {
     }
 
     fn flush_to_server(&mut self) -> Result<(), End> {
-        if let Some(server) = &self.server
+        if let Some(server) = &mut self.server
             && !self.to_server.is_empty()
         {
+            if std::mem::take(&mut server.just_moved) {
+                match server.stream.send_unready(&self.to_server) {
+                    Ok(n) => self.to_server.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(End::ServerLost(e.to_string())),
+                }
+            }
             flush_pending(&server.stream, &mut self.to_server)
                 .map_err(|e| End::ServerLost(e.to_string()))?;
         }

@@ -148,36 +148,37 @@ impl Stream {
         }
     }
 
-    /// Writes what the socket takes now; WouldBlock if it takes nothing.
-    ///
-    /// A socket just registered with this runtime (a server connection moved to this worker, a
-    /// client handed to it at accept) has no readiness recorded until the reactor's next
-    /// turn, and Tokio's `try_write` would then report WouldBlock without trying, costing the
-    /// session a turn of its loop per move. So when Tokio has nothing recorded, the send is
-    /// tried anyway. Only a send made inside `try_io` may clear readiness (Tokio pairs the
-    /// clearing with what it saw before the call); the extra one clears nothing, so at worst
-    /// a later wait for writability wakes once for nothing.
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(data),
+            Stream::Unix(s) => s.try_write(data),
+            Stream::Tls(s) => s.try_write(data),
+        }
+    }
+
+    /// A send that does not ask Tokio first, for a socket just registered with this runtime
+    /// (a server connection moved to this worker: see [`Stream::rehome`]). Tokio has no
+    /// readiness recorded for a new registration until its reactor's next turn, so
+    /// [`Stream::try_write`] would report WouldBlock without trying and the session would wait
+    /// a turn for nothing. Clears no readiness (only a send inside `try_io` may), so at worst
+    /// a later wait for writability wakes once for nothing.
+    pub fn send_unready(&self, data: &[u8]) -> io::Result<usize> {
         if let Stream::Tls(s) = self {
             return s.try_write(data);
         }
-        let fd = self.fd();
-        let send = || {
-            // SAFETY: `data` is valid for `data.len()` bytes; `fd` is our open socket.
-            let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
+        // SAFETY: `data` is valid for `data.len()` bytes; the fd is our open socket.
+        let n = unsafe {
+            libc::send(
+                self.fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_NOSIGNAL,
+            )
         };
-        let mut tried = false;
-        match self.try_io(Interest::WRITABLE, || {
-            tried = true;
-            send()
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !tried => send(),
-            r => r,
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
         }
     }
 
