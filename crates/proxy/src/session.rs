@@ -564,8 +564,8 @@ fn killed() -> End {
 }
 
 /// The session's one timer, set to fire at `at`: made on first use and reset after, so no
-/// timer is built per wait, and a session with no timeout configured holds none (a `Sleep`
-/// inline would add its size to every idle client's task).
+/// timer is built per wait, and a session with no timeout configured that never waited for
+/// a connection holds none (a `Sleep` inline would add its size to every idle client's task).
 fn arm(
     timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     at: Instant,
