@@ -57,6 +57,12 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// The server-side name (see [`StatementId::name`]), read from the Parse already built
+    /// with it rather than hex-encoded again at every Bind.
+    pub fn server_name(&self) -> &[u8] {
+        &self.parse[weir_wire::frame::HEADER_LEN..weir_wire::frame::HEADER_LEN + NAME_LEN]
+    }
+
     pub fn new(parse: &Parse<'_>) -> Statement {
         let id = StatementId::of(parse);
         let mut buf =
@@ -248,6 +254,11 @@ mod tests {
             .unwrap()
             .unwrap();
         let back = Parse::decode(body).unwrap();
+        assert_eq!(
+            s.server_name(),
+            &s.id.name()[..],
+            "read from the built Parse"
+        );
         assert_eq!(back.name, &s.id.name()[..]);
         assert!(back.name.starts_with(b"weir_"));
         assert_eq!(

@@ -409,10 +409,10 @@ impl Relay {
                     let b = Bind::decode(body)?;
                     let stmt = match self.mapped(statements, b.statement) {
                         Some(st) => {
-                            self.ensure_on(srv, &st, protect_from, may_evict, to_server);
+                            self.ensure_on(srv, st, protect_from, may_evict, to_server);
                             Bind {
                                 portal: b.portal,
-                                statement: &st.id.name(),
+                                statement: st.server_name(),
                                 rest: b.rest,
                             }
                             .encode(to_server);
@@ -433,10 +433,10 @@ impl Relay {
                     let d = Named::decode(body)?;
                     let stmt = match (d.target, self.mapped(statements, d.name)) {
                         (Target::Statement, Some(st)) => {
-                            self.ensure_on(srv, &st, protect_from, may_evict, to_server);
+                            self.ensure_on(srv, st, protect_from, may_evict, to_server);
                             Named {
                                 target: Target::Statement,
-                                name: &st.id.name(),
+                                name: st.server_name(),
                             }
                             .encode(tag::DESCRIBE, to_server);
                             Some(st.id)
@@ -519,9 +519,14 @@ impl Relay {
         Ok(ClientStep::Done(pos))
     }
 
-    fn mapped(&self, statements: &ClientStatements, name: &[u8]) -> Option<Arc<Statement>> {
+    /// The client's statement `name` maps to, borrowed: a Bind costs no reference count.
+    fn mapped<'s>(
+        &self,
+        statements: &'s ClientStatements,
+        name: &[u8],
+    ) -> Option<&'s Arc<Statement>> {
         if self.mapping && !name.is_empty() {
-            statements.get(name).cloned()
+            statements.get(name)
         } else {
             None
         }

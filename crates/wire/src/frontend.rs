@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::{put_cstr, put_message, split_cstr};
+use crate::{put_cstr, put_message, split_cstr, split_text};
 
 /// Frontend message tags.
 pub mod tag {
@@ -163,7 +163,7 @@ pub struct Query<'a> {
 
 impl<'a> Query<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self, Malformed> {
-        let (sql, rest) = split_cstr(body).ok_or(malformed("Query"))?;
+        let (sql, rest) = split_text(body).ok_or(malformed("Query"))?;
         if !rest.is_empty() {
             return Err(malformed("Query"));
         }
@@ -187,7 +187,7 @@ pub struct Parse<'a> {
 impl<'a> Parse<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self, Malformed> {
         let (name, rest) = split_cstr(body).ok_or(malformed("Parse"))?;
-        let (query, rest) = split_cstr(rest).ok_or(malformed("Parse"))?;
+        let (query, rest) = split_text(rest).ok_or(malformed("Parse"))?;
         if rest.len() < 2 {
             return Err(malformed("Parse"));
         }

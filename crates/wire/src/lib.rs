@@ -27,6 +27,17 @@ pub use frame::{FrameError, Header};
 /// Reads a NUL-terminated string from the front of `buf`, returning it (without the NUL) and
 /// the rest. `None` if there is no NUL.
 pub fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    // Names (portals, statements) are mostly empty or a few bytes: a plain look at the first
+    // bytes costs less than memchr's setup; long strings (query text) go to memchr.
+    let nul = match buf.iter().take(16).position(|&b| b == 0) {
+        Some(i) => i,
+        None => 16 + memchr::memchr(0, buf.get(16..)?)?,
+    };
+    Some((&buf[..nul], &buf[nul + 1..]))
+}
+
+/// [`split_cstr`] for a string expected to be long (query text): memchr at once.
+pub fn split_text(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = memchr::memchr(0, buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
 }
@@ -45,4 +56,30 @@ pub fn put_message(dst: &mut bytes::BytesMut, tag: u8, body: impl FnOnce(&mut by
     body(dst);
     let len = (dst.len() - start) as u32;
     dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{split_cstr, split_text};
+
+    #[test]
+    fn split_cstr_finds_the_first_nul_at_any_length() {
+        assert_eq!(
+            split_text(b"select 1\0x"),
+            Some((&b"select 1"[..], &b"x"[..]))
+        );
+        assert_eq!(split_text(b"select 1"), None);
+        assert_eq!(split_cstr(b"\0rest"), Some((&b""[..], &b"rest"[..])));
+        assert_eq!(split_cstr(b"P0_1\0x"), Some((&b"P0_1"[..], &b"x"[..])));
+        assert_eq!(split_cstr(b"no nul"), None);
+        assert_eq!(split_cstr(b""), None);
+        // Across the 16-byte look-ahead, and exactly at its end.
+        for len in [15, 16, 17, 40, 200] {
+            let mut buf = vec![b'a'; len];
+            buf.extend_from_slice(b"\0tail\0");
+            let (s, rest) = split_cstr(&buf).unwrap();
+            assert_eq!((s.len(), rest), (len, &b"tail\0"[..]), "length {len}");
+            assert_eq!(split_cstr(&vec![b'a'; len]), None, "no nul, length {len}");
+        }
+    }
 }
