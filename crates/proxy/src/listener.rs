@@ -146,22 +146,7 @@ async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, workers: Arc<Workers>) 
         match l.accept().await {
             Ok((sock, _)) => {
                 let _ = sock.set_nodelay(true);
-                let w = workers.next();
-                if w == crate::workers::current() {
-                    tokio::spawn(session::serve(shared.clone(), Stream::Tcp(sock)));
-                    continue;
-                }
-                // Another worker's: registered with that worker's runtime instead of this one.
-                let shared = shared.clone();
-                match sock.into_std() {
-                    Ok(sock) => drop(workers.handle(w).spawn(async move {
-                        match tokio::net::TcpStream::from_std(sock) {
-                            Ok(s) => session::serve(shared, Stream::Tcp(s)).await,
-                            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
-                        }
-                    })),
-                    Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
-                }
+                hand_to_worker(&shared, &workers, sock);
             }
             Err(e) => accept_error(e).await,
         }
@@ -171,25 +156,63 @@ async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, workers: Arc<Workers>) 
 async fn accept_unix(l: UnixListener, shared: Arc<Shared>, workers: Arc<Workers>) {
     loop {
         match l.accept().await {
-            Ok((sock, _)) => {
-                let w = workers.next();
-                if w == crate::workers::current() {
-                    tokio::spawn(session::serve(shared.clone(), Stream::Unix(sock)));
-                    continue;
-                }
-                let shared = shared.clone();
-                match sock.into_std() {
-                    Ok(sock) => drop(workers.handle(w).spawn(async move {
-                        match tokio::net::UnixStream::from_std(sock) {
-                            Ok(s) => session::serve(shared, Stream::Unix(s)).await,
-                            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
-                        }
-                    })),
-                    Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
-                }
-            }
+            Ok((sock, _)) => hand_to_worker(&shared, &workers, sock),
             Err(e) => accept_error(e).await,
         }
+    }
+}
+
+/// An accepted socket, as it moves from the accepting runtime to its worker's.
+trait Accepted: Sized + Send + 'static {
+    type Std: Send + 'static;
+    fn into_std(self) -> io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> io::Result<Self>;
+    fn stream(self) -> Stream;
+}
+
+impl Accepted for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+    fn stream(self) -> Stream {
+        Stream::Tcp(self)
+    }
+}
+
+impl Accepted for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+    fn stream(self) -> Stream {
+        Stream::Unix(self)
+    }
+}
+
+/// Starts the session of an accepted client on the next worker: here if that is this
+/// thread, else deregistered from this runtime and registered with that worker's.
+fn hand_to_worker<S: Accepted>(shared: &Arc<Shared>, workers: &Workers, sock: S) {
+    let w = workers.next();
+    let shared = shared.clone();
+    if w == crate::workers::current() {
+        tokio::spawn(session::serve(shared, sock.stream()));
+        return;
+    }
+    match sock.into_std() {
+        Ok(sock) => drop(workers.handle(w).spawn(async move {
+            match S::from_std(sock) {
+                Ok(s) => session::serve(shared, s.stream()).await,
+                Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+            }
+        })),
+        Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
     }
 }
 

@@ -1441,16 +1441,7 @@ impl Session {
             .await;
             match ev {
                 Wait::Granted(r) => break r,
-                Wait::Client(r) => {
-                    r.map_err(|_| End::ClientGone)?;
-                    self.cbuf.reserve(CLIENT_CHUNK);
-                    match self.client.try_read_buf(&mut self.cbuf) {
-                        Ok(0) => return Err(End::ClientGone),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(End::ClientGone),
-                    }
-                }
+                Wait::Client(r) => self.read_while_waiting(r)?,
                 // The deadline, or the reserve opening to this waiter (polled again above).
                 Wait::Timer if Instant::now() >= deadline => break ticket.give_up(),
                 Wait::Timer => {}
@@ -1480,17 +1471,21 @@ impl Session {
             .await;
             match ev {
                 Ok(r) => return Ok(r),
-                Err(r) => {
-                    r.map_err(|_| End::ClientGone)?;
-                    self.cbuf.reserve(CLIENT_CHUNK);
-                    match self.client.try_read_buf(&mut self.cbuf) {
-                        Ok(0) => return Err(End::ClientGone),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(End::ClientGone),
-                    }
-                }
+                Err(r) => self.read_while_waiting(r)?,
             }
+        }
+    }
+
+    /// The client socket became readable while the session waits for a server: reads what
+    /// it sent (kept for after the wait), or ends the session if it left.
+    fn read_while_waiting(&mut self, ready: io::Result<()>) -> Result<(), End> {
+        ready.map_err(|_| End::ClientGone)?;
+        self.cbuf.reserve(CLIENT_CHUNK);
+        match self.client.try_read_buf(&mut self.cbuf) {
+            Ok(0) => Err(End::ClientGone),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(End::ClientGone),
         }
     }
 

@@ -2,8 +2,8 @@
 //! Tokio runtime and serves the clients handed to it, from accept to disconnect: a client's
 //! session, and the server connection it holds for a transaction, stay on one thread, so the
 //! hot path pays for no work stealing and no wakeup crossing threads. (Tokio's multi-threaded
-//! scheduler cost 15-20% more CPU per transaction here, most of it in the kernel: futex
-//! wakeups between its workers, and task migrations.)
+//! scheduler with two threads cost 15-20% more CPU per transaction here than one
+//! single-threaded runtime, in user and kernel time both.)
 //!
 //! Server connections are shared between workers through the pools. A checkout prefers a
 //! connection registered with the caller's worker, a release hands its connection to a

@@ -591,15 +591,7 @@ async fn reconnect_and_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_queries_are_logged_and_listed() {
-    let db = unique_db("slow");
-    let d2 = db.clone();
-    let pg = tokio::task::spawn_blocking(move || {
-        let pg = PgServer::shared();
-        pg.create_database(&d2);
-        pg
-    })
-    .await
-    .unwrap();
+    let (pg, db) = shared_pg_database("slow").await;
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -52,6 +52,20 @@ pub async fn direct(db: &str) -> tokio_postgres::Client {
 }
 
 /// A database and Weir in front of the shared server.
+/// The shared PostgreSQL, with a fresh database of its own for the calling test.
+pub async fn shared_pg_database(prefix: &str) -> (&'static PgServer, String) {
+    let db = unique_db(prefix);
+    let db2 = db.clone();
+    let pg = tokio::task::spawn_blocking(move || {
+        let pg = PgServer::shared();
+        pg.create_database(&db2);
+        pg
+    })
+    .await
+    .unwrap();
+    (pg, db)
+}
+
 pub struct Setup {
     pub pg: &'static PgServer,
     pub db: String,
@@ -64,15 +78,7 @@ impl Setup {
     }
 
     pub async fn with_config(prefix: &str, f: impl FnOnce(&PgServer, &str) -> Config) -> Setup {
-        let db = unique_db(prefix);
-        let db2 = db.clone();
-        let pg = tokio::task::spawn_blocking(move || {
-            let pg = PgServer::shared();
-            pg.create_database(&db2);
-            pg
-        })
-        .await
-        .unwrap();
+        let (pg, db) = shared_pg_database(prefix).await;
         let config = f(pg, &db);
         let weir = start_weir(config).await;
         Setup { pg, db, weir }

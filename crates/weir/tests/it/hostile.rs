@@ -44,15 +44,7 @@ fn login(port: u16, db: &str) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_refused_and_others_carry_on() {
-    let db = unique_db("hostile");
-    let d2 = db.clone();
-    let pg = tokio::task::spawn_blocking(move || {
-        let pg = PgServer::shared();
-        pg.create_database(&d2);
-        pg
-    })
-    .await
-    .unwrap();
+    let (pg, db) = shared_pg_database("hostile").await;
     let mut weir = WeirProcess::quick_start(&pg.url(TRUST_USER, &db), 2);
     let port = weir.port;
     // A well-behaved client holds a connection through all of it.

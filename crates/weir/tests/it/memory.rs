@@ -6,15 +6,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gigabyte_result_in_bounded_memory() {
-    let db = unique_db("bigresult");
-    let d2 = db.clone();
-    let pg = tokio::task::spawn_blocking(move || {
-        let pg = PgServer::shared();
-        pg.create_database(&d2);
-        pg
-    })
-    .await
-    .unwrap();
+    let (pg, db) = shared_pg_database("bigresult").await;
     let weir = WeirProcess::quick_start(&pg.url(SCRAM_USER, &db), 2);
     let c = connect(&weir.url(SCRAM_USER, &db)).await.unwrap();
     // 1,100,000 rows of 1,000 bytes: over a gigabyte of DataRows through Weir.

@@ -16,15 +16,7 @@ async fn two_workers(
     weir_proxy::ProxyHandle,
     std::sync::Arc<weir_proxy::workers::Workers>,
 ) {
-    let db = unique_db(prefix);
-    let d2 = db.clone();
-    let pg = tokio::task::spawn_blocking(move || {
-        let pg = PgServer::shared();
-        pg.create_database(&d2);
-        pg
-    })
-    .await
-    .unwrap();
+    let (pg, db) = shared_pg_database(prefix).await;
     let config = weir_config(pg, &db, pool_size, PoolMode::Transaction);
     let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
     let weir = weir_proxy::Proxy::start_on(config, workers.clone())
