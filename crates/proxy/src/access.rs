@@ -17,6 +17,7 @@ pub fn admit(
     config: &Config,
     tls_required: bool,
     client: &crate::stream::Stream,
+    peer: Option<IpAddr>,
     database: &str,
     user: &str,
 ) -> Result<(), ErrorResponse> {
@@ -27,7 +28,7 @@ pub fn admit(
         )
         .with_hint("connect with sslmode=require or stronger"));
     }
-    check(config, client.peer_ip(), database, user, client.is_tls())
+    check(config, peer, database, user, client.is_tls())
 }
 
 /// Applies the rules in order; the first that matches decides. `Err` is the 28000 to send.

@@ -51,8 +51,14 @@ pub async fn serve(
     }
     let database = startup.get("database").unwrap_or("");
     let ip = client.peer_ip();
-    if let Err(e) = crate::access::admit(&config, shared.tls().required(), &client, database, &user)
-    {
+    if let Err(e) = crate::access::admit(
+        &config,
+        shared.tls().required(),
+        &client,
+        ip,
+        database,
+        &user,
+    ) {
         send(&mut client, |o| e.encode(o)).await;
         return;
     }

@@ -2,14 +2,18 @@
 //! A slot is held for the life of a client connection and given back on drop.
 
 use std::collections::HashMap;
+
+/// Counts by name, hashed with foldhash: the names are the operator's, not an attacker's, and
+/// the map is touched at every login.
+type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 pub struct ClientCounts {
     total: AtomicUsize,
-    by_database: Mutex<HashMap<Arc<str>, usize>>,
-    by_user: Mutex<HashMap<Arc<str>, usize>>,
+    by_database: Mutex<Counts>,
+    by_user: Mutex<Counts>,
     last_refusal_log: Mutex<Option<std::time::Instant>>,
 }
 
@@ -127,16 +131,20 @@ impl ClientSlot {
 
 /// The count for `name` (added at zero if absent) and the map's key for it, which the slot
 /// keeps: no copy of the name per client.
-fn counter<'a>(map: &'a mut HashMap<Arc<str>, usize>, name: &str) -> (Arc<str>, &'a mut usize) {
-    if !map.contains_key(name) {
-        map.insert(Arc::from(name), 0);
-    }
-    let key = map.get_key_value(name).expect("inserted above").0.clone();
-    let n = map.get_mut(name).expect("inserted above");
+fn counter<'a>(map: &'a mut Counts, name: &str) -> (Arc<str>, &'a mut usize) {
+    let key = match map.get_key_value(name) {
+        Some((k, _)) => k.clone(),
+        None => {
+            let k: Arc<str> = Arc::from(name);
+            map.insert(k.clone(), 0);
+            k
+        }
+    };
+    let n = map.get_mut(name).expect("present above");
     (key, n)
 }
 
-fn leave(map: &Mutex<HashMap<Arc<str>, usize>>, key: &str) {
+fn leave(map: &Mutex<Counts>, key: &str) {
     let mut m = map.lock().unwrap();
     if let Some(n) = m.get_mut(key) {
         *n -= 1;

@@ -201,17 +201,6 @@ impl ClientParams {
         }
     }
 
-    /// Shares the set with the last client of the pool that wanted the same (`last`), or
-    /// becomes the one shared next.
-    pub fn share(mut self, last: &std::sync::Mutex<Option<std::sync::Arc<ParamSet>>>) -> Self {
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        match &*last {
-            Some(shared) if **shared == *self.wanted => self.wanted = shared.clone(),
-            _ => *last = Some(self.wanted.clone()),
-        }
-        self
-    }
-
     pub fn wanted(&self) -> &ParamSet {
         &self.wanted
     }
@@ -234,6 +223,63 @@ impl ClientParams {
         self.wanted
             .iter()
             .filter(|(k, _)| defaults.get(k).is_some())
+    }
+}
+
+/// What the last login to a pool settled: kept so that the next client sending the same
+/// startup parameters (an app connecting per request sends the same every time) skips
+/// building, hashing and encoding them again.
+#[derive(Debug)]
+struct LastLogin {
+    defaults: std::sync::Arc<ParamSet>,
+    startup: Vec<(String, String)>,
+    params: ClientParams,
+    /// The ParameterStatus messages of the login, encoded.
+    reply: bytes::Bytes,
+}
+
+/// One pool's [`LastLogin`].
+#[derive(Debug, Default)]
+pub struct LoginCache(std::sync::Mutex<Option<std::sync::Arc<LastLogin>>>);
+
+impl LoginCache {
+    /// A client's parameters and the ParameterStatus messages its login reports, from the
+    /// pool's `defaults` and the client's startup parameters. Clients that want the same set
+    /// share one copy of it (an idle client should not carry a dozen strings of its own).
+    pub fn settle(
+        &self,
+        defaults: &std::sync::Arc<ParamSet>,
+        startup: &[(String, String)],
+    ) -> Result<(ClientParams, bytes::Bytes), String> {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(l) = &last
+            && std::sync::Arc::ptr_eq(&l.defaults, defaults)
+            && l.startup == startup
+        {
+            return Ok((l.params.clone(), l.reply.clone()));
+        }
+        let mut params = ClientParams::new(defaults, startup)?;
+        if let Some(l) = &last
+            && *l.params.wanted == *params.wanted
+        {
+            params.wanted = l.params.wanted.clone();
+        }
+        let mut reply = bytes::BytesMut::new();
+        for (name, value) in params.reported(defaults) {
+            weir_wire::backend::ParameterStatus {
+                name: name.as_bytes(),
+                value: value.as_bytes(),
+            }
+            .encode(&mut reply);
+        }
+        let reply = reply.freeze();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(LastLogin {
+            defaults: defaults.clone(),
+            startup: startup.to_vec(),
+            params: params.clone(),
+            reply: reply.clone(),
+        }));
+        Ok((params, reply))
     }
 }
 
@@ -459,6 +505,46 @@ mod tests {
             server.sync_query(&c).as_deref(),
             Some("SET timezone TO E'Asia/Tokyo';")
         );
+    }
+
+    #[test]
+    fn a_login_with_the_same_startup_reuses_the_last_one() {
+        let cache = LoginCache::default();
+        let d = std::sync::Arc::new(defaults());
+        let s = startup(&[("user", "u"), ("TimeZone", "UTC"), ("search_path", "app")]);
+        let (a, reply_a) = cache.settle(&d, &s).unwrap();
+        assert_eq!(a.wanted().get("timezone"), Some("UTC"));
+        // The reply reports what the server reports, with the client's value, and nothing
+        // the server does not report.
+        let text = String::from_utf8_lossy(&reply_a).to_string();
+        assert!(text.contains("TimeZone\0UTC\0") && !text.contains("search_path"));
+        assert_eq!(reply_a[0], b'S');
+
+        let (b, reply_b) = cache.settle(&d, &s).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.wanted, &b.wanted));
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_eq!(reply_a, reply_b);
+
+        // Another startup is worked out afresh, and shares the set when it comes out equal.
+        let (c, _) = cache
+            .settle(&d, &startup(&[("TimeZone", "Asia/Tokyo")]))
+            .unwrap();
+        assert_eq!(c.wanted().get("TimeZone"), Some("Asia/Tokyo"));
+        let (e, _) = cache
+            .settle(&d, &startup(&[("timezone", "Asia/Tokyo")]))
+            .unwrap();
+        assert!(std::sync::Arc::ptr_eq(&c.wanted, &e.wanted));
+
+        // New defaults (a reloaded pool's first connection) are never answered from the old.
+        let mut d2 = defaults();
+        d2.set("TimeZone", "Europe/Paris");
+        let (f, _) = cache.settle(&std::sync::Arc::new(d2), &[]).unwrap();
+        assert_eq!(f.wanted().get("TimeZone"), Some("Europe/Paris"));
+
+        // A refused startup is an error every time, and leaves the cache alone.
+        let bad = startup(&[("server_version", "1")]);
+        assert!(cache.settle(&d, &bad).is_err());
+        assert!(cache.settle(&d, &bad).is_err());
     }
 
     #[test]

@@ -472,9 +472,9 @@ pub struct ServerPool {
     resumed: tokio::sync::Notify,
     probe: Mutex<Option<Probe>>,
     probing: AtomicBool,
-    /// The parameter set the last client of this pool wanted, shared with the next client
-    /// that wants the same (see `ClientParams::share`).
-    pub client_params: Mutex<Option<Arc<crate::params::ParamSet>>>,
+    /// What the last login settled, reused by the next client sending the same startup
+    /// parameters.
+    pub logins: crate::params::LoginCache,
 }
 
 /// The last readiness probe of a pool: a `SELECT 1` round trip on one of its connections.
@@ -866,7 +866,7 @@ impl Pools {
             resumed: tokio::sync::Notify::new(),
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
-            client_params: Mutex::new(None),
+            logins: Default::default(),
         });
         db.pools.lock().unwrap().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use weir_config::{AuthType, PoolMode};
 use weir_pool::{GetError, Pooled};
-use weir_wire::backend::{self, ParameterStatus, TxStatus};
+use weir_wire::backend::{self, TxStatus};
 use weir_wire::frame;
 use weir_wire::frontend::Startup;
 use weir_wire::scram::Verifier;
@@ -131,7 +131,9 @@ mod spare {
 
 /// Serves one accepted connection to the end.
 pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
-    let peer = client.peer();
+    // Asked of the kernel once, here: logs, access rules and the registry all use it.
+    let peer_addr = client.peer_addr();
+    let peer = PeerAddr(peer_addr);
     let slot = shared
         .clients
         .enter(shared.config.load().proxy.max_client_conn);
@@ -216,7 +218,14 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
             // only for the login, so it should not size every idle session's task.
             let login = tokio::time::timeout(
                 LOGIN_TIMEOUT,
-                Box::pin(login(&shared, &mut client, &mut buf, &startup, slot)),
+                Box::pin(login(
+                    &shared,
+                    &mut client,
+                    peer_addr,
+                    &mut buf,
+                    &startup,
+                    slot,
+                )),
             )
             .await;
             let session = match login {
@@ -268,6 +277,7 @@ struct Login {
 async fn login(
     shared: &Arc<Shared>,
     client: &mut Stream,
+    peer: Option<std::net::SocketAddr>,
     buf: &mut BytesMut,
     startup: &Startup,
     mut slot: ClientSlot,
@@ -301,8 +311,9 @@ async fn login(
             .with_hint("weir serves only the databases in its configuration"),
         ));
     }
-    crate::access::admit(&config, shared.tls().required(), client, database, user).map_err(Some)?;
-    let ip = client.peer_ip();
+    let ip = peer.map(|a| a.ip());
+    crate::access::admit(&config, shared.tls().required(), client, ip, database, user)
+        .map_err(Some)?;
     // Recent failures from this address pause the attempt before anything is looked up or
     // exchanged.
     let (pause, _paused) = shared
@@ -387,19 +398,14 @@ async fn login(
         .defaults()
         .await
         .map_err(|e| Some(checkout_error(&pool, e).into_fatal()))?;
-    let params = ClientParams::new(&defaults, &startup.params)
-        .map_err(|m| Some(ErrorResponse::fatal(SqlState(*b"22023"), m)))?
-        .share(&pool.client_params);
+    let (params, reported) = pool
+        .logins
+        .settle(&defaults, &startup.params)
+        .map_err(|m| Some(ErrorResponse::fatal(SqlState(*b"22023"), m)))?;
     let cancel = shared.cancel.register();
 
-    let mut out = BytesMut::with_capacity(512);
-    for (name, value) in params.reported(&defaults) {
-        ParameterStatus {
-            name: name.as_bytes(),
-            value: value.as_bytes(),
-        }
-        .encode(&mut out);
-    }
+    let mut out = BytesMut::with_capacity(reported.len() + 64);
+    out.extend_from_slice(&reported);
     let key = cancel.key();
     backend::BackendKey {
         pid: key.pid,
@@ -418,7 +424,7 @@ async fn login(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         user_name,
         db_name,
-        client.peer_addr(),
+        peer,
         client.local_addr(),
         startup.get("application_name").unwrap_or(""),
         0,
@@ -599,7 +605,17 @@ struct Peer<'a>(&'a ConnInfo);
 
 impl std::fmt::Display for Peer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.peer() {
+        PeerAddr(self.0.peer()).fmt(f)
+    }
+}
+
+/// A client's address for logs, written only if a log line is.
+#[derive(Clone, Copy)]
+struct PeerAddr(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
             Some(a) => a.fmt(f),
             None => f.write_str("unix"),
         }

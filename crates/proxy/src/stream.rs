@@ -204,16 +204,6 @@ impl Stream {
         }
     }
 
-    pub fn peer(&self) -> String {
-        match self.tcp() {
-            Some(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "?".into()),
-            None => "unix".into(),
-        }
-    }
-
     /// What the reactor has already seen of the socket: no system call. Readable covers a
     /// FIN too (an idle server connection that PostgreSQL terminated, by a shutdown or
     /// `pg_terminate_backend`), and is often stale (Tokio skips clearing it when a newer
