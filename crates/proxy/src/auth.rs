@@ -100,9 +100,10 @@ impl AuthError {
     }
 }
 
-/// Runs the login exchange and sends AuthenticationOk on success. `found` is a secret from
-/// auth_query, used instead of the directory's. Returns the client's SCRAM ClientKey when the
-/// exchange was SCRAM.
+/// Runs the login exchange. On success the caller sends AuthenticationOk, in the same write
+/// as the rest of its welcome (one packet, as PostgreSQL does, not two). `found` is a secret
+/// from auth_query, used instead of the directory's. Returns the client's SCRAM ClientKey
+/// when the exchange was SCRAM.
 pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
@@ -132,9 +133,6 @@ pub async fn authenticate(
     if !ok {
         return Err(AuthError::Failed(user.to_string()));
     }
-    out.clear();
-    Authentication::Ok.encode(&mut out);
-    stream.write_all(&out).await.map_err(StartupError::from)?;
     Ok(client_key)
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use weir_config::Config;
-use weir_wire::backend::{self, ParameterStatus, TxStatus, oid};
+use weir_wire::backend::{self, Authentication, ParameterStatus, TxStatus, oid};
 use weir_wire::frontend::{CancelKey, Query, Startup, tag};
 use weir_wire::{ErrorResponse, SqlState};
 
@@ -88,6 +88,7 @@ pub async fn serve(
         return;
     }
     let mut out = BytesMut::new();
+    Authentication::Ok.encode(&mut out);
     for (k, v) in [
         ("server_version", VERSION),
         ("client_encoding", "UTF8"),

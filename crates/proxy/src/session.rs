@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use weir_config::{AuthType, PoolMode};
 use weir_pool::{GetError, Pooled};
-use weir_wire::backend::{self, TxStatus};
+use weir_wire::backend::{self, Authentication, TxStatus};
 use weir_wire::frame;
 use weir_wire::frontend::Startup;
 use weir_wire::scram::Verifier;
@@ -405,6 +405,7 @@ async fn login(
     let cancel = shared.cancel.register();
 
     let mut out = BytesMut::with_capacity(reported.len() + 64);
+    Authentication::Ok.encode(&mut out);
     out.extend_from_slice(&reported);
     let key = cancel.key();
     backend::BackendKey {
