@@ -123,6 +123,9 @@ pub struct Relay {
     client_in_copy: bool,
     /// After Weir answered a batch with an error itself: drop messages until Sync.
     skip_until_sync: bool,
+    /// The Query at the front of the client's input was checked before a checkout: it is not
+    /// scanned a second time once the server is attached.
+    query_checked: bool,
     /// Map client statement names to shared server statements (transaction mode).
     pub mapping: bool,
     pub max_message_size: u32,
@@ -150,6 +153,7 @@ impl Relay {
             unsynced: false,
             client_in_copy: false,
             skip_until_sync: false,
+            query_checked: false,
             mapping,
             max_message_size,
             fatal_relayed: false,
@@ -244,6 +248,7 @@ impl Relay {
     /// ReadyForQuery; for the extended protocol, messages are dropped until Sync. Returns the
     /// bytes consumed.
     pub fn fail_batch(&mut self, input: &[u8], to_client: &mut BytesMut) -> usize {
+        self.query_checked = false;
         match Header::parse(input, u32::MAX) {
             Ok(Some(h)) if h.tag == tag::QUERY || h.tag == tag::FUNCTION_CALL => {
                 TxStatus::Idle.encode(to_client);
@@ -325,14 +330,19 @@ impl Relay {
             }
             match h.tag {
                 tag::QUERY => {
-                    // Without a server, most queries stop here, and are decoded once a server
-                    // is attached: only a possible DEALLOCATE is worth decoding twice.
-                    if server.is_none() && !(self.mapping && starts_with_deallocate(body)) {
+                    // Checked before a checkout, so a malformed Query is refused at once
+                    // rather than after waiting for a server; once the server is attached
+                    // the check is not repeated (the final NUL is still confirmed).
+                    let sql = match body.split_last() {
+                        Some((0, sql)) if std::mem::take(&mut self.query_checked) => sql,
+                        _ => Query::decode(body)?.sql,
+                    };
+                    if server.is_none() && !(self.mapping && starts_with_deallocate(sql)) {
+                        self.query_checked = true;
                         return Ok(ClientStep::NeedServer(pos));
                     }
-                    let q = Query::decode(body)?;
                     let kind = if self.mapping {
-                        classify_sql(q.sql)
+                        classify_sql(sql)
                     } else {
                         SqlKind::Other
                     };
@@ -352,6 +362,7 @@ impl Relay {
                             // DISCARD ALL and the like are tracked from the server's
                             // CommandComplete, so a rejected one changes nothing.
                             if server.is_none() {
+                                self.query_checked = true;
                                 return Ok(ClientStep::NeedServer(pos));
                             }
                             to_server.extend_from_slice(msg);

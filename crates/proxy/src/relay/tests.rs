@@ -1143,3 +1143,49 @@ fn a_cancel_weir_sent_is_reported_as_its_timeout() {
     );
     assert!(r.cancel_note.is_none() && r.is_idle());
 }
+
+#[test]
+fn a_malformed_query_is_refused_before_a_checkout() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut st = ClientStatements::default();
+    let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+    // No terminating NUL, and a NUL inside the text: both refused with no server attached.
+    for body in [&b"select 1"[..], &b"select 1\0; drop table t\0"[..]] {
+        let e = r
+            .from_client(&be(b'Q', body), &mut st, None, &mut ts, &mut tc)
+            .unwrap_err();
+        assert!(matches!(e, ClientProtocolError::Malformed(_)), "{body:?}");
+    }
+
+    // A good one asks for a server, then goes to it whole once one is attached.
+    let msg = q("select 1");
+    let step = r
+        .from_client(&msg, &mut st, None, &mut ts, &mut tc)
+        .unwrap();
+    assert_eq!(step, ClientStep::NeedServer(0));
+    let mut a = server(8);
+    let step = r
+        .from_client(&msg, &mut st, Some(&mut a), &mut ts, &mut tc)
+        .unwrap();
+    assert_eq!(step, ClientStep::Done(msg.len()));
+    assert_eq!(&ts[..], &msg[..]);
+
+    // A batch answered without a server (the checkout failed) leaves nothing checked
+    // behind: the next message is checked afresh.
+    assert_eq!(
+        r.from_client(&msg, &mut st, None, &mut ts, &mut tc)
+            .unwrap(),
+        ClientStep::NeedServer(0)
+    );
+    r.fail_batch(&msg, &mut tc);
+    let e = r
+        .from_client(
+            &be(b'Q', b"select 2\0x\0"),
+            &mut st,
+            Some(&mut a),
+            &mut ts,
+            &mut tc,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ClientProtocolError::Malformed(_)));
+}

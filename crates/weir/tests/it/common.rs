@@ -175,6 +175,9 @@ impl WeirProcess {
             "transaction",
             "--workers",
             "2",
+            // Its own admin port: tests run side by side, and the default 9930 fits only one.
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
     }
 

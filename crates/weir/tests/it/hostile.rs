@@ -165,3 +165,38 @@ async fn hostile_input_is_refused_and_others_carry_on() {
     let log = weir.log();
     assert!(!log.contains("panicked"), "weir panicked:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_query_is_refused_without_waiting_for_a_server() {
+    let (pg, db) = shared_pg_database("hostile").await;
+    let weir = WeirProcess::quick_start(&pg.url(TRUST_USER, &db), 1);
+    let port = weir.port;
+    // The pool's only server connection is held by an open transaction.
+    let holder = connect(&weir.url(TRUST_USER, &db)).await.unwrap();
+    holder.batch_execute("begin").await.unwrap();
+
+    let db2 = db.clone();
+    let waited = tokio::task::spawn_blocking(move || {
+        let mut s = login(port, &db2);
+        let started = std::time::Instant::now();
+        // A Query whose text has no terminating NUL: refused at once, not after
+        // query_wait_timeout (30 s here; the read gives up after 10).
+        s.write_all(&[
+            b'Q', 0, 0, 0, 12, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1',
+        ])
+        .unwrap();
+        assert_eq!(
+            error_then_close(&mut s).as_deref(),
+            Some("08P01"),
+            "malformed Query with every server connection busy"
+        );
+        started.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}");
+
+    holder.batch_execute("commit").await.unwrap();
+    let n: i32 = holder.query_one("select 3", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
+}
