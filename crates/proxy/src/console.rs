@@ -36,6 +36,7 @@ pub async fn serve(
     mut buf: BytesMut,
     startup: Startup,
     _slot: ClientSlot,
+    peer: Option<std::net::IpAddr>,
 ) {
     let user = startup.get("user").unwrap_or("").to_string();
     let config = shared.config.load_full();
@@ -50,7 +51,7 @@ pub async fn serve(
         return;
     }
     let database = startup.get("database").unwrap_or("");
-    let ip = client.peer_ip();
+    let ip = peer;
     if let Err(e) = crate::access::admit(
         &config,
         shared.tls().required(),

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
-/// Counts by name, hashed with foldhash: the names are the operator's, not an attacker's, and
-/// the map is touched at every login.
+/// Counts by name, hashed with foldhash (seeded per map) rather than SipHash: the map is
+/// touched at every login, a name is counted only once its client has logged in, and there are
+/// at most `max_client_conn` of them.
 type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -133,7 +133,7 @@ mod spare {
 pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
     // Asked of the kernel once, here: logs, access rules and the registry all use it.
     let peer_addr = client.peer_addr();
-    let peer = PeerAddr(peer_addr);
+    let peer = PeerAddr(peer_addr, matches!(client, Stream::Unix(_)));
     let slot = shared
         .clients
         .enter(shared.config.load().proxy.max_client_conn);
@@ -211,11 +211,20 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 }
             };
             if crate::console::DATABASES.contains(&startup.get("database").unwrap_or("")) {
-                Box::pin(crate::console::serve(shared, client, buf, startup, slot)).await;
+                Box::pin(crate::console::serve(
+                    shared,
+                    client,
+                    buf,
+                    startup,
+                    slot,
+                    peer_addr.map(|a| a.ip()),
+                ))
+                .await;
                 return;
             }
             // Boxed: the login's state (authentication, the first connect) is large and lives
             // only for the login, so it should not size every idle session's task.
+            let mut authenticated = false;
             let login = tokio::time::timeout(
                 LOGIN_TIMEOUT,
                 Box::pin(login(
@@ -225,13 +234,15 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                     &mut buf,
                     &startup,
                     slot,
+                    &mut authenticated,
                 )),
             )
             .await;
             let session = match login {
                 Err(_) => {
-                    send_fatal(
+                    send_login_fatal(
                         &mut client,
+                        authenticated,
                         ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "login timed out"),
                     )
                     .await;
@@ -239,7 +250,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 }
                 Ok(Err(Some(e))) => {
                     tracing::info!(%peer, error = %e.message, code = %e.code, "login refused");
-                    send_fatal(&mut client, e).await;
+                    send_login_fatal(&mut client, authenticated, e).await;
                     return;
                 }
                 Ok(Err(None)) => return,
@@ -281,6 +292,7 @@ async fn login(
     buf: &mut BytesMut,
     startup: &Startup,
     mut slot: ClientSlot,
+    authenticated: &mut bool,
 ) -> Result<Login, Option<ErrorResponse>> {
     let Some(user) = startup.get("user").filter(|u| !u.is_empty()) else {
         return Err(Some(ErrorResponse::fatal(
@@ -359,6 +371,8 @@ async fn login(
                 return Err(e.to_response());
             }
         };
+    // From here an error follows an AuthenticationOk (sent with it, see send_login_fatal).
+    *authenticated = true;
 
     let db_max = config
         .databases
@@ -448,8 +462,23 @@ fn send_fatal(
     client: &mut Stream,
     e: ErrorResponse,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    send_login_fatal(client, false, e)
+}
+
+/// [`send_fatal`] for a login that may have passed authentication: then AuthenticationOk
+/// goes first, in the same write, as PostgreSQL orders it. (libpq takes an error that comes
+/// while it still waits on authentication for a refusal of the connection attempt, and with
+/// `sslmode=prefer` tries again, unencrypted.)
+fn send_login_fatal(
+    client: &mut Stream,
+    authenticated: bool,
+    e: ErrorResponse,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
         let mut out = BytesMut::new();
+        if authenticated {
+            Authentication::Ok.encode(&mut out);
+        }
         e.encode(&mut out);
         let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&out)).await;
     })
@@ -606,19 +635,21 @@ struct Peer<'a>(&'a ConnInfo);
 
 impl std::fmt::Display for Peer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        PeerAddr(self.0.peer()).fmt(f)
+        PeerAddr(self.0.peer(), true).fmt(f)
     }
 }
 
-/// A client's address for logs, written only if a log line is.
+/// A client's address for logs, written only if a log line is; the flag says whether a
+/// missing address means a Unix socket (else the address could not be read: "?").
 #[derive(Clone, Copy)]
-struct PeerAddr(Option<std::net::SocketAddr>);
+struct PeerAddr(Option<std::net::SocketAddr>, bool);
 
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(a) => a.fmt(f),
-            None => f.write_str("unix"),
+            None if self.1 => f.write_str("unix"),
+            None => f.write_str("?"),
         }
     }
 }

@@ -257,11 +257,6 @@ impl Stream {
         }
     }
 
-    /// The client's IP address; `None` for a Unix socket.
-    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        self.tcp()?.peer_addr().ok().map(|a| a.ip())
-    }
-
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }

@@ -200,3 +200,35 @@ async fn a_malformed_query_is_refused_without_waiting_for_a_server() {
     let n: i32 = holder.query_one("select 3", &[]).await.unwrap().get(0);
     assert_eq!(n, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_after_authentication_follows_authentication_ok() {
+    let (pg, db) = shared_pg_database("hostile").await;
+    let weir = WeirProcess::quick_start(&pg.url(TRUST_USER, &db), 1);
+    let port = weir.port;
+    tokio::task::spawn_blocking(move || {
+        // A read-only parameter in the startup packet is refused once the login has passed
+        // authentication: as from PostgreSQL, AuthenticationOk comes first (libpq would take
+        // a bare error for a refused attempt and, with sslmode=prefer, try again).
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&startup_packet(
+            0,
+            &[
+                ("user", TRUST_USER.user),
+                ("database", &db),
+                ("server_version", "1"),
+            ],
+        ))
+        .unwrap();
+        let (t, body) = read_msg(&mut s).expect("a reply");
+        assert_eq!(
+            (t, &body[..]),
+            (b'R', &[0u8, 0, 0, 0][..]),
+            "AuthenticationOk first"
+        );
+        assert_eq!(error_then_close(&mut s).as_deref(), Some("22023"));
+    })
+    .await
+    .unwrap();
+}
