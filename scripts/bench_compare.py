@@ -225,6 +225,12 @@ def main():
     ap.add_argument("--serve", action="store_true",
                     help="start the three targets, print their ports and pids, and wait (for profiling)")
     args = ap.parse_args()
+    # SIGINT and SIGTERM both end a run through the cleanup below (a shell that starts this in
+    # the background leaves SIGINT ignored, and kill sends SIGTERM): no server is left behind.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     clients = [int(c) for c in args.clients.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]  # --modes "" runs only -C and the idle memory
     # A socket per client, for pgbench, the poolers and the idle connections we hold.
