@@ -658,16 +658,22 @@ fn hostile_client_messages_are_errors() {
         e,
         ClientProtocolError::Frame(FrameError::LengthTooShort { .. })
     ));
+    assert_malformed(&mut r, &be(b'P', b"no-terminator"), Some(&mut a));
+}
+
+/// `msg` is refused as malformed, with or without a server attached.
+fn assert_malformed(r: &mut Relay, msg: &[u8], server: Option<&mut ServerState>) {
+    let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
     let e = r
         .from_client(
-            &be(b'P', b"no-terminator"),
-            &mut st,
-            Some(&mut a),
+            msg,
+            &mut ClientStatements::default(),
+            server,
             &mut ts,
             &mut tc,
         )
         .unwrap_err();
-    assert!(matches!(e, ClientProtocolError::Malformed(_)));
+    assert!(matches!(e, ClientProtocolError::Malformed(_)), "{msg:?}");
 }
 
 #[test]
@@ -1151,10 +1157,7 @@ fn a_malformed_query_is_refused_before_a_checkout() {
     let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
     // No terminating NUL, and a NUL inside the text: both refused with no server attached.
     for body in [&b"select 1"[..], &b"select 1\0; drop table t\0"[..]] {
-        let e = r
-            .from_client(&be(b'Q', body), &mut st, None, &mut ts, &mut tc)
-            .unwrap_err();
-        assert!(matches!(e, ClientProtocolError::Malformed(_)), "{body:?}");
+        assert_malformed(&mut r, &be(b'Q', body), None);
     }
 
     // A good one asks for a server, then goes to it whole once one is attached.
@@ -1178,14 +1181,5 @@ fn a_malformed_query_is_refused_before_a_checkout() {
         ClientStep::NeedServer(0)
     );
     r.fail_batch(&msg, &mut tc);
-    let e = r
-        .from_client(
-            &be(b'Q', b"select 2\0x\0"),
-            &mut st,
-            Some(&mut a),
-            &mut ts,
-            &mut tc,
-        )
-        .unwrap_err();
-    assert!(matches!(e, ClientProtocolError::Malformed(_)));
+    assert_malformed(&mut r, &be(b'Q', b"select 2\0x\0"), Some(&mut a));
 }
