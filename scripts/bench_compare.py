@@ -19,7 +19,7 @@ dated, to that file (docs/BENCHMARKS.md).
 Usage: scripts/bench_compare.py [--seconds 10] [--clients 1,10,100,1000] [--repeat 3]
                                 [--modes simple,extended,prepared] [--pool-size 20]
                                 [--workers N] [--idle 10000] [--out FILE] [--doc FILE]
-       scripts/bench_compare.py --serve   (start the three targets and wait, for profiling)
+       scripts/bench_compare.py --serve   (start the targets and wait, for profiling)
 """
 import argparse
 import glob
@@ -223,7 +223,7 @@ def main():
                          "PgBouncer (0: skip; skipped too when it equals --workers' count)")
     ap.add_argument("--out")
     ap.add_argument("--serve", action="store_true",
-                    help="start the three targets, print their ports and pids, and wait (for profiling)")
+                    help="start the targets, print their ports and pids, and wait (for profiling)")
     args = ap.parse_args()
     # SIGINT and SIGTERM both end a run through the cleanup below (a shell that starts this in
     # the background leaves SIGINT ignored, and kill sends SIGTERM): no server is left behind.

@@ -36,7 +36,7 @@ pub async fn serve(
     mut buf: BytesMut,
     startup: Startup,
     _slot: ClientSlot,
-    peer: Option<std::net::IpAddr>,
+    ip: Option<std::net::IpAddr>,
 ) {
     let user = startup.get("user").unwrap_or("").to_string();
     let config = shared.config.load_full();
@@ -51,7 +51,6 @@ pub async fn serve(
         return;
     }
     let database = startup.get("database").unwrap_or("");
-    let ip = peer;
     if let Err(e) = crate::access::admit(
         &config,
         shared.tls().required(),

@@ -2,13 +2,13 @@
 //! A slot is held for the life of a client connection and given back on drop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Counts by name, hashed with foldhash (seeded per map) rather than SipHash: the map is
 /// touched at every login, a name is counted only once its client has logged in, and there are
 /// at most `max_client_conn` of them.
 type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 pub struct ClientCounts {

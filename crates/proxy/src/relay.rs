@@ -333,8 +333,9 @@ impl Relay {
                     // Checked before a checkout, so a malformed Query is refused at once
                     // rather than after waiting for a server; once the server is attached
                     // the check is not repeated (the final NUL is still confirmed).
+                    let checked = std::mem::take(&mut self.query_checked);
                     let sql = match body.split_last() {
-                        Some((0, sql)) if std::mem::take(&mut self.query_checked) => sql,
+                        Some((0, sql)) if checked => sql,
                         _ => Query::decode(body)?.sql,
                     };
                     if server.is_none() && !(self.mapping && starts_with_deallocate(sql)) {

@@ -51,7 +51,6 @@ pub async fn direct(db: &str) -> tokio_postgres::Client {
         .expect("direct connection")
 }
 
-/// A database and Weir in front of the shared server.
 /// The shared PostgreSQL, with a fresh database of its own for the calling test.
 pub async fn shared_pg_database(prefix: &str) -> (&'static PgServer, String) {
     let db = unique_db(prefix);
@@ -66,6 +65,7 @@ pub async fn shared_pg_database(prefix: &str) -> (&'static PgServer, String) {
     (pg, db)
 }
 
+/// A database and Weir in front of the shared server.
 pub struct Setup {
     pub pg: &'static PgServer,
     pub db: String,
