@@ -5,8 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::os::fd::AsRawFd;
+
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use weir_config::Config;
 
@@ -104,22 +108,34 @@ impl Proxy {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            addrs.push(l.local_addr()?);
-            accept.push(tokio::spawn(accept_tcp(l, shared.clone(), workers.clone())));
+            let bound = l.local_addr()?;
+            addrs.push(bound);
+            // Bound by Tokio (address lookup, SO_REUSEADDR, its backlog), accepted from
+            // directly (see `Listen`).
+            let l = watch(mio::net::TcpListener::from_std(l.into_std()?))?;
+            let local = (!bound.ip().is_unspecified()).then_some(bound);
+            accept.push(tokio::spawn(accept_loop(
+                l,
+                local,
+                shared.clone(),
+                workers.clone(),
+            )));
         }
         let mut unix_path = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
             let port = addrs.first().map_or(6432, |a| a.port());
             let path = dir.join(format!(".s.PGSQL.{port}"));
             let _ = std::fs::remove_file(&path);
-            let l = UnixListener::bind(&path).map_err(|e| {
+            let l = mio::net::UnixListener::bind(&path).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot listen on {}: {e}", path.display()),
                 )
             })?;
-            accept.push(tokio::spawn(accept_unix(
+            let l = watch(l)?;
+            accept.push(tokio::spawn(accept_loop(
                 l,
+                None,
                 shared.clone(),
                 workers.clone(),
             )));
@@ -141,78 +157,95 @@ impl Proxy {
     }
 }
 
-async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, workers: Arc<Workers>) {
+/// A listening socket that Tokio watches for readiness but that is accepted from directly:
+/// an accepted socket is then registered once, with the runtime of the worker that serves
+/// it. Accepting through Tokio's listener would register it with the accepting runtime
+/// first, and moving it to another worker would cost two more `epoll_ctl` calls.
+trait Listen: AsRawFd + Send + Sync + 'static {
+    /// Accepts one connection (non-blocking, close-on-exec) and the client's address.
+    fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)>;
+}
+
+impl Listen for mio::net::TcpListener {
+    fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)> {
+        let (sock, peer) = self.accept()?;
+        let _ = sock.set_nodelay(true);
+        Ok((Raw::Tcp(sock.into()), Some(peer)))
+    }
+}
+
+impl Listen for mio::net::UnixListener {
+    fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)> {
+        let (sock, _) = self.accept()?;
+        Ok((Raw::Unix(sock.into()), None))
+    }
+}
+
+/// Registers a listener with the calling runtime, for readability only.
+fn watch<L: Listen>(l: L) -> io::Result<AsyncFd<L>> {
+    // SAFETY: a mio listener owns its descriptor and returns that same one from every
+    // `as_raw_fd` until it is dropped, which only the `AsyncFd` does.
+    Ok(unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }?)
+}
+
+/// An accepted socket not yet registered with any runtime.
+enum Raw {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Raw {
+    /// Registers the socket with the calling thread's runtime.
+    fn register(self) -> io::Result<Stream> {
+        Ok(match self {
+            Raw::Tcp(s) => Stream::Tcp(tokio::net::TcpStream::from_std(s)?),
+            Raw::Unix(s) => Stream::Unix(tokio::net::UnixStream::from_std(s)?),
+        })
+    }
+}
+
+/// Accepts until the proxy stops. `local` is the address the listener is bound to unless
+/// that is a wildcard, so a session need not ask the kernel for it.
+async fn accept_loop<L: Listen>(
+    l: AsyncFd<L>,
+    local: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    workers: Arc<Workers>,
+) {
     loop {
-        match l.accept().await {
-            Ok((sock, _)) => {
-                let _ = sock.set_nodelay(true);
-                hand_to_worker(&shared, &workers, sock);
+        let mut ready = match l.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                accept_error(e).await;
+                continue;
             }
-            Err(e) => accept_error(e).await,
+        };
+        match ready.try_io(|l| l.get_ref().accept_raw()) {
+            Ok(Ok((sock, peer))) => {
+                hand_to_worker(&shared, &workers, sock, session::Ends { peer, local })
+            }
+            Ok(Err(e)) => accept_error(e).await,
+            // Readiness was stale: `try_io` cleared it, so the next wait is a real one.
+            Err(_would_block) => {}
         }
     }
 }
 
-async fn accept_unix(l: UnixListener, shared: Arc<Shared>, workers: Arc<Workers>) {
-    loop {
-        match l.accept().await {
-            Ok((sock, _)) => hand_to_worker(&shared, &workers, sock),
-            Err(e) => accept_error(e).await,
-        }
-    }
-}
-
-/// An accepted socket, as it moves from the accepting runtime to its worker's.
-trait Accepted: Sized + Send + 'static {
-    type Std: Send + 'static;
-    fn into_std(self) -> io::Result<Self::Std>;
-    fn from_std(s: Self::Std) -> io::Result<Self>;
-    fn stream(self) -> Stream;
-}
-
-impl Accepted for tokio::net::TcpStream {
-    type Std = std::net::TcpStream;
-    fn into_std(self) -> io::Result<Self::Std> {
-        tokio::net::TcpStream::into_std(self)
-    }
-    fn from_std(s: Self::Std) -> io::Result<Self> {
-        tokio::net::TcpStream::from_std(s)
-    }
-    fn stream(self) -> Stream {
-        Stream::Tcp(self)
-    }
-}
-
-impl Accepted for tokio::net::UnixStream {
-    type Std = std::os::unix::net::UnixStream;
-    fn into_std(self) -> io::Result<Self::Std> {
-        tokio::net::UnixStream::into_std(self)
-    }
-    fn from_std(s: Self::Std) -> io::Result<Self> {
-        tokio::net::UnixStream::from_std(s)
-    }
-    fn stream(self) -> Stream {
-        Stream::Unix(self)
-    }
-}
-
-/// Starts the session of an accepted client on the next worker: here if that is this
-/// thread, else deregistered from this runtime and registered with that worker's.
-fn hand_to_worker<S: Accepted>(shared: &Arc<Shared>, workers: &Workers, sock: S) {
+/// Starts the session of an accepted client on the next worker, registering its socket
+/// with that worker's runtime.
+fn hand_to_worker(shared: &Arc<Shared>, workers: &Workers, sock: Raw, ends: session::Ends) {
     let w = workers.next();
     let shared = shared.clone();
+    let start = async move {
+        match sock.register() {
+            Ok(s) => session::serve(shared, s, ends).await,
+            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+        }
+    };
     if w == crate::workers::current() {
-        tokio::spawn(session::serve(shared, sock.stream()));
-        return;
-    }
-    match sock.into_std() {
-        Ok(sock) => drop(workers.handle(w).spawn(async move {
-            match S::from_std(sock) {
-                Ok(s) => session::serve(shared, s.stream()).await,
-                Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
-            }
-        })),
-        Err(e) => tracing::warn!(error = %e, "could not hand an accepted connection to a worker"),
+        tokio::spawn(start);
+    } else {
+        drop(workers.handle(w).spawn(start));
     }
 }
 

@@ -129,10 +129,18 @@ mod spare {
     }
 }
 
+/// The two ends of an accepted connection, as far as the accept call told them: the
+/// client's address comes with the accept, and ours is the listener's unless it listens on
+/// a wildcard address (`None` for a Unix socket, or where unknown).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ends {
+    pub peer: Option<std::net::SocketAddr>,
+    pub local: Option<std::net::SocketAddr>,
+}
+
 /// Serves one accepted connection to the end.
-pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
-    // Asked of the kernel once, here: logs, access rules and the registry all use it.
-    let peer_addr = client.peer_addr();
+pub async fn serve(shared: Arc<Shared>, mut client: Stream, ends: Ends) {
+    let peer_addr = ends.peer;
     let peer = PeerAddr(peer_addr, matches!(client, Stream::Unix(_)));
     let slot = shared
         .clients
@@ -230,7 +238,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream) {
                 Box::pin(login(
                     &shared,
                     &mut client,
-                    peer_addr,
+                    ends,
                     &mut buf,
                     &startup,
                     slot,
@@ -288,7 +296,7 @@ struct Login {
 async fn login(
     shared: &Arc<Shared>,
     client: &mut Stream,
-    peer: Option<std::net::SocketAddr>,
+    ends: Ends,
     buf: &mut BytesMut,
     startup: &Startup,
     mut slot: ClientSlot,
@@ -323,7 +331,7 @@ async fn login(
             .with_hint("weir serves only the databases in its configuration"),
         ));
     }
-    let ip = peer.map(|a| a.ip());
+    let ip = ends.peer.map(|a| a.ip());
     crate::access::admit(&config, shared.tls().required(), client, ip, database, user)
         .map_err(Some)?;
     // Recent failures from this address pause the attempt before anything is looked up or
@@ -439,8 +447,9 @@ async fn login(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         user_name,
         db_name,
-        peer,
-        client.local_addr(),
+        ends.peer,
+        // Asked of the kernel only when the listener's address is a wildcard.
+        ends.local.or_else(|| client.local_addr()),
         startup.get("application_name").unwrap_or(""),
         0,
     ));
