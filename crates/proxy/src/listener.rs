@@ -265,8 +265,14 @@ async fn maintain(shared: Arc<Shared>) {
     }
 }
 
-/// Out of file descriptors and the like: say so and back off instead of spinning.
+/// A client that reset its connection before it was accepted costs nothing but a debug
+/// line. Out of file descriptors and the like: say so and back off instead of spinning.
 async fn accept_error(e: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
+    if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
+        tracing::debug!(error = %e, "a connection went away before it was accepted");
+        return;
+    }
     tracing::error!(error = %e, "accept failed");
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
