@@ -526,6 +526,40 @@ async fn console_answers_with_pgbouncers_columns() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cl_active"));
 }
 
+/// Both ends of a client's connection, as SHOW CLIENTS lists them, are the ones the client
+/// sees: its own address and port, and Weir's listening address and port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_clients_names_both_ends_of_each_client() {
+    let s = console_setup("clientends").await;
+    let port = s.weir.local_addr().port();
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(&startup_packet(
+            0,
+            &[("user", TRUST_USER.user), ("database", &db)],
+        ))
+        .unwrap();
+        while read_msg(&mut c).expect("login").0 != b'Z' {}
+        let mine = c.local_addr().unwrap();
+        let (cols, rows, _) = console(port, "pgbouncer", "SHOW CLIENTS").unwrap();
+        let col = |name: &str| cols.iter().position(|(n, _)| n == name).unwrap();
+        let row = rows
+            .iter()
+            .find(|r| r[col("port")].as_deref() == Some(&mine.port().to_string()))
+            .unwrap_or_else(|| panic!("no client from port {} in {rows:?}", mine.port()));
+        assert_eq!(row[col("database")].as_deref(), Some(db.as_str()));
+        assert_eq!(row[col("addr")].as_deref(), Some("127.0.0.1"));
+        assert_eq!(row[col("local_addr")].as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            row[col("local_port")].as_deref(),
+            Some(port.to_string().as_str())
+        );
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_makes_queries_wait_until_resume_without_error() {
     let s = console_setup("pause").await;
