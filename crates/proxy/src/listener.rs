@@ -113,7 +113,8 @@ impl Proxy {
             // Bound by Tokio (address lookup, SO_REUSEADDR, its backlog), accepted from
             // directly (see `Listen`).
             let l = watch(mio::net::TcpListener::from_std(l.into_std()?))?;
-            let local = (!bound.ip().is_unspecified()).then_some(bound);
+            // `to_canonical`: `[::ffff:0.0.0.0]` is a wildcard too.
+            let local = (!bound.ip().to_canonical().is_unspecified()).then_some(bound);
             accept.push(tokio::spawn(accept_loop(
                 l,
                 local,
@@ -161,12 +162,17 @@ impl Proxy {
 /// an accepted socket is then registered once, with the runtime of the worker that serves
 /// it. Accepting through Tokio's listener would register it with the accepting runtime
 /// first, and moving it to another worker would cost two more `epoll_ctl` calls.
-trait Listen: AsRawFd + Send + Sync + 'static {
+///
+/// # Safety
+/// An implementor owns its descriptor and returns that same one from every `as_raw_fd`
+/// until it is dropped (what [`AsyncFd::register_with_interest`] asks of it).
+unsafe trait Listen: AsRawFd + Send + Sync + 'static {
     /// Accepts one connection (non-blocking, close-on-exec) and the client's address.
     fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)>;
 }
 
-impl Listen for mio::net::TcpListener {
+// SAFETY: a mio listener owns its descriptor for its whole life.
+unsafe impl Listen for mio::net::TcpListener {
     fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)> {
         let (sock, peer) = self.accept()?;
         let _ = sock.set_nodelay(true);
@@ -174,7 +180,8 @@ impl Listen for mio::net::TcpListener {
     }
 }
 
-impl Listen for mio::net::UnixListener {
+// SAFETY: as for the TCP listener.
+unsafe impl Listen for mio::net::UnixListener {
     fn accept_raw(&self) -> io::Result<(Raw, Option<SocketAddr>)> {
         let (sock, _) = self.accept()?;
         Ok((Raw::Unix(sock.into()), None))
@@ -183,8 +190,8 @@ impl Listen for mio::net::UnixListener {
 
 /// Registers a listener with the calling runtime, for readability only.
 fn watch<L: Listen>(l: L) -> io::Result<AsyncFd<L>> {
-    // SAFETY: a mio listener owns its descriptor and returns that same one from every
-    // `as_raw_fd` until it is dropped, which only the `AsyncFd` does.
+    // SAFETY: `Listen` promises a descriptor that stays the listener's own until it is
+    // dropped, and only the `AsyncFd` drops it.
     Ok(unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }?)
 }
 
@@ -216,13 +223,19 @@ async fn accept_loop<L: Listen>(
         let mut ready = match l.readable().await {
             Ok(r) => r,
             Err(e) => {
-                accept_error(e).await;
-                continue;
+                // Only a runtime shutting down says this, and it does not change its mind.
+                tracing::debug!(error = %e, "accept loop ends");
+                return;
             }
         };
         match ready.try_io(|l| l.get_ref().accept_raw()) {
             Ok(Ok((sock, peer))) => {
-                hand_to_worker(&shared, &workers, sock, session::Ends { peer, local })
+                hand_to_worker(&shared, &workers, sock, session::Ends { peer, local });
+                // Waiting for readiness spends none of the task's budget, and readiness
+                // stays set while connections queue: without this, a burst of connections
+                // would keep the other tasks of this worker (its clients, the admin API,
+                // signals, maintenance) waiting until the queue is empty.
+                tokio::task::coop::consume_budget().await;
             }
             Ok(Err(e)) => accept_error(e).await,
             // Readiness was stale: `try_io` cleared it, so the next wait is a real one.
@@ -265,12 +278,29 @@ async fn maintain(shared: Arc<Shared>) {
     }
 }
 
-/// A client that reset its connection before it was accepted costs nothing but a debug
-/// line. Out of file descriptors and the like: say so and back off instead of spinning.
+/// A connection that failed while it queued (reset by the client, or a network error
+/// accept(2) passes on) costs nothing but a debug line: the next one is accepted at once.
+/// Anything else, such as running out of descriptors, is logged and backed off from for
+/// 100 ms instead of spinning.
 async fn accept_error(e: io::Error) {
-    use io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
-    if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
-        tracing::debug!(error = %e, "a connection went away before it was accepted");
+    let queued = matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    );
+    if queued {
+        tracing::debug!(error = %e, "skipping a connection that failed before its accept");
         return;
     }
     tracing::error!(error = %e, "accept failed");

@@ -527,37 +527,47 @@ async fn console_answers_with_pgbouncers_columns() {
 }
 
 /// Both ends of a client's connection, as SHOW CLIENTS lists them, are the ones the client
-/// sees: its own address and port, and Weir's listening address and port.
+/// sees: its own address and port, and the address and port it connected to, whether Weir
+/// listens on that address or on the wildcard one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_clients_names_both_ends_of_each_client() {
-    let s = console_setup("clientends").await;
-    let port = s.weir.local_addr().port();
-    let db = s.db.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(&startup_packet(
-            0,
-            &[("user", TRUST_USER.user), ("database", &db)],
-        ))
+    for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let s = Setup::with_config("clientends", |pg, db| {
+            let mut c = weir_config(pg, db, 2, PoolMode::Transaction);
+            c.admin.users = vec![TRUST_USER.user.into()];
+            c.proxy.listen = vec![listen.parse().unwrap()];
+            c
+        })
+        .await;
+        let port = s.weir.local_addr().port();
+        let db = s.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(&startup_packet(
+                0,
+                &[("user", TRUST_USER.user), ("database", &db)],
+            ))
+            .unwrap();
+            while read_msg(&mut c).expect("login").0 != b'Z' {}
+            // One query answered: the session is past its login, and so listed.
+            c.write_all(b"Q\0\0\0\x0dselect 1\0").unwrap();
+            while read_msg(&mut c).expect("reply").0 != b'Z' {}
+            let mine = c.local_addr().unwrap();
+            let (cols, rows, _) = console(port, "pgbouncer", "SHOW CLIENTS").unwrap();
+            let col = |name: &str| cols.iter().position(|(n, _)| n == name).unwrap();
+            let row = rows
+                .iter()
+                .find(|r| r[col("port")].as_deref() == Some(&mine.port().to_string()))
+                .unwrap_or_else(|| panic!("{listen}: no client from {mine} in {rows:?}"));
+            let field = |name: &str| row[col(name)].as_deref().unwrap_or("NULL");
+            assert_eq!(field("database"), db, "{listen}");
+            assert_eq!(field("addr"), "127.0.0.1", "{listen}");
+            assert_eq!(field("local_addr"), "127.0.0.1", "{listen}");
+            assert_eq!(field("local_port"), port.to_string(), "{listen}");
+        })
+        .await
         .unwrap();
-        while read_msg(&mut c).expect("login").0 != b'Z' {}
-        let mine = c.local_addr().unwrap();
-        let (cols, rows, _) = console(port, "pgbouncer", "SHOW CLIENTS").unwrap();
-        let col = |name: &str| cols.iter().position(|(n, _)| n == name).unwrap();
-        let row = rows
-            .iter()
-            .find(|r| r[col("port")].as_deref() == Some(&mine.port().to_string()))
-            .unwrap_or_else(|| panic!("no client from port {} in {rows:?}", mine.port()));
-        assert_eq!(row[col("database")].as_deref(), Some(db.as_str()));
-        assert_eq!(row[col("addr")].as_deref(), Some("127.0.0.1"));
-        assert_eq!(row[col("local_addr")].as_deref(), Some("127.0.0.1"));
-        assert_eq!(
-            row[col("local_port")].as_deref(),
-            Some(port.to_string().as_str())
-        );
-    })
-    .await
-    .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
