@@ -2,10 +2,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-use std::os::fd::AsRawFd;
 
 use arc_swap::ArcSwap;
 use tokio::io::Interest;

@@ -132,7 +132,7 @@ mod spare {
 /// The two ends of an accepted connection, as far as the accept call told them: the
 /// client's address comes with the accept, and ours is the listener's unless it listens on
 /// a wildcard address (`None` for a Unix socket, or where unknown).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Ends {
     pub peer: Option<std::net::SocketAddr>,
     pub local: Option<std::net::SocketAddr>,
