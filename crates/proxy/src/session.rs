@@ -140,8 +140,7 @@ pub struct Ends {
 
 /// Serves one accepted connection to the end.
 pub async fn serve(shared: Arc<Shared>, mut client: Stream, ends: Ends) {
-    let peer_addr = ends.peer;
-    let peer = PeerAddr(peer_addr, matches!(client, Stream::Unix(_)));
+    let peer = PeerAddr(ends.peer);
     let slot = shared
         .clients
         .enter(shared.config.load().proxy.max_client_conn);
@@ -225,7 +224,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream, ends: Ends) {
                     buf,
                     startup,
                     slot,
-                    peer_addr.map(|a| a.ip()),
+                    ends.peer.map(|a| a.ip()),
                 ))
                 .await;
                 return;
@@ -644,21 +643,20 @@ struct Peer<'a>(&'a ConnInfo);
 
 impl std::fmt::Display for Peer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        PeerAddr(self.0.peer(), true).fmt(f)
+        PeerAddr(self.0.peer()).fmt(f)
     }
 }
 
-/// A client's address for logs, written only if a log line is; the flag says whether a
-/// missing address means a Unix socket (else the address could not be read: "?").
+/// A client's address for logs, written only if a log line is. Every TCP client has one (the
+/// accept call gives it), so a missing one means a Unix socket.
 #[derive(Clone, Copy)]
-struct PeerAddr(Option<std::net::SocketAddr>, bool);
+struct PeerAddr(Option<std::net::SocketAddr>);
 
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(a) => a.fmt(f),
-            None if self.1 => f.write_str("unix"),
-            None => f.write_str("?"),
+            None => f.write_str("unix"),
         }
     }
 }
