@@ -1170,6 +1170,16 @@ impl Session {
             &mut self.scratch,
         )?;
         tracing::trace!(peer = %Peer(&self.info.info), out = ?summarize(if copied { &self.scratch[..] } else { &server.rbuf[..n] }), status = ?self.relay.status(), owed = self.relay.owed(), "to client");
+        // Counted, timed and (if slow) logged before the client sees the replies, so a
+        // client that reads its answer and then asks the admin API finds the request there.
+        let m = &self.pool.metrics;
+        for code in self.relay.errors.drain(..) {
+            m.error(code);
+        }
+        // The one clock reading for this event.
+        let now = Instant::now();
+        self.settle_request(now);
+        let server = self.server.as_mut().expect("attached");
         let data = if copied {
             &self.scratch[..]
         } else {
@@ -1180,15 +1190,10 @@ impl Session {
         // replies, and a departed client's cleanup must not read them a second time.
         server.rbuf.advance(n);
         sent.map_err(|_| End::ClientGone)?;
-        let m = &self.pool.metrics;
-        m.bytes_sent
+        self.pool
+            .metrics
+            .bytes_sent
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        for code in self.relay.errors.drain(..) {
-            m.error(code);
-        }
-        // The one clock reading for this event.
-        let now = Instant::now();
-        self.settle_request(now);
         self.maybe_release(now);
         Ok(())
     }
@@ -1279,11 +1284,11 @@ impl Session {
             r.2 = true;
         }
         self.flush_to_server()?;
+        self.settle_request(now);
         if !self.to_client.is_empty() && self.server.is_some() {
             let pending = std::mem::take(&mut self.to_client);
             send(&self.client, &mut self.to_client, &pending).map_err(|_| End::ClientGone)?;
         }
-        self.settle_request(now);
         // A client message can end what held the connection (CopyDone after a COPY the
         // server already aborted, say) without any reply from the server.
         self.maybe_release(now);
