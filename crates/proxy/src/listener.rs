@@ -101,7 +101,9 @@ impl Proxy {
         let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
         let shared = Arc::new(Shared::new(config.clone()));
         shared.pools.tls.store(Arc::new(tls));
-        let mut accept = Vec::new();
+        // Every socket is bound before any accept loop starts: a bind that fails leaves
+        // nothing running behind the error.
+        let mut tcp = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {
             let l = TcpListener::bind(addr)
@@ -114,14 +116,9 @@ impl Proxy {
             let l = watch(mio::net::TcpListener::from_std(l.into_std()?))?;
             // `to_canonical`: `[::ffff:0.0.0.0]` is a wildcard too.
             let local = (!bound.ip().to_canonical().is_unspecified()).then_some(bound);
-            accept.push(tokio::spawn(accept_loop(
-                l,
-                local,
-                shared.clone(),
-                workers.clone(),
-            )));
+            tcp.push((l, local));
         }
-        let mut unix_path = None;
+        let mut unix = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
             let port = addrs.first().map_or(6432, |a| a.port());
             let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -132,15 +129,21 @@ impl Proxy {
                     format!("cannot listen on {}: {e}", path.display()),
                 )
             })?;
-            let l = watch(l)?;
+            unix = Some((watch(l)?, path));
+        }
+        let mut accept: Vec<_> = tcp
+            .into_iter()
+            .map(|(l, local)| tokio::spawn(accept_loop(l, local, shared.clone(), workers.clone())))
+            .collect();
+        let unix_path = unix.map(|(l, path)| {
             accept.push(tokio::spawn(accept_loop(
                 l,
                 None,
                 shared.clone(),
                 workers.clone(),
             )));
-            unix_path = Some(path);
-        }
+            path
+        });
         shared.pools.create_fixed(&config);
         let maintenance = tokio::spawn(maintain(shared.clone()));
         for a in &addrs {

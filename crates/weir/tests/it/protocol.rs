@@ -276,6 +276,29 @@ async fn unix_socket_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_listen_leaves_no_listener_behind() {
+    let (pg, db) = shared_pg_database("failedlisten").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = weir_config(pg, &db, 1, PoolMode::Transaction);
+    config.proxy.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    // The TCP address binds; the Unix socket's directory does not exist.
+    config.proxy.unix_socket_dir = Some(std::env::temp_dir().join("weir-no-such-dir/sub"));
+    let err = match weir_proxy::Proxy::start(config).await {
+        Ok(_) => panic!("a Unix socket in a missing directory cannot be listened on"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the TCP listener bound before the failure is closed, not left accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_values_and_many_rows_stream() {
     let s = Setup::new("bigrows", 1, PoolMode::Transaction).await;
     let c = s.client().await;
