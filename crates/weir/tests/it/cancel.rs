@@ -22,7 +22,15 @@ async fn cancel_reaches_only_its_own_query() {
         let r = victim.simple_query("select pg_sleep(30)").await;
         (r, Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Weir can pass a cancel on only once the query runs on a server connection.
+    eventually("the 30 s sleep is running", Duration::from_secs(10), || {
+        s.sql(
+            "select count(*) from pg_stat_activity \
+             where datname = current_database() and state = 'active' \
+             and query = 'select pg_sleep(30)'",
+        ) == "1"
+    })
+    .await;
     let sent = Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let (r, ended) = sleeper.await.unwrap();

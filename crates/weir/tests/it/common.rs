@@ -155,6 +155,17 @@ pub struct WeirProcess {
     pub stdout_path: std::path::PathBuf,
 }
 
+/// Checks `check` every 20 ms until it holds, and fails naming `what` if it still does not
+/// after `limit`. For state that settles just after a client has its answer: a server
+/// connection released after the reply was sent, a PostgreSQL backend still exiting.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

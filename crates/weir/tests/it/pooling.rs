@@ -195,8 +195,12 @@ async fn waiters_are_served_first_come_first_served() {
                 .unwrap();
             (i, turn)
         }));
-        // Give each waiter time to queue before the next.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each waiter queues before the next is started.
+        let pool = s.weir.shared().pools.all().pop().unwrap();
+        eventually("the waiter queued", Duration::from_secs(5), || {
+            pool.pool.snapshot().waiting == i as usize + 1
+        })
+        .await;
     }
     holder.batch_execute("commit").await.unwrap();
     for t in tasks {
