@@ -129,7 +129,11 @@ impl Proxy {
                     format!("cannot listen on {}: {e}", path.display()),
                 )
             })?;
-            unix = Some((watch(l)?, path));
+            // A socket file nothing listens on is not left behind.
+            let l = watch(l).inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })?;
+            unix = Some((l, path));
         }
         let mut accept: Vec<_> = tcp
             .into_iter()

@@ -583,7 +583,9 @@ async fn pause_makes_queries_wait_until_resume_without_error() {
             .unwrap()
             .unwrap();
     assert_eq!(tag, "PAUSE");
-    // Weir has closed them when PAUSE answers; the backends may take a moment to exit.
+    let pool = s.weir.shared().pools.all().pop().unwrap();
+    assert_eq!(pool.pool.snapshot().size, 0, "PAUSE answers once drained");
+    // Weir has closed them; the backends may take a moment to exit.
     eventually(
         "server connections drained to zero",
         Duration::from_secs(5),

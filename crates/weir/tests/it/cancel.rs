@@ -22,13 +22,14 @@ async fn cancel_reaches_only_its_own_query() {
         let r = victim.simple_query("select pg_sleep(30)").await;
         (r, Instant::now())
     });
-    // Weir can pass a cancel on only once the query runs on a server connection.
-    eventually("the 30 s sleep is running", Duration::from_secs(10), || {
+    // Weir can pass a cancel on only once a query runs on a server connection; both run,
+    // so a cancel sent to the wrong one would show.
+    eventually("both sleeps are running", Duration::from_secs(10), || {
         s.sql(
             "select count(*) from pg_stat_activity \
              where datname = current_database() and state = 'active' \
-             and query = 'select pg_sleep(30)'",
-        ) == "1"
+             and query in ('select pg_sleep(30)', 'select pg_sleep(2)')",
+        ) == "2"
     })
     .await;
     let sent = Instant::now();

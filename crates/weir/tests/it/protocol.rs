@@ -278,11 +278,7 @@ async fn unix_socket_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_listen_leaves_no_listener_behind() {
     let (pg, db) = shared_pg_database("failedlisten").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut config = weir_config(pg, &db, 1, PoolMode::Transaction);
     config.proxy.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
     // The TCP address binds; the Unix socket's directory does not exist.

@@ -212,7 +212,7 @@ async fn a_bad_reload_is_rejected_and_rollback_and_live_resize_work() {
     )
     .await;
     assert_eq!(pool_size(admin).await, 4, "the old config serves on");
-    eventually("transactions kept flowing", Duration::from_secs(5), || {
+    eventually("transactions kept flowing", Duration::from_secs(2), || {
         done.load(Ordering::Relaxed) > before + 50
     })
     .await;
@@ -323,7 +323,7 @@ async fn sigterm_lets_transactions_finish_and_refuses_new_clients() {
     signal(&weir, libc::SIGTERM);
     eventually(
         "new connections are refused after SIGTERM",
-        Duration::from_secs(3),
+        Duration::from_secs(1),
         || std::net::TcpStream::connect(("127.0.0.1", weir.port)).is_err(),
     )
     .await;
