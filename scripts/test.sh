@@ -6,3 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --with-chromium
 cargo test --workspace --locked "$@"
+# The idle client's task size is a release-build property (issue 8's memory target).
+cargo test --release --locked -p weir-proxy --lib -- session::size_tests::an_idle_clients_task_stays_small

@@ -1554,7 +1554,8 @@ impl Session {
         now: &mut Instant,
     ) -> Result<Result<(), CheckoutFailure>, End> {
         let pool = self.pool.clone();
-        // A connection may have come free since `checkout` looked.
+        // The first look at this pool after a reload or a pause; otherwise a second look, as
+        // a connection may have come free since `checkout` looked.
         let free = if pool.is_paused() {
             None
         } else {
@@ -1810,11 +1811,13 @@ mod size_tests {
         }
         // With Tokio's task header and trailer, a future up to 864 bytes makes a 1,024-byte
         // task (tasks are aligned to 128 bytes); one byte more makes it 1,152, which the
-        // allocator serves from its 1,280-byte class. The release build lays the future out
-        // 8 bytes smaller than this profile (832 and 840 bytes; see `-Zprint-type-sizes`),
-        // so 872 here keeps the release's within 864.
+        // allocator serves from its 1,280-byte class. The bound that matters is the release
+        // build's, which scripts/test.sh checks with `--release`. The test profile lays the
+        // future out differently (840 bytes against release's 832 when this was written), so
+        // there the limit has that margin.
+        let limit = if cfg!(debug_assertions) { 872 } else { 864 };
         let size = future_size(super::live);
-        assert!(size <= 872, "the live future is {size} bytes");
+        assert!(size <= limit, "the live future is {size} bytes");
         let session = std::mem::size_of::<super::Session>();
         assert!(session <= 768, "Session is {session} bytes");
     }
