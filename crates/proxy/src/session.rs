@@ -1417,11 +1417,18 @@ impl Session {
         &mut self,
         now: &mut Instant,
     ) -> Result<Result<(), CheckoutFailure>, End> {
+        // `checkout` has just looked in this pool unless it was paused or retired; the queue
+        // itself grants a connection released since (`Pool::ticket`).
+        let mut looked = !self.pool.is_retired() && !self.pool.is_paused();
         loop {
             if self.pool.is_retired() {
                 self.follow_reload()?;
+                looked = false;
             }
-            match self.checkout_from_pool(now).await? {
+            match self
+                .checkout_from_pool(now, std::mem::take(&mut looked))
+                .await?
+            {
                 // The pool was retired while this client waited on it: wait on its successor.
                 Err(CheckoutFailure(_)) if self.pool.is_retired() => continue,
                 r => return Ok(r),
@@ -1552,11 +1559,11 @@ impl Session {
     async fn checkout_from_pool(
         &mut self,
         now: &mut Instant,
+        looked: bool,
     ) -> Result<Result<(), CheckoutFailure>, End> {
         let pool = self.pool.clone();
-        // The first look at this pool after a reload or a pause; otherwise a second look, as
-        // a connection may have come free since `checkout` looked.
-        let free = if pool.is_paused() {
+        // The first look at this pool after a reload or a pause.
+        let free = if looked || pool.is_paused() {
             None
         } else {
             pool.pool.try_get(*now)
