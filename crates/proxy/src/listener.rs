@@ -139,15 +139,16 @@ impl Proxy {
             .into_iter()
             .map(|(l, local)| tokio::spawn(accept_loop(l, local, shared.clone(), workers.clone())))
             .collect();
-        let unix_path = unix.map(|(l, path)| {
+        let mut unix_path = None;
+        if let Some((l, path)) = unix {
             accept.push(tokio::spawn(accept_loop(
                 l,
                 None,
                 shared.clone(),
                 workers.clone(),
             )));
-            path
-        });
+            unix_path = Some(path);
+        }
         shared.pools.create_fixed(&config);
         let maintenance = tokio::spawn(maintain(shared.clone()));
         for a in &addrs {

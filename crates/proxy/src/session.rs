@@ -1401,25 +1401,23 @@ impl Session {
     /// if the checkout had to wait.
     async fn checkout(&mut self, now: &mut Instant) -> Result<Result<(), CheckoutFailure>, End> {
         // The fast path: a connection free, nothing to wait for, time or allocate.
-        if !self.pool.is_retired()
-            && !self.pool.is_paused()
-            && let Some(server) = self.pool.pool.try_get(*now)
-        {
+        let looked = !self.pool.is_retired() && !self.pool.is_paused();
+        if looked && let Some(server) = self.pool.pool.try_get(*now) {
             self.attach(server, *now);
             return Ok(Ok(()));
         }
         // Boxed: the waiting's state would otherwise sit in every idle client's task, and a
         // client that waits has no allocation to save.
-        Box::pin(self.checkout_waiting(now)).await
+        Box::pin(self.checkout_waiting(now, looked)).await
     }
 
+    /// `looked`: `checkout` has just looked in this pool and found nothing free. The queue
+    /// itself grants a connection released since (`Pool::ticket`), so it needs no second look.
     async fn checkout_waiting(
         &mut self,
         now: &mut Instant,
+        mut looked: bool,
     ) -> Result<Result<(), CheckoutFailure>, End> {
-        // `checkout` has just looked in this pool unless it was paused or retired; the queue
-        // itself grants a connection released since (`Pool::ticket`).
-        let mut looked = !self.pool.is_retired() && !self.pool.is_paused();
         loop {
             if self.pool.is_retired() {
                 self.follow_reload()?;
