@@ -3,9 +3,11 @@
 //! disconnect, on errors and on slow statements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::SeqCst, fence,
+};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Context;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use weir_pool::Histogram;
@@ -177,7 +179,10 @@ pub struct ConnInfo {
     /// task to wake when they do: one word and one waker per client, polled with no lock,
     /// where a `Notify` future per client took its waiter-list lock on every poll.
     signals: AtomicU8,
-    waker: atomic_waker::AtomicWaker,
+    /// The session's task, kept from its first poll on and woken by reference, so it is
+    /// never used up: a waker taken by each wake (an `AtomicWaker`) had to be registered
+    /// again at every poll, twice per transaction.
+    task: OnceLock<Waker>,
 }
 
 /// A socket address in 20 bytes, where `Option<SocketAddr>` takes 32: every client's
@@ -259,7 +264,7 @@ impl ConnInfo {
             wait_since: AtomicU64::new(0),
             link: AtomicU64::new(0),
             signals: AtomicU8::new(0),
-            waker: atomic_waker::AtomicWaker::new(),
+            task: OnceLock::new(),
         }
     }
 
@@ -267,13 +272,27 @@ impl ConnInfo {
     pub fn raise(&self, signals: u8) {
         self.signals
             .fetch_or(signals, std::sync::atomic::Ordering::AcqRel);
-        self.waker.wake();
+        // Pairs with the fence in `poll_signals`: either that poll's load sees these bits, or
+        // this sees its task.
+        fence(SeqCst);
+        if let Some(task) = self.task.get() {
+            task.wake_by_ref();
+        }
     }
 
-    /// The signals raised so far, with the polling task registered to be woken by the next
-    /// (registered first, so a signal raised in between is seen now or wakes it).
+    /// The signals raised so far; the first poll keeps the polling task to be woken by the
+    /// next (kept first, so a signal raised in between is seen now or wakes it). Every poll
+    /// must come from the same task: a session's all do (the client's task runs it to the
+    /// end, and nothing inside it polls with a waker of its own).
     pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
-        self.waker.register(cx.waker());
+        debug_assert!(
+            self.task.get().is_none_or(|t| t.will_wake(cx.waker())),
+            "signals polled from a second task"
+        );
+        if self.task.get().is_none() {
+            let _ = self.task.set(cx.waker().clone());
+            fence(SeqCst);
+        }
         self.signals.load(Acquire)
     }
 

@@ -629,7 +629,14 @@ async fn reconnect_and_kill() {
     tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The idle session is woken by the KILL itself: the client sees its connection closed
+    // without sending anything.
+    eventually(
+        "the killed idle client's connection closed",
+        Duration::from_secs(5),
+        || c.is_closed(),
+    )
+    .await;
     assert!(
         c.simple_query("select 1").await.is_err(),
         "KILL ended the session"
@@ -638,6 +645,30 @@ async fn reconnect_and_kill() {
     assert!(
         fresh.simple_query("select 1").await.is_ok(),
         "new clients are served"
+    );
+    // A session in the middle of a query is woken by the KILL too, not by the reply.
+    let busy = s.client().await;
+    let started = Instant::now();
+    let query = tokio::spawn(async move {
+        let r = busy.simple_query("select pg_sleep(10)").await;
+        (r.is_err(), started.elapsed())
+    });
+    eventually("the long query running", Duration::from_secs(5), || {
+        s.sql(
+            "select count(*) from pg_stat_activity where datname = current_database() \
+             and state = 'active' and query = 'select pg_sleep(10)'",
+        ) == "1"
+    })
+    .await;
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
+        .await
+        .unwrap();
+    let (failed, took) = query.await.unwrap();
+    assert!(failed, "the killed query's client got an error");
+    assert!(
+        took < Duration::from_secs(5),
+        "KILL ended the busy session at once, not when its query finished ({took:?})"
     );
 }
 
