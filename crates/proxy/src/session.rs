@@ -75,10 +75,13 @@ mod spare {
     /// (the small one login used, or one that grew for a large message).
     pub fn give(mut buf: BytesMut) {
         buf.clear();
-        // `capacity()` counts only the space after the read position, so the allocation's
-        // size is asked with `try_reclaim`, which never allocates: room for more than
-        // MAX_KEPT bytes means too large a buffer to keep, no room for a chunk too small.
-        if buf.try_reclaim(MAX_KEPT + 1) || !buf.try_reclaim(CLIENT_CHUNK) {
+        // `capacity()` counts only the space after the read position. Asking for one byte
+        // more than it rewinds an advanced buffer to the start of its allocation (nothing to
+        // copy: it is empty) and leaves one never advanced as it is, so either way it then
+        // shows the allocation's size. `try_reclaim` never allocates; one call, where asking
+        // for the two limits in turn took two.
+        let _ = buf.try_reclaim(buf.capacity() + 1);
+        if !(CLIENT_CHUNK..=MAX_KEPT).contains(&buf.capacity()) {
             return;
         }
         SPARE.with(|s| {
@@ -125,6 +128,11 @@ mod spare {
             assert!((CLIENT_CHUNK..=MAX_KEPT).contains(&big.capacity()));
             give(big);
             assert_eq!(kept(), 0, "a grown buffer is freed");
+
+            give(BytesMut::with_capacity(CLIENT_CHUNK));
+            assert_eq!(kept(), 1, "a chunk never read into is kept");
+            give(BytesMut::with_capacity(MAX_KEPT + 1));
+            assert_eq!(kept(), 1, "a buffer never read into but too large is freed");
         }
     }
 }
@@ -1352,7 +1360,13 @@ impl Session {
         let m = &self.pool.metrics;
         m.queries.observe(took);
         if ended && let Some(t) = self.tx_start.take() {
-            m.transactions.observe(now.saturating_duration_since(t));
+            // A transaction of one request (autocommit) started with it: one subtraction.
+            let whole = if t == start {
+                took
+            } else {
+                now.saturating_duration_since(t)
+            };
+            m.transactions.observe(whole);
         }
         let threshold = self.pool.hot().slow_query_threshold();
         if !threshold.is_zero() && took >= threshold {

@@ -113,15 +113,14 @@ impl Stream {
             }
             Ok(got)
         });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => Err(e),
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
-            _ => {
-                // SAFETY: the kernel initialised `got` bytes of the spare capacity.
-                unsafe { buf.set_len(buf.len() + got) };
-                Ok(got)
-            }
+        // Bytes read win over the error that cleared the readiness (decided by `got`, not by
+        // asking the error its kind: a read is the hot path).
+        if got > 0 {
+            // SAFETY: the kernel initialised `got` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + got) };
+            return Ok(got);
         }
+        r
     }
 
     /// Registers the socket with the calling thread's runtime instead of the one it was
