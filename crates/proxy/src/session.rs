@@ -631,6 +631,25 @@ fn arm(
     timer.as_mut().expect("set above").as_mut()
 }
 
+/// [`arm`] for a caller that reads the clock when the timer fires and arms it again if that
+/// was early: a timer already set to fire no later than `at`, and not fired yet, is left as
+/// it is. Each wait for a server connection has a later deadline than the one before, and
+/// moving the timer in Tokio's wheel at every wait cost more than one early wakeup per
+/// timeout period.
+fn arm_by(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    at: Instant,
+) -> Pin<&mut tokio::time::Sleep> {
+    let by = tokio::time::Instant::from_std(at);
+    let keep = timer
+        .as_ref()
+        .is_some_and(|t| !t.is_elapsed() && t.deadline() <= by);
+    if keep {
+        return timer.as_mut().expect("checked").as_mut();
+    }
+    arm(timer, at)
+}
+
 /// Waits for a KILL or shutdown signal on an idle session; gives the session's end.
 async fn signaled(info: &ConnInfo) -> End {
     let raised = std::future::poll_fn(|cx| match info.poll_signals(cx) {
@@ -1497,7 +1516,7 @@ impl Session {
             let watch = self.cbuf.len() < HIGH_WATER;
             let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
             let client = &self.client;
-            let mut timer = arm(&mut self.timer, wake_at);
+            let mut timer = arm_by(&mut self.timer, wake_at);
             let ev = std::future::poll_fn(|cx| {
                 // The clock only matters while the reserve is still to open.
                 let now = if ticket.reserve_at().is_some() {
@@ -1521,7 +1540,8 @@ impl Session {
             match ev {
                 Wait::Granted(r) => break r,
                 Wait::Client(r) => self.read_while_waiting(r)?,
-                // The deadline, or the reserve opening to this waiter (polled again above).
+                // The deadline; or the reserve opening to this waiter, or a timer left set
+                // earlier (`arm_by`): polled again above.
                 Wait::Timer if Instant::now() >= deadline => break ticket.give_up(),
                 Wait::Timer => {}
             }
@@ -1839,5 +1859,36 @@ mod size_tests {
         assert!(size <= limit, "the live future is {size} bytes");
         let session = std::mem::size_of::<super::Session>();
         assert!(session <= 768, "Session is {session} bytes");
+    }
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use super::{arm, arm_by};
+    use std::time::{Duration, Instant};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_leaves_an_earlier_timer_and_moves_a_later_or_fired_one() {
+        let mut timer = None;
+        let t0 = Instant::now();
+        let at = |s: u64| tokio::time::Instant::from_std(t0 + Duration::from_secs(s));
+        arm(&mut timer, t0 + Duration::from_secs(10));
+        arm_by(&mut timer, t0 + Duration::from_secs(20));
+        assert_eq!(
+            timer.as_ref().unwrap().deadline(),
+            at(10),
+            "an earlier timer is left"
+        );
+        arm_by(&mut timer, t0 + Duration::from_secs(5));
+        assert_eq!(
+            timer.as_ref().unwrap().deadline(),
+            at(5),
+            "a later one is moved"
+        );
+        // Fired: it cannot wake the waiter again, so it is set anew.
+        timer.as_mut().unwrap().as_mut().await;
+        arm_by(&mut timer, t0 + Duration::from_secs(30));
+        assert_eq!(timer.as_ref().unwrap().deadline(), at(30));
+        assert!(!timer.as_ref().unwrap().is_elapsed());
     }
 }
