@@ -142,8 +142,16 @@ def run_pgbench(bd, port, clients, mode, seconds, db, connect_each=False):
         "p99": p99 if ok else None,
         "processed": int(processed.group(1)) if processed else 0,
         "failed": int(failed.group(1)) if failed else None,
-        "error": None if ok else (text.strip().splitlines() or ["no output"])[-1][:120],
+        "error": None if ok else first_error(text),
     }
+
+
+def first_error(text):
+    """The line that says why a pgbench run failed: its first error, not its last line (which
+    may be a summary such as "number of failed transactions: 0 (NaN%)")."""
+    lines = text.strip().splitlines()
+    errors = [l for l in lines if re.search(r"error|fatal|abort", l, re.IGNORECASE)]
+    return (errors[0] if errors else lines[-1] if lines else "no output")[:160]
 
 
 def rss_bytes(pid):

@@ -648,10 +648,9 @@ async fn reconnect_and_kill() {
     );
     // A session in the middle of a query is woken by the KILL too, not by the reply.
     let busy = s.client().await;
-    let started = Instant::now();
     let query = tokio::spawn(async move {
         let r = busy.simple_query("select pg_sleep(10)").await;
-        (r.is_err(), started.elapsed())
+        (r.is_err(), Instant::now())
     });
     eventually("the long query running", Duration::from_secs(5), || {
         s.sql(
@@ -664,11 +663,13 @@ async fn reconnect_and_kill() {
     tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
         .await
         .unwrap();
-    let (failed, took) = query.await.unwrap();
+    let killed = Instant::now();
+    let (failed, ended) = query.await.unwrap();
     assert!(failed, "the killed query's client got an error");
+    let after = ended.saturating_duration_since(killed);
     assert!(
-        took < Duration::from_secs(5),
-        "KILL ended the busy session at once, not when its query finished ({took:?})"
+        after < Duration::from_secs(3),
+        "KILL ended the busy session at once, not when its query finished ({after:?} after)"
     );
 }
 
