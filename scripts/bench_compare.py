@@ -7,7 +7,8 @@ transaction mode, then measures, against each target:
 
 - `pgbench -S -j 2 -T SECONDS` for each query mode (-M simple, extended, prepared) and
   client count: throughput, average and p99 latency (from pgbench's per-transaction log),
-  and the pooler's CPU time per 1,000 transactions (from /proc);
+  the pooler's CPU time per 1,000 transactions and its context switches per transaction
+  (from /proc);
 - the connection rate: `pgbench -S -C` (a new connection per transaction);
 - the poolers' resident memory per idle client, with --idle N logged-in connections held.
 
@@ -100,6 +101,34 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def context_switches(pid):
+    """Context switches (voluntary and not) of all a process's threads so far (from /proc).
+    A pooler's CPU here is mostly the price of sleeping in epoll_wait and being woken."""
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def measured(pid, run):
+    """Runs `run()` (a pgbench run) and adds the pooler's CPU milliseconds and context
+    switches per 1,000 transactions to its result."""
+    if not pid:
+        return run()
+    cpu0, cs0 = cpu_seconds(pid), context_switches(pid)
+    r = run()
+    n = r["processed"]
+    r["cpu_per_1k"] = (cpu_seconds(pid) - cpu0) / n * 1000 if n else None
+    r["cs_per_tx"] = (context_switches(pid) - cs0) / n if n else None
+    return r
 
 
 def p99_from_logs(logdir):
@@ -351,22 +380,15 @@ def main():
                     order = targets[cell % len(targets):] + targets[:cell % len(targets)]
                     cell += 1
                     for name, port, pid in order:
-                        cpu0 = cpu_seconds(pid) if pid else None
-                        r = run_pgbench(bd, port, c, mode, args.seconds, db)
-                        if pid:
-                            used = cpu_seconds(pid) - cpu0
-                            r["cpu_per_1k"] = used / r["processed"] * 1000 if r["processed"] else None
+                        r = measured(pid, lambda: run_pgbench(bd, port, c, mode, args.seconds, db))
                         results.setdefault((mode, c, name), []).append(r)
                         status = f"{r['tps']:.0f} tps" if r["ok"] else f"FAILED: {r['error']}"
                         print(f"  [{rep + 1}/{args.repeat}] -M {mode:8} -c {c:4} {name:9} {status}", file=sys.stderr)
             if args.connect_clients:
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for name, port, pid in order:
-                    cpu0 = cpu_seconds(pid) if pid else None
-                    r = run_pgbench(bd, port, args.connect_clients, "simple", args.seconds, db, connect_each=True)
-                    if pid:
-                        used = cpu_seconds(pid) - cpu0
-                        r["cpu_per_1k"] = used / r["processed"] * 1000 if r["processed"] else None
+                    r = measured(pid, lambda: run_pgbench(bd, port, args.connect_clients, "simple",
+                                                          args.seconds, db, connect_each=True))
                     results.setdefault(("connect", args.connect_clients, name), []).append(r)
                     status = f"{r['tps']:.0f} conn/s" if r["ok"] else f"FAILED: {r['error']}"
                     print(f"  [{rep + 1}/{args.repeat}] -C -c {args.connect_clients} {name:9} {status}", file=sys.stderr)
@@ -412,8 +434,9 @@ def main():
     poolers = ["pgbouncer"] + weirs
     head += (f" avg latency ms {' / '.join(label_of[n] for n in names)} |"
              f" p99 latency ms {' / '.join(label_of[n] for n in names)} |"
-             f" pooler CPU ms per 1k tx {' / '.join(label_of[n] for n in poolers)} |")
-    rule += "---|---|---|"
+             f" pooler CPU ms per 1k tx {' / '.join(label_of[n] for n in poolers)} |"
+             f" pooler context switches per tx {' / '.join(label_of[n] for n in poolers)} |")
+    rule += "---|---|---|---|"
     lines.append(head)
     lines.append(rule)
 
@@ -450,7 +473,9 @@ def main():
         p99 = " / ".join(f"{med(runs[n], 'p99'):.2f}" if med(runs[n], "p99") is not None else "-" for n in names)
         cpu = " / ".join(f"{med(runs[n], 'cpu_per_1k') * 1000:.0f}" if med(runs[n], "cpu_per_1k") else "-"
                          for n in poolers)
-        lines.append(f"{row} {lat} | {p99} | {cpu} |")
+        cs = " / ".join(f"{med(runs[n], 'cs_per_tx'):.2f}" if med(runs[n], "cs_per_tx") is not None else "-"
+                        for n in poolers)
+        lines.append(f"{row} {lat} | {p99} | {cpu} | {cs} |")
     if memory:
         lines.append("")
         lines.append(f"Resident memory per idle client, {args.idle} logged-in connections held open "
