@@ -119,8 +119,8 @@ def context_switches(pid):
 
 
 def measured(pid, run):
-    """Runs `run()` (a pgbench run) and adds the pooler's CPU milliseconds and context
-    switches per 1,000 transactions to its result."""
+    """Runs `run()` (a pgbench run) and adds to its result the pooler's CPU seconds per 1,000
+    transactions and its context switches per transaction."""
     if not pid:
         return run()
     cpu0, cs0 = cpu_seconds(pid), context_switches(pid)
