@@ -1,5 +1,6 @@
 //! Client connection limits: globally (`proxy.max_client_conn`), per database and per user.
-//! A slot is held for the life of a client connection and given back on drop.
+//! A slot is held for the life of a client connection and given back on drop. The slots also
+//! count each worker thread's clients, which decides where an accepted client is served.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,9 +11,12 @@ use std::sync::{Arc, Mutex};
 /// at most `max_client_conn` of them.
 type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientCounts {
     total: AtomicUsize,
+    /// Clients on each worker thread, by [`crate::workers::current`]: a slot is taken and
+    /// given back on the worker that serves its client (a session never changes worker).
+    by_worker: Box<[AtomicUsize]>,
     by_database: Mutex<Counts>,
     by_user: Mutex<Counts>,
     last_refusal_log: Mutex<Option<std::time::Instant>>,
@@ -49,9 +53,66 @@ impl std::fmt::Display for Refused {
     }
 }
 
+impl Default for ClientCounts {
+    fn default() -> Self {
+        ClientCounts::new(1)
+    }
+}
+
+/// How many more clients than another worker a worker may serve before it hands the clients
+/// it accepts to that one (see [`ClientCounts::worker_for`]).
+const WORKER_SLACK: usize = 4;
+
 impl ClientCounts {
+    /// Counts for a process with `workers` worker threads.
+    pub fn new(workers: usize) -> ClientCounts {
+        ClientCounts {
+            total: AtomicUsize::new(0),
+            by_worker: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            by_database: Mutex::default(),
+            by_user: Mutex::default(),
+            last_refusal_log: Mutex::default(),
+        }
+    }
+
+    /// The calling worker's counter (worker 0's on a thread that is no worker).
+    fn this_worker(&self) -> &AtomicUsize {
+        let w = crate::workers::current();
+        &self.by_worker[w.min(self.by_worker.len() - 1)]
+    }
+
+    /// Clients served by worker `w` now.
+    pub fn on_worker(&self, w: usize) -> usize {
+        self.by_worker[w].load(Ordering::Relaxed)
+    }
+
+    /// Which worker serves a client that worker `here` accepted: `here` itself, which costs
+    /// no wakeup of another thread, unless it already serves [`WORKER_SLACK`] more clients
+    /// than the worker with the fewest, which then gets it.
+    ///
+    /// The kernel deals connections to the workers' listeners by a hash of the client's
+    /// address and port, so long-lived clients would spread like coin tosses (100 clients on
+    /// two workers: 10 or more apart about a third of the time); as they connect one at a
+    /// time this keeps the workers within the slack of each other. With a new connection per
+    /// transaction, a few clients come and go on each worker, and a smaller slack would hand
+    /// a third of them to another thread, waking it (measured with pgbench `-C`: see
+    /// docs/BENCHMARKS.md).
+    pub fn worker_for(&self, here: usize) -> usize {
+        let mine = self.on_worker(here);
+        let (least, fewest) = (0..self.by_worker.len())
+            .map(|w| (w, self.on_worker(w)))
+            .min_by_key(|&(_, n)| n)
+            .expect("at least one worker");
+        if mine >= fewest + WORKER_SLACK {
+            least
+        } else {
+            here
+        }
+    }
+
     /// Takes a slot under the global limit.
     pub fn enter(self: &Arc<Self>, max: u32) -> Result<ClientSlot, Refused> {
+        self.this_worker().fetch_add(1, Ordering::Relaxed);
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
         let slot = ClientSlot {
             counts: self.clone(),
@@ -158,6 +219,11 @@ fn leave(map: &Mutex<Counts>, key: &str) {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
+        let was = self.counts.this_worker().fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(
+            was > 0,
+            "a client slot given back on another worker than its own"
+        );
         if let Some(d) = &self.database {
             leave(&self.counts.by_database, d);
         }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use weir_config::Config;
 
@@ -57,13 +56,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Shared {
+    /// The shared state of a proxy serving its clients on `workers` worker threads.
+    pub fn new(config: Config, workers: usize) -> Shared {
         Shared {
             users: ArcSwap::from_pointee(UserDirectory::new(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Pools::default(),
             cancel: Arc::new(CancelRegistry::default()),
-            clients: Arc::new(ClientCounts::default()),
+            clients: Arc::new(ClientCounts::new(workers)),
             clients_registry: Arc::new(Registry::default()),
             next_client_id: AtomicU64::new(1),
             slow: SlowLog::default(),
@@ -99,24 +99,20 @@ impl Proxy {
     /// and the caller's own tasks run on the calling runtime, worker 0).
     pub async fn start_on(config: Config, workers: Arc<Workers>) -> io::Result<ProxyHandle> {
         let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
-        let shared = Arc::new(Shared::new(config.clone()));
+        let shared = Arc::new(Shared::new(config.clone(), workers.len()));
         shared.pools.tls.store(Arc::new(tls));
         // Every socket is bound before any accept loop starts: a bind that fails leaves
         // nothing running behind the error.
         let mut tcp = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {
-            let l = TcpListener::bind(addr)
-                .await
+            let group = bind_tcp(*addr, workers.len())
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            let bound = l.local_addr()?;
+            let bound = group[0].local_addr()?;
             addrs.push(bound);
-            // Bound by Tokio (address lookup, SO_REUSEADDR, its backlog), accepted from
-            // directly (see `Listen`).
-            let l = watch(mio::net::TcpListener::from_std(l.into_std()?))?;
             // `to_canonical`: `[::ffff:0.0.0.0]` is a wildcard too.
             let local = (!bound.ip().to_canonical().is_unspecified()).then_some(bound);
-            tcp.push((l, local));
+            tcp.push((group, local));
         }
         let mut unix = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
@@ -135,10 +131,34 @@ impl Proxy {
             })?;
             unix = Some((l, path));
         }
-        let mut accept: Vec<_> = tcp
-            .into_iter()
-            .map(|(l, local)| tokio::spawn(accept_loop(l, local, shared.clone(), workers.clone())))
-            .collect();
+        let mut accept = Vec::new();
+        for (group, local) in tcp {
+            // One listener per worker, each accepting for its own worker; or one, whose
+            // clients are dealt out to the workers in turn.
+            let serve = if group.len() == 1 {
+                Serve::Spread
+            } else {
+                Serve::Here
+            };
+            for (w, l) in group.into_iter().enumerate() {
+                let (shared, workers2) = (shared.clone(), workers.clone());
+                // Registered with the runtime of the worker that accepts from it, so the
+                // kernel's wakeup for a new connection reaches that worker alone.
+                let task = async move {
+                    match watch(mio::net::TcpListener::from_std(l)) {
+                        Ok(l) => accept_loop(l, local, shared, workers2, serve).await,
+                        Err(e) => {
+                            tracing::error!(worker = w, error = %e, "cannot watch a listener")
+                        }
+                    }
+                };
+                accept.push(if w == crate::workers::current() {
+                    tokio::spawn(task)
+                } else {
+                    workers.handle(w).spawn(task)
+                });
+            }
+        }
         let mut unix_path = None;
         if let Some((l, path)) = unix {
             accept.push(tokio::spawn(accept_loop(
@@ -146,6 +166,7 @@ impl Proxy {
                 None,
                 shared.clone(),
                 workers.clone(),
+                Serve::Spread,
             )));
             unix_path = Some(path);
         }
@@ -225,6 +246,7 @@ async fn accept_loop<L: Listen>(
     local: Option<SocketAddr>,
     shared: Arc<Shared>,
     workers: Arc<Workers>,
+    serve: Serve,
 ) {
     loop {
         let mut ready = match l.readable().await {
@@ -237,7 +259,13 @@ async fn accept_loop<L: Listen>(
         };
         match ready.try_io(|l| l.get_ref().accept_raw()) {
             Ok(Ok((sock, peer))) => {
-                hand_to_worker(&shared, &workers, sock, session::Ends { peer, local });
+                hand_to_worker(
+                    &shared,
+                    &workers,
+                    serve,
+                    sock,
+                    session::Ends { peer, local },
+                );
                 // Waiting for readiness spends none of the task's budget, and readiness
                 // stays set while connections queue: without this, a burst of connections
                 // would keep the other tasks of this worker (its clients, the admin API,
@@ -251,10 +279,71 @@ async fn accept_loop<L: Listen>(
     }
 }
 
-/// Starts the session of an accepted client on the next worker, registering its socket
-/// with that worker's runtime.
-fn hand_to_worker(shared: &Arc<Shared>, workers: &Workers, sock: Raw, ends: session::Ends) {
-    let w = workers.next();
+/// Which worker serves the clients an accept loop takes.
+#[derive(Debug, Clone, Copy)]
+enum Serve {
+    /// The accepting one: each worker has a listener of its own.
+    Here,
+    /// The workers in turn: the only listener for an address (one worker, or a Unix socket).
+    Spread,
+}
+
+/// The listen queue of each listening socket: a burst of a thousand clients connecting at
+/// once fits (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 1024;
+
+/// Binds `addr` for `n` workers: one listening socket each, sharing the port through
+/// `SO_REUSEPORT` (the kernel deals new connections to them by a hash of the client's
+/// address and port), or a plain one for one worker.
+///
+/// Every socket of such a group must set `SO_REUSEPORT`, and any other socket that does,
+/// under the same user, may join the group: a second Weir started on a port in use would
+/// silently take a share of its connections. So a fixed port is first bound without the
+/// option, which fails while anything listens there, as a plain listener's bind would.
+fn bind_tcp(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let socket = |reuseport: bool| -> io::Result<tokio::net::TcpSocket> {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // A restart need not wait for the last one's connections to leave TIME_WAIT.
+        s.set_reuseaddr(true)?;
+        if reuseport {
+            s.set_reuseport(true)?;
+        }
+        Ok(s)
+    };
+    let group = n > 1;
+    if group && addr.port() != 0 {
+        socket(false)?.bind(addr)?;
+    }
+    let mut at = addr;
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let s = socket(group)?;
+        s.bind(at)?;
+        let l = s.listen(BACKLOG)?;
+        // Port 0 picked a port: the others join that one.
+        at = l.local_addr()?;
+        listeners.push(l.into_std()?);
+    }
+    Ok(listeners)
+}
+
+/// Starts the session of an accepted client on the worker `serve` says, registering its
+/// socket with that worker's runtime.
+fn hand_to_worker(
+    shared: &Arc<Shared>,
+    workers: &Workers,
+    serve: Serve,
+    sock: Raw,
+    ends: session::Ends,
+) {
+    let w = match serve {
+        Serve::Here => shared.clients.worker_for(crate::workers::current()),
+        Serve::Spread => workers.next(),
+    };
     let shared = shared.clone();
     let start = async move {
         match sock.register() {

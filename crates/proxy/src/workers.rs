@@ -11,8 +11,12 @@
 //! does change worker is registered with the new one before use
 //! ([`crate::stream::Stream::rehome`]), so its replies wake the thread that waits for them.
 //!
-//! The calling thread's runtime is worker 0: it also runs the accept loops, the admin API
-//! and maintenance.
+//! Each worker accepts its own clients, from a listening socket of its own on each TCP
+//! address (`SO_REUSEPORT`, see `listener::bind_tcp`), so a new connection wakes only the
+//! thread that will serve it; a worker that already serves several more clients than another
+//! hands what it accepts to that one ([`crate::limits::ClientCounts::worker_for`]). The
+//! calling thread's runtime is worker 0: it also runs the Unix socket's accept loop (whose
+//! clients go to the workers in turn), the admin API and maintenance.
 
 use std::cell::Cell;
 use std::io;
