@@ -75,10 +75,9 @@ impl ClientCounts {
         }
     }
 
-    /// The calling worker's counter (worker 0's on a thread that is no worker).
-    fn this_worker(&self) -> &AtomicUsize {
-        let w = crate::workers::current();
-        &self.by_worker[w.min(self.by_worker.len() - 1)]
+    /// The calling thread's worker, as counted here (0 on a thread that is no worker).
+    fn this_worker(&self) -> usize {
+        crate::workers::current().min(self.by_worker.len() - 1)
     }
 
     /// Clients served by worker `w` now.
@@ -99,7 +98,10 @@ impl ClientCounts {
     /// docs/BENCHMARKS.md).
     pub fn worker_for(&self, here: usize) -> usize {
         let mine = self.on_worker(here);
+        // From the last worker down: a tie goes to the highest, as worker 0 also runs the
+        // admin API, maintenance and the Unix socket's accept loop.
         let (least, fewest) = (0..self.by_worker.len())
+            .rev()
             .map(|w| (w, self.on_worker(w)))
             .min_by_key(|&(_, n)| n)
             .expect("at least one worker");
@@ -112,10 +114,12 @@ impl ClientCounts {
 
     /// Takes a slot under the global limit.
     pub fn enter(self: &Arc<Self>, max: u32) -> Result<ClientSlot, Refused> {
-        self.this_worker().fetch_add(1, Ordering::Relaxed);
+        let worker = self.this_worker();
+        self.by_worker[worker].fetch_add(1, Ordering::Relaxed);
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
         let slot = ClientSlot {
             counts: self.clone(),
+            worker: worker as u32,
             database: None,
             user: None,
         };
@@ -145,6 +149,8 @@ impl ClientCounts {
 #[derive(Debug)]
 pub struct ClientSlot {
     counts: Arc<ClientCounts>,
+    /// The worker it is counted on: the one serving the client, which never changes.
+    worker: u32,
     /// The counters' own keys, shared by every slot of that database or user.
     database: Option<Arc<str>>,
     user: Option<Arc<str>>,
@@ -219,11 +225,13 @@ fn leave(map: &Mutex<Counts>, key: &str) {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
-        let was = self.counts.this_worker().fetch_sub(1, Ordering::Relaxed);
-        debug_assert!(
-            was > 0,
+        let worker = self.worker as usize;
+        debug_assert_eq!(
+            worker,
+            self.counts.this_worker(),
             "a client slot given back on another worker than its own"
         );
+        self.counts.by_worker[worker].fetch_sub(1, Ordering::Relaxed);
         if let Some(d) = &self.database {
             leave(&self.counts.by_database, d);
         }

@@ -95,14 +95,15 @@ impl Proxy {
         Self::start_on(config, Workers::single()).await
     }
 
-    /// [`Proxy::start`], spreading clients over `workers` (the accept loops, maintenance
-    /// and the caller's own tasks run on the calling runtime, worker 0).
+    /// [`Proxy::start`], spreading clients over `workers`: each worker accepts from a
+    /// listener of its own on each TCP address; the Unix socket's accept loop, maintenance
+    /// and the caller's own tasks run on the calling runtime, worker 0.
     pub async fn start_on(config: Config, workers: Arc<Workers>) -> io::Result<ProxyHandle> {
         let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
         let shared = Arc::new(Shared::new(config.clone(), workers.len()));
         shared.pools.tls.store(Arc::new(tls));
-        // Every socket is bound before any accept loop starts: a bind that fails leaves
-        // nothing running behind the error.
+        // Every socket is bound and registered before any accept loop starts: a failure
+        // leaves nothing running behind the error.
         let mut tcp = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {
@@ -112,7 +113,28 @@ impl Proxy {
             addrs.push(bound);
             // `to_canonical`: `[::ffff:0.0.0.0]` is a wildcard too.
             let local = (!bound.ip().to_canonical().is_unspecified()).then_some(bound);
-            tcp.push((group, local));
+            // One listener per worker, each accepting for its own worker; or one, whose
+            // clients are dealt out to the workers in turn.
+            let serve = if group.len() == 1 {
+                Serve::Spread
+            } else {
+                Serve::Here
+            };
+            for (w, l) in group.into_iter().enumerate() {
+                // Registered with the runtime of the worker that accepts from it, so the
+                // kernel's wakeup for a new connection reaches that worker alone.
+                let l = mio::net::TcpListener::from_std(l);
+                let l = if w == crate::workers::current() {
+                    watch(l)?
+                } else {
+                    workers
+                        .handle(w)
+                        .spawn(async move { watch(l) })
+                        .await
+                        .map_err(io::Error::other)??
+                };
+                tcp.push((w, l, local, serve));
+            }
         }
         let mut unix = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
@@ -132,32 +154,13 @@ impl Proxy {
             unix = Some((l, path));
         }
         let mut accept = Vec::new();
-        for (group, local) in tcp {
-            // One listener per worker, each accepting for its own worker; or one, whose
-            // clients are dealt out to the workers in turn.
-            let serve = if group.len() == 1 {
-                Serve::Spread
+        for (w, l, local, serve) in tcp {
+            let task = accept_loop(l, local, shared.clone(), workers.clone(), serve);
+            accept.push(if w == crate::workers::current() {
+                tokio::spawn(task)
             } else {
-                Serve::Here
-            };
-            for (w, l) in group.into_iter().enumerate() {
-                let (shared, workers2) = (shared.clone(), workers.clone());
-                // Registered with the runtime of the worker that accepts from it, so the
-                // kernel's wakeup for a new connection reaches that worker alone.
-                let task = async move {
-                    match watch(mio::net::TcpListener::from_std(l)) {
-                        Ok(l) => accept_loop(l, local, shared, workers2, serve).await,
-                        Err(e) => {
-                            tracing::error!(worker = w, error = %e, "cannot watch a listener")
-                        }
-                    }
-                };
-                accept.push(if w == crate::workers::current() {
-                    tokio::spawn(task)
-                } else {
-                    workers.handle(w).spawn(task)
-                });
-            }
+                workers.handle(w).spawn(task)
+            });
         }
         let mut unix_path = None;
         if let Some((l, path)) = unix {
@@ -293,8 +296,9 @@ enum Serve {
 const BACKLOG: u32 = 1024;
 
 /// Binds `addr` for `n` workers: one listening socket each, sharing the port through
-/// `SO_REUSEPORT` (the kernel deals new connections to them by a hash of the client's
-/// address and port), or a plain one for one worker.
+/// `SO_REUSEPORT` (Linux deals new connections to them by a hash of the client's address
+/// and port; other kernels may give them all to one, and then the workers' slack alone
+/// spreads them), or a plain one for one worker.
 ///
 /// Every socket of such a group must set `SO_REUSEPORT`, and any other socket that does,
 /// under the same user, may join the group: a second Weir started on a port in use would
@@ -435,10 +439,17 @@ impl ProxyHandle {
         for t in &self.accept {
             t.abort();
         }
-        // An aborted task drops its listener when it next runs: wait for that, so a
-        // connection made after this returns is refused.
+        // An aborted task drops its listener when it next runs, on its worker: wait for
+        // that, so a connection made after this returns is refused. A worker's tasks yield
+        // often, so this takes well under a millisecond; a worker stuck for a second is
+        // reported and not waited for (the shutdown's own time limit starts after this).
+        let since = std::time::Instant::now();
         while !self.accept.iter().all(JoinHandle::is_finished) {
-            tokio::task::yield_now().await;
+            if since.elapsed() > std::time::Duration::from_secs(1) {
+                tracing::warn!("a listener is still open 1 s after the drain began");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         self.remove_unix_socket();
         self.shared.drain.cancel();

@@ -1,5 +1,5 @@
 //! Worker threads, one per core by default (`proxy.workers`). Each runs a single-threaded
-//! Tokio runtime and serves the clients handed to it, from accept to disconnect: a client's
+//! Tokio runtime and serves its clients, from their first byte to disconnect: a client's
 //! session, and the server connection it holds for a transaction, stay on one thread, so the
 //! hot path pays for no work stealing and no wakeup crossing threads. (Tokio's multi-threaded
 //! scheduler with two threads cost 15-20% more CPU per transaction here than one

@@ -253,8 +253,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let workers = worker_count(args.workers.unwrap_or(config.proxy.workers));
     // This thread is worker 0, with a single-threaded runtime like every other worker's
-    // (see weir_proxy::workers); it also runs the accept loops, the admin API and the
-    // maintenance tasks.
+    // (see weir_proxy::workers); it also runs the Unix socket's accept loop, the admin API
+    // and the maintenance tasks.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

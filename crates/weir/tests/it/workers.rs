@@ -79,15 +79,60 @@ async fn both_workers_accept_and_a_second_weir_cannot_join_their_port() {
     assert!(err.contains("cannot listen on"), "{err}");
     others.stop();
 
+    let port = weir.local_addr().port();
+    assert_eq!(
+        listening_sockets(port),
+        2,
+        "one listener per worker on port {port}"
+    );
+
+    // One client at a time, so neither worker is ever ahead and each serves what it
+    // accepts: which one takes a client is the kernel's hash of its port, and over 20
+    // clients both take some (all on one: 2 chances in 2^20).
     let url = weir_url(&weir, SCRAM_USER, &db);
-    let (a, b, others) = one_client_per_worker(&url, &weir).await;
-    for (c, n) in [(&a, 1i32), (&b, 2)] {
-        let got: i32 = c.query_one("select $1::int", &[&n]).await.unwrap().get(0);
-        assert_eq!(got, n);
+    let counts = &weir.shared().clients;
+    let mut served = [0; 2];
+    for i in 0..20i32 {
+        let c = connect(&url).await.unwrap();
+        let w = match (counts.on_worker(0), counts.on_worker(1)) {
+            (1, 0) => 0,
+            (0, 1) => 1,
+            other => panic!("one client, counted on the workers as {other:?}"),
+        };
+        served[w] += 1;
+        let got: i32 = c.query_one("select $1::int", &[&i]).await.unwrap().get(0);
+        assert_eq!(got, i);
+        drop(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while counts.total() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a closed client stays counted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
-    drop((a, b, others));
+    assert!(
+        served[0] > 0 && served[1] > 0,
+        "clients served by worker 0 and worker 1: {served:?}"
+    );
     weir.stop();
     workers.stop();
+}
+
+/// Sockets listening on 127.0.0.1:`port`, from /proc/net/tcp.
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // `st` 0A is LISTEN.
+            f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")
+        })
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
