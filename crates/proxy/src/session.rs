@@ -1515,14 +1515,21 @@ impl Session {
             Granted(Result<Granted<ServerManager>, GetError<ServerError>>),
             Client(io::Result<()>),
             Timer,
+            Killed,
         }
         let mut ticket = pool.pool.ticket(start);
         let granted = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
             let client = &self.client;
+            let info = &self.info.info;
             let mut timer = arm_by(&mut self.timer, wake_at);
             let ev = std::future::poll_fn(|cx| {
+                // A KILL first: the query this client sent before it must not run after it,
+                // on a connection the KILL itself freed.
+                if info.poll_signals(cx) & signal::KILL != 0 {
+                    return Poll::Ready(Wait::Killed);
+                }
                 // The clock only matters while the reserve is still to open.
                 let now = if ticket.reserve_at().is_some() {
                     Instant::now()
@@ -1544,6 +1551,7 @@ impl Session {
             .await;
             match ev {
                 Wait::Granted(r) => break r,
+                Wait::Killed => return Err(killed()),
                 Wait::Client(r) => self.read_while_waiting(r)?,
                 // The deadline; or the reserve opening to this waiter, or a timer left set
                 // earlier (`arm_by`): polled again above.
@@ -1563,19 +1571,24 @@ impl Session {
         loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             let client = &self.client;
+            let info = &self.info.info;
             let ev = std::future::poll_fn(|cx| {
+                if info.poll_signals(cx) & signal::KILL != 0 {
+                    return Poll::Ready(None);
+                }
                 if let Poll::Ready(r) = fill.as_mut().poll(cx) {
-                    return Poll::Ready(Ok(r));
+                    return Poll::Ready(Some(Ok(r)));
                 }
                 if watch && let Poll::Ready(r) = client.poll_read_ready(cx) {
-                    return Poll::Ready(Err(r));
+                    return Poll::Ready(Some(Err(r)));
                 }
                 Poll::Pending
             })
             .await;
             match ev {
-                Ok(r) => return Ok(r),
-                Err(r) => self.read_while_waiting(r)?,
+                None => return Err(killed()),
+                Some(Ok(r)) => return Ok(r),
+                Some(Err(r)) => self.read_while_waiting(r)?,
             }
         }
     }

@@ -674,6 +674,55 @@ async fn reconnect_and_kill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_ends_a_client_queued_for_a_connection_before_its_query_runs() {
+    let s = Setup::with_config("killqueue", |pg, db| {
+        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+        c.admin.users = vec![TRUST_USER.user.into()];
+        c
+    })
+    .await;
+    s.sql(&format!(
+        "create table t (n int); grant all on t to {}",
+        SCRAM_USER.user
+    ));
+    let holder = s.client().await;
+    let queued = s.client().await;
+    // The pool's only connection, held by an open transaction.
+    holder.batch_execute("begin; select 1").await.unwrap();
+    let insert = tokio::spawn(async move {
+        queued
+            .simple_query("insert into t values (1)")
+            .await
+            .map(|_| ())
+    });
+    eventually("the insert queued", Duration::from_secs(5), || {
+        s.weir.shared().pools.all()[0].pool.snapshot().waiting == 1
+    })
+    .await;
+    let (port, db) = (s.weir.local_addr().port(), s.db.clone());
+    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
+        .await
+        .unwrap();
+    // The KILL ends the holder, which frees the connection; the queued client must end
+    // too, not take it and run what it sent before the KILL.
+    let err = insert
+        .await
+        .unwrap()
+        .expect_err("the queued client was killed");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{err}"
+    );
+    assert_eq!(
+        s.sql("select count(*) from t"),
+        "0",
+        "the queued insert never ran"
+    );
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_queries_are_logged_and_listed() {
     let (pg, db) = shared_pg_database("slow").await;
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
