@@ -93,9 +93,10 @@ impl ClientCounts {
     /// address and port, so long-lived clients would spread like coin tosses (100 clients on
     /// two workers: 10 or more apart about a third of the time); as they connect one at a
     /// time this keeps the workers within the slack of each other. With a new connection per
-    /// transaction, a few clients come and go on each worker, and a smaller slack would hand
-    /// a third of them to another thread, waking it (measured with pgbench `-C`: see
-    /// docs/BENCHMARKS.md).
+    /// transaction, a few clients come and go on each worker, and with a slack of two the
+    /// counts are two apart often enough to hand over, by estimate, a third of them, each
+    /// waking another thread (pgbench `-C` measured most of the gain lost: see
+    /// docs/BENCHMARKS.md, 07:15).
     pub fn worker_for(&self, here: usize) -> usize {
         let mine = self.on_worker(here);
         // From the last worker down: a tie goes to the highest, as worker 0 also runs the

@@ -441,8 +441,8 @@ impl ProxyHandle {
         }
         // An aborted task drops its listener when it next runs, on its worker: wait for
         // that, so a connection made after this returns is refused. A worker's tasks yield
-        // often, so this takes well under a millisecond; a worker stuck for a second is
-        // reported and not waited for (the shutdown's own time limit starts after this).
+        // often, so this takes a round or two of the 1 ms poll; a worker stuck for a second
+        // is reported and not waited for (the shutdown's own time limit starts after this).
         let since = std::time::Instant::now();
         while !self.accept.iter().all(JoinHandle::is_finished) {
             if since.elapsed() > std::time::Duration::from_secs(1) {
