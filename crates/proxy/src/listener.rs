@@ -124,15 +124,10 @@ impl Proxy {
                 // Registered with the runtime of the worker that accepts from it, so the
                 // kernel's wakeup for a new connection reaches that worker alone.
                 let l = mio::net::TcpListener::from_std(l);
-                let l = if w == crate::workers::current() {
-                    watch(l)?
-                } else {
-                    workers
-                        .handle(w)
-                        .spawn(async move { watch(l) })
-                        .await
-                        .map_err(io::Error::other)??
-                };
+                let l = workers
+                    .spawn(w, async move { watch(l) })
+                    .await
+                    .map_err(io::Error::other)??;
                 tcp.push((w, l, local, serve));
             }
         }
@@ -156,11 +151,7 @@ impl Proxy {
         let mut accept = Vec::new();
         for (w, l, local, serve) in tcp {
             let task = accept_loop(l, local, shared.clone(), workers.clone(), serve);
-            accept.push(if w == crate::workers::current() {
-                tokio::spawn(task)
-            } else {
-                workers.handle(w).spawn(task)
-            });
+            accept.push(workers.spawn(w, task));
         }
         let mut unix_path = None;
         if let Some((l, path)) = unix {
@@ -355,11 +346,7 @@ fn hand_to_worker(
             Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
         }
     };
-    if w == crate::workers::current() {
-        tokio::spawn(start);
-    } else {
-        drop(workers.handle(w).spawn(start));
-    }
+    drop(workers.spawn(w, start));
 }
 
 /// Every second: close dead, expired and long-idle server connections, open `min_size`

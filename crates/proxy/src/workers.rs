@@ -103,9 +103,18 @@ impl Workers {
         self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
     }
 
-    /// The runtime of worker `i`.
-    pub fn handle(&self, i: usize) -> &Handle {
-        &self.handles[i]
+    /// Runs `task` on worker `w`: on the calling runtime's own queue when that is worker `w`,
+    /// else through worker `w`'s runtime, waking it.
+    pub fn spawn<F>(&self, w: usize, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if w == current() {
+            tokio::spawn(task)
+        } else {
+            self.handles[w].spawn(task)
+        }
     }
 
     /// Ends the worker threads (after the proxy has stopped), waiting for them to finish.

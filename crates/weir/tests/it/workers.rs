@@ -36,18 +36,10 @@ async fn one_client_per_worker(
     tokio_postgres::Client,
     Vec<tokio_postgres::Client>,
 ) {
-    let counts = &weir.shared().clients;
     let mut on: [Option<tokio_postgres::Client>; 2] = [None, None];
     let mut others = Vec::new();
     for _ in 0..64 {
-        let before = [counts.on_worker(0), counts.on_worker(1)];
-        let c = connect(url).await.unwrap();
-        let after = [counts.on_worker(0), counts.on_worker(1)];
-        let w = match (after[0] - before[0], after[1] - before[1]) {
-            (1, 0) => 0,
-            (0, 1) => 1,
-            other => panic!("one connection, counted on the workers as {other:?}"),
-        };
+        let (c, w) = connect_counted(url, weir).await;
         match &on[w] {
             None => on[w] = Some(c),
             Some(_) => others.push(c),
@@ -58,6 +50,24 @@ async fn one_client_per_worker(
         }
     }
     panic!("64 clients in a row were all served by one worker");
+}
+
+/// Connects one client, and gives the worker that serves it: the one whose count of clients
+/// it raised.
+async fn connect_counted(
+    url: &str,
+    weir: &weir_proxy::ProxyHandle,
+) -> (tokio_postgres::Client, usize) {
+    let counts = &weir.shared().clients;
+    let before = [counts.on_worker(0), counts.on_worker(1)];
+    let c = connect(url).await.unwrap();
+    let after = [counts.on_worker(0), counts.on_worker(1)];
+    let w = match (after[0] - before[0], after[1] - before[1]) {
+        (1, 0) => 0,
+        (0, 1) => 1,
+        other => panic!("one connection, counted on the workers as {other:?}"),
+    };
+    (c, w)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,24 +103,17 @@ async fn both_workers_accept_and_a_second_weir_cannot_join_their_port() {
     let counts = &weir.shared().clients;
     let mut served = [0; 2];
     for i in 0..20i32 {
-        let c = connect(&url).await.unwrap();
-        let w = match (counts.on_worker(0), counts.on_worker(1)) {
-            (1, 0) => 0,
-            (0, 1) => 1,
-            other => panic!("one client, counted on the workers as {other:?}"),
-        };
+        let (c, w) = connect_counted(&url, &weir).await;
         served[w] += 1;
         let got: i32 = c.query_one("select $1::int", &[&i]).await.unwrap().get(0);
         assert_eq!(got, i);
         drop(c);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while counts.total() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a closed client stays counted"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        eventually(
+            "the closed client no longer counted",
+            std::time::Duration::from_secs(10),
+            || counts.total() == 0,
+        )
+        .await;
     }
     assert!(
         served[0] > 0 && served[1] > 0,
@@ -261,16 +264,12 @@ async fn clients_connecting_one_at_a_time_are_spread_evenly_over_the_workers() {
     }
     drop(clients);
     // Each slot is given back on its own worker: both counts return to zero.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while counts.on_worker(0) > 0 || counts.on_worker(1) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "counts stuck at {} and {}",
-            counts.on_worker(0),
-            counts.on_worker(1)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(
+        "both workers' counts back to zero",
+        std::time::Duration::from_secs(10),
+        || counts.on_worker(0) == 0 && counts.on_worker(1) == 0,
+    )
+    .await;
     weir.stop();
     workers.stop();
 }
