@@ -296,12 +296,12 @@ impl Collector for WeirCollector {
         )?;
         let rx: Vec<_> = snaps
             .iter()
-            .map(|(l, _, p)| (l.clone(), p.metrics.bytes_received.load(Relaxed)))
+            .map(|(l, _, p)| (l.clone(), p.metrics.bytes_received.get()))
             .collect();
         counters(&mut enc, "weir_received_bytes", "Bytes from clients", &rx)?;
         let tx: Vec<_> = snaps
             .iter()
-            .map(|(l, _, p)| (l.clone(), p.metrics.bytes_sent.load(Relaxed)))
+            .map(|(l, _, p)| (l.clone(), p.metrics.bytes_sent.get()))
             .collect();
         counters(&mut enc, "weir_sent_bytes", "Bytes to clients", &tx)?;
         let moves: Vec<_> = snaps

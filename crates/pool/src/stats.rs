@@ -1,7 +1,8 @@
 //! Pool counters, named once. Monotonic unless named as a gauge; read at scrape time.
 
-use std::sync::Mutex;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// Upper bounds of [`Histogram`] buckets, in seconds (Prometheus style; +Inf is implied).
@@ -10,13 +11,84 @@ pub const BUCKETS: [f64; 16] = [
     30.0,
 ];
 
-/// A lock-free histogram of durations with fixed buckets: two atomic adds per observation,
-/// read at scrape time.
+/// How many shards a [`Histogram`] or [`Counter`] has: one per core, at most 64.
+fn shard_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 64)
+    })
+}
+
+/// The calling thread's shard: threads take shards in turn the first time they count, so
+/// the worker threads (one per core) each write their own.
+fn this_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|s| {
+        let mine = s.get();
+        if mine != usize::MAX {
+            return mine;
+        }
+        let mine = NEXT.fetch_add(1, Relaxed) % shard_count();
+        s.set(mine);
+        mine
+    })
+}
+
+/// A shard on cache lines of its own (128 bytes: adjacent-line prefetch pairs 64-byte lines),
+/// so two threads counting at once do not pass one line back and forth between their cores.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+fn shards<T: Default>() -> Box<[Padded<T>]> {
+    (0..shard_count()).map(|_| Padded::default()).collect()
+}
+
+/// A lock-free histogram of durations with fixed buckets: two atomic adds per observation,
+/// on the calling thread's shard; a read sums the shards.
+#[derive(Debug)]
 pub struct Histogram {
+    shards: Box<[Padded<HistogramShard>]>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramShard {
     /// Per bucket (not cumulative); the last counts observations above every bound.
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { shards: shards() }
+    }
+}
+
+/// A monotonic counter, sharded as [`Histogram`] is: for counts every transaction adds to.
+#[derive(Debug)]
+pub struct Counter {
+    shards: Box<[Padded<AtomicU64>]>,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter { shards: shards() }
+    }
+}
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.shards[this_shard()].0.fetch_add(n, Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
+    }
 }
 
 /// A copy of a [`Histogram`]: cumulative counts per bound, total count, sum in seconds.
@@ -45,22 +117,32 @@ impl Histogram {
             .iter()
             .position(|b| us <= *b)
             .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        let shard = &self.shards[this_shard()].0;
+        shard.counts[i].fetch_add(1, Relaxed);
+        if us > 0 {
+            shard.sum_us.fetch_add(us, Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
+        let count_of = |i: usize| -> u64 {
+            self.shards
+                .iter()
+                .map(|s| s.0.counts[i].load(Relaxed))
+                .sum()
+        };
         let mut cumulative = 0;
         let mut buckets = Vec::with_capacity(BUCKETS.len());
         for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Relaxed);
+            cumulative += count_of(i);
             buckets.push((*bound, cumulative));
         }
-        let count = cumulative + self.counts[BUCKETS.len()].load(Relaxed);
+        let count = cumulative + count_of(BUCKETS.len());
+        let sum_us: u64 = self.shards.iter().map(|s| s.0.sum_us.load(Relaxed)).sum();
         HistogramSnapshot {
             buckets,
             count,
-            sum: self.sum_us.load(Relaxed) as f64 / 1e6,
+            sum: sum_us as f64 / 1e6,
         }
     }
 }
@@ -133,7 +215,8 @@ impl std::fmt::Display for CloseReason {
 /// Counters for one pool.
 #[derive(Debug)]
 pub struct Stats {
-    pub checkouts: AtomicU64,
+    /// Sharded: every transaction in transaction mode adds one.
+    pub checkouts: Counter,
     /// Checkouts that found no free permit and queued.
     pub waited: AtomicU64,
     /// Microseconds spent queued, summed.
@@ -161,7 +244,7 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            checkouts: AtomicU64::new(0),
+            checkouts: Counter::default(),
             waited: AtomicU64::new(0),
             wait_us: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -184,7 +267,7 @@ impl Default for Stats {
 
 impl Stats {
     pub(crate) fn checkout(&self) {
-        self.checkouts.fetch_add(1, Relaxed);
+        self.checkouts.add(1);
     }
 
     pub(crate) fn created_one(&self) {
@@ -213,7 +296,7 @@ impl Stats {
     pub fn wait_quantile(&self, q: f64) -> Duration {
         let h = self.waits.lock().unwrap();
         let queued = h.len();
-        let total = self.checkouts.load(Relaxed) + self.timeouts.load(Relaxed);
+        let total = self.checkouts.get() + self.timeouts.load(Relaxed);
         if queued == 0 || total == 0 {
             return Duration::ZERO;
         }
@@ -228,7 +311,7 @@ impl Stats {
     pub(crate) fn snapshot(&self, idle: usize, max_size: usize) -> Snapshot {
         let size = self.size.load(Relaxed);
         Snapshot {
-            checkouts: self.checkouts.load(Relaxed),
+            checkouts: self.checkouts.get(),
             waited: self.waited.load(Relaxed),
             wait_us: self.wait_us.load(Relaxed),
             timeouts: self.timeouts.load(Relaxed),
@@ -284,6 +367,48 @@ mod tests {
         let s = h.snapshot();
         assert_eq!(s.buckets[1], (0.0005, 1));
         assert_eq!(s.buckets[2], (0.001, 2));
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up() {
+        let h = Histogram::default();
+        let c = Counter::default();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (h, c) = (&h, &c);
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        h.observe(Duration::from_micros(t * 1000));
+                        c.add(t + 1);
+                    }
+                });
+            }
+        });
+        let snap = h.snapshot();
+        assert_eq!(snap.count, 40_000);
+        // 0, 1, 2 and 3 ms, 10,000 times each.
+        assert!((snap.sum - 60.0).abs() < 1e-9, "sum {}", snap.sum);
+        assert_eq!(snap.buckets[0], (0.0001, 10_000), "the 0 ms observations");
+        assert_eq!(c.get(), 10_000 * (1 + 2 + 3 + 4));
+    }
+
+    #[test]
+    fn a_thread_keeps_its_shard_and_threads_take_them_in_turn() {
+        let mine = this_shard();
+        assert!(mine < shard_count());
+        assert_eq!(this_shard(), mine);
+        // Threads started one after another take consecutive shards, unless other tests'
+        // threads take some in between: so, over four times as many threads as there are
+        // shards, more than one shard when there is more than one.
+        let taken: std::collections::HashSet<usize> = (0..4 * shard_count())
+            .map(|_| std::thread::spawn(this_shard).join().unwrap())
+            .collect();
+        assert!(taken.iter().all(|&s| s < shard_count()));
+        assert_eq!(
+            taken.len() > 1,
+            shard_count() > 1,
+            "shards taken: {taken:?}"
+        );
     }
 
     #[test]

@@ -380,8 +380,8 @@ fn totals(pools: &[Arc<ServerPool>]) -> Totals {
         t.queries += q.count;
         t.xact_us += (x.sum * 1e6) as u64;
         t.query_us += (q.sum * 1e6) as u64;
-        t.received += m.bytes_received.load(Relaxed);
-        t.sent += m.bytes_sent.load(Relaxed);
+        t.received += m.bytes_received.get();
+        t.sent += m.bytes_sent.get();
         t.wait_us += p.pool.stats().wait_us.load(Relaxed);
     }
     t

@@ -1,6 +1,7 @@
 //! What Weir measures, named once here; the admin crate and the console read it at scrape
-//! time. Hot-path updates are atomic adds; the locks here are taken only at connect,
-//! disconnect, on errors and on slow statements.
+//! time. Hot-path updates are atomic adds, on a shard per worker thread (`weir_pool::Counter`,
+//! `weir_pool::Histogram`); the locks here are taken only at connect, disconnect, on errors
+//! and on slow statements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-use weir_pool::Histogram;
+use weir_pool::{Counter, Histogram};
 use weir_wire::SqlState;
 
 /// Per-pool measurements beyond the pool's own counters (see `weir_pool::Stats`).
@@ -21,8 +22,8 @@ pub struct PoolMetrics {
     /// Requests: from a client's message to the last reply it is owed.
     pub queries: Histogram,
     /// Bytes from clients to the server, and from the server to clients.
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
     /// Server connections a checkout moved to its own worker thread (see `crate::workers`).
     pub server_moves: AtomicU64,
     /// Gauge: clients logged in to this pool.

@@ -1222,10 +1222,7 @@ impl Session {
         // replies, and a departed client's cleanup must not read them a second time.
         server.rbuf.advance(n);
         sent.map_err(|_| End::ClientGone)?;
-        self.pool
-            .metrics
-            .bytes_sent
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.pool.metrics.bytes_sent.add(n as u64);
         self.maybe_release(now);
         Ok(())
     }
@@ -1306,10 +1303,10 @@ impl Session {
                 }
             }
         }
-        self.pool.metrics.bytes_received.fetch_add(
-            received_before.saturating_sub(self.cbuf.len()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.pool
+            .metrics
+            .bytes_received
+            .add(received_before.saturating_sub(self.cbuf.len()) as u64);
         if self.to_server.len() > queued_before
             && let Some(r) = &mut self.request
         {
