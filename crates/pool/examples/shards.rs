@@ -1,25 +1,36 @@
 //! What a sharded counter saves when threads count at once: `cargo run --release -p
 //! weir-pool --example shards`. Times a histogram observation and a counter add from one
-//! thread and from two at once, against one set of counters all threads add to (how
-//! `Histogram` was before it was sharded).
+//! thread and from two at once, against one set of counters all threads add to (as
+//! `Histogram` was before it was sharded). Durations are 0-1,023 us, so one in 1,024 is zero.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use weir_pool::{BUCKETS, Counter, Histogram};
 
-/// One set of counters for every thread.
+/// One set of counters for every thread, observed as `Histogram` did before the shards.
 struct Unsharded {
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
 }
 
+/// [`BUCKETS`] in microseconds, as `Histogram` keeps them.
+const BUCKETS_US: [u64; BUCKETS.len()] = {
+    let mut us = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        us[i] = (BUCKETS[i] * 1e6 + 0.5) as u64;
+        i += 1;
+    }
+    us
+};
+
 impl Unsharded {
     fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        let i = BUCKETS
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = BUCKETS_US
             .iter()
-            .position(|b| us as f64 / 1e6 <= *b)
+            .position(|b| us <= *b)
             .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);

@@ -1,7 +1,7 @@
 //! What Weir measures, named once here; the admin crate and the console read it at scrape
-//! time. Hot-path updates are atomic adds, on a shard per worker thread (`weir_pool::Counter`,
-//! `weir_pool::Histogram`); the locks here are taken only at connect, disconnect, on errors
-//! and on slow statements.
+//! time. Hot-path updates are atomic adds; those made on every transaction go to the calling
+//! thread's shard (`weir_pool::Counter`, `weir_pool::Histogram`). The locks here are taken
+//! only at connect, disconnect, on errors and on slow statements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{
