@@ -22,9 +22,9 @@ fn shard_count() -> usize {
     })
 }
 
-/// The calling thread's shard: threads take shards in turn the first time they count. The
-/// worker threads (one per core by default) start before any counting, so each writes a
-/// shard of its own; threads beyond the shard count share.
+/// The calling thread's shard: threads take shards in turn the first time they count. While
+/// no more threads count than there are shards (the workers, one per core by default, are
+/// the threads that count), each writes a shard of its own; threads beyond that share.
 fn this_shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
