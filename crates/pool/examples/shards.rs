@@ -6,24 +6,13 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use weir_pool::{BUCKETS, Counter, Histogram};
+use weir_pool::{BUCKETS, BUCKETS_US, Counter, Histogram};
 
 /// One set of counters for every thread, observed as `Histogram` did before the shards.
 struct Unsharded {
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
 }
-
-/// [`BUCKETS`] in microseconds, as `Histogram` keeps them.
-const BUCKETS_US: [u64; BUCKETS.len()] = {
-    let mut us = [0; BUCKETS.len()];
-    let mut i = 0;
-    while i < BUCKETS.len() {
-        us[i] = (BUCKETS[i] * 1e6 + 0.5) as u64;
-        i += 1;
-    }
-    us
-};
 
 impl Unsharded {
     fn observe(&self, d: Duration) {

@@ -34,7 +34,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub mod stats;
-pub use stats::{BUCKETS, CloseReason, Counter, Histogram, HistogramSnapshot, Snapshot, Stats};
+pub use stats::{
+    BUCKETS, BUCKETS_US, CloseReason, Counter, Histogram, HistogramSnapshot, Snapshot, Stats,
+};
 
 /// Creates and checks the pooled objects.
 pub trait Manager: Send + Sync + 'static {

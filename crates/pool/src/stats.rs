@@ -130,7 +130,7 @@ pub struct HistogramSnapshot {
 }
 
 /// [`BUCKETS`] in microseconds: an observation compares integers, not floats.
-const BUCKETS_US: [u64; BUCKETS.len()] = {
+pub const BUCKETS_US: [u64; BUCKETS.len()] = {
     let mut us = [0; BUCKETS.len()];
     let mut i = 0;
     while i < BUCKETS.len() {
