@@ -536,11 +536,18 @@ impl<M: Manager> Pool<M> {
     /// (then the ticket is ready at its first poll). `now` starts the wait's clock: it decides
     /// when the reserve opens to this waiter and what the wait statistics record.
     pub fn ticket(&self, now: Instant) -> Ticket<M> {
+        self.ticket_reusing(now, &mut Spare::default())
+    }
+
+    /// [`Pool::ticket`], taking the place's shared half from `spare` when that holds one
+    /// (see [`Ticket::recycle`]): then a checkout that queues allocates nothing.
+    pub fn ticket_reusing(&self, now: Instant, spare: &mut Spare<M>) -> Ticket<M> {
         let inner = &self.inner;
         let reserve_timeout = inner.reserve_timeout;
         let mut ticket = Ticket {
             inner: inner.clone(),
             waiter: None,
+            served: None,
             ready: None,
             start: now,
             reserve_at: None,
@@ -558,11 +565,13 @@ impl<M: Manager> Pool<M> {
             ticket.ready = Some(Grant::Permit(Kind::Main));
             return ticket;
         }
-        let waiter = Arc::new(Waiter {
-            state: Mutex::new(WaitState {
-                grant: None,
-                waker: None,
-            }),
+        let waiter = spare.0.take().unwrap_or_else(|| {
+            Arc::new(Waiter {
+                state: Mutex::new(WaitState {
+                    grant: None,
+                    waker: None,
+                }),
+            })
         });
         let reserve = inner.reserve_size > 0;
         // Counted under the lock, before a release on another thread can take the entry and
@@ -925,6 +934,8 @@ pub struct Ticket<M: Manager> {
     inner: Arc<Inner<M>>,
     /// In the queue: the shared half.
     waiter: Option<Arc<Waiter<M::Object>>>,
+    /// Out of the queue, served: the shared half, for [`Ticket::recycle`].
+    served: Option<Arc<Waiter<M::Object>>>,
     /// Resolved without queueing (or on a look at the reserve).
     ready: Option<Grant<M::Object>>,
     start: Instant,
@@ -969,7 +980,7 @@ impl<M: Manager> Ticket<M> {
         let mut st = waiter.state.lock().unwrap();
         if let Some(g) = st.grant.take() {
             drop(st);
-            self.waiter = None;
+            self.served = self.waiter.take();
             return Some(g);
         }
         if let Some(cx) = cx
@@ -1004,7 +1015,7 @@ impl<M: Manager> Ticket<M> {
         drop(core);
         inner.stats.waiting.fetch_sub(1, Relaxed);
         inner.stats.reserve_used.fetch_add(1, Relaxed);
-        self.waiter = None;
+        self.served = self.waiter.take();
         self.ready = Some(Grant::Permit(Kind::Reserve));
     }
 
@@ -1027,6 +1038,22 @@ impl<M: Manager> Ticket<M> {
                 guard: PermitGuard::new(inner, kind),
                 start: self.start,
             })),
+        }
+    }
+
+    /// Keeps this ticket's place in `spare` for the caller's next wait, once the ticket has
+    /// been served and nothing else holds the place (the releaser that served it on another
+    /// thread may still, for a moment: then the next wait allocates one).
+    pub fn recycle(mut self, spare: &mut Spare<M>) {
+        let Some(mut waiter) = self.served.take() else {
+            return;
+        };
+        if let Some(w) = Arc::get_mut(&mut waiter) {
+            let st = w.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            st.grant = None;
+            // The waker is the caller's own task: kept, it would keep that task alive.
+            st.waker = None;
+            spare.0 = Some(waiter);
         }
     }
 
@@ -1071,6 +1098,24 @@ impl<M: Manager> Ticket<M> {
 impl<M: Manager> Drop for Ticket<M> {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+/// A place in the queue kept between waits ([`Pool::ticket_reusing`], [`Ticket::recycle`]),
+/// so that a caller that queues again allocates none. Empty by default.
+pub struct Spare<M: Manager>(Option<Arc<Waiter<M::Object>>>);
+
+impl<M: Manager> Default for Spare<M> {
+    fn default() -> Self {
+        Spare(None)
+    }
+}
+
+impl<M: Manager> std::fmt::Debug for Spare<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare")
+            .field("kept", &self.0.is_some())
+            .finish()
     }
 }
 

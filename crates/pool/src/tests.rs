@@ -532,6 +532,59 @@ async fn a_release_hands_its_object_to_the_first_waiter_and_wakes_it() {
 }
 
 #[tokio::test]
+async fn a_served_ticket_leaves_its_place_for_the_next_wait_without_the_waker() {
+    let pool = Pool::with_reserve(Counter::default(), 1, 1, Duration::from_millis(30));
+    let mut spare = Spare::default();
+    let held = pool.get(LONG).await.unwrap();
+    let t0 = Instant::now();
+    let mut first = pool.ticket_reusing(t0, &mut spare);
+    struct Task;
+    impl std::task::Wake for Task {
+        fn wake(self: Arc<Self>) {}
+    }
+    let task = Arc::new(Task);
+    let waker = Waker::from(task.clone());
+    assert!(
+        first
+            .poll(&mut Context::from_waker(&waker), t0)
+            .is_pending()
+    );
+    // The reserve opens to it: served without a release, so its waker is still registered.
+    let later = t0 + Duration::from_millis(31);
+    let permit = match first.poll(&mut Context::from_waker(&waker), later) {
+        Poll::Ready(Ok(Granted::Capacity(permit))) => permit,
+        _ => panic!("the reserve was not granted"),
+    };
+    drop(waker);
+    let place = Arc::as_ptr(first.served.as_ref().expect("served"));
+    first.recycle(&mut spare);
+    assert_eq!(
+        spare.0.as_ref().map(Arc::as_ptr),
+        Some(place),
+        "the place is kept"
+    );
+    // A kept waker would be the caller's own task, kept alive by itself.
+    assert_eq!(Arc::strong_count(&task), 1, "the place keeps no waker");
+    drop(permit);
+
+    // The next wait takes that place instead of a new one, and is served as before.
+    let mut second = pool.ticket_reusing(Instant::now(), &mut spare);
+    assert!(spare.0.is_none());
+    assert_eq!(second.waiter.as_ref().map(Arc::as_ptr), Some(place));
+    assert!(poll_once(&mut second).is_none(), "queued");
+    held.release();
+    let a = object(poll_once(&mut second));
+    assert_eq!(a.id, 0, "handed the released object");
+
+    // A ticket that left the queue unserved has no place to give.
+    let third = pool.ticket_reusing(Instant::now(), &mut spare);
+    third.recycle(&mut spare);
+    assert!(spare.0.is_none());
+    assert_eq!(pool.snapshot().waiting, 0);
+    a.release();
+}
+
+#[tokio::test]
 async fn a_ticket_dropped_after_it_was_handed_an_object_passes_it_on() {
     let pool = Pool::new(Counter::default(), 1);
     let held = pool.get(LONG).await.unwrap();

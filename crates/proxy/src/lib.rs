@@ -34,6 +34,7 @@ pub mod pools;
 pub mod prepared;
 pub mod relay;
 pub mod reload;
+pub mod reuse;
 pub mod server;
 pub mod session;
 pub mod startup;

@@ -751,6 +751,8 @@ struct Session {
     info: Registered,
     /// The timer of whichever timeout applies (see [`arm`]).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The place in a pool's queue this session last waited in, kept for its next wait.
+    waiter: weir_pool::Spare<ServerManager>,
     /// Shutting down: the session ends at its next transaction boundary.
     draining: bool,
     /// The request in flight: when it started, what it was, whether it reached a server.
@@ -818,6 +820,7 @@ impl Session {
             info: login.info,
             draining: false,
             timer: None,
+            waiter: Default::default(),
             request: None,
             tx_start: None,
             query_text: Vec::new(),
@@ -1441,9 +1444,9 @@ impl Session {
             self.attach(server, *now);
             return Ok(Ok(()));
         }
-        // Boxed: the waiting's state would otherwise sit in every idle client's task, and a
-        // client that waits has no allocation to save.
-        Box::pin(self.checkout_waiting(now, looked)).await
+        // Boxed: the waiting's state would otherwise sit in every idle client's task. In
+        // memory kept by this thread: when clients outnumber the pool, most checkouts wait.
+        crate::reuse::Reused::new(self.checkout_waiting(now, looked)).await
     }
 
     /// `looked`: `checkout` has just looked in this pool and found nothing free. The queue
@@ -1496,9 +1499,10 @@ impl Session {
 
     /// Waits in the pool's queue for a server connection while still reading what the client
     /// sends (a client that leaves stops waiting). Polled by hand with the session's own timer
-    /// for the deadline: a wait costs a place in the queue and the box `checkout` puts the
-    /// waiting in, no timer built and no second look in the idle list (at 1,000 clients on a
-    /// pool of 20, nearly every checkout waits).
+    /// for the deadline: a wait costs a place in the queue (the session's own, kept from its
+    /// last wait) and the box `checkout` puts the waiting in (memory kept by the thread), no
+    /// timer built and no second look in the idle list (at 1,000 clients on a pool of 20,
+    /// nearly every checkout waits).
     async fn wait_in_queue(
         &mut self,
         pool: &ServerPool,
@@ -1514,7 +1518,7 @@ impl Session {
             Timer,
             Killed,
         }
-        let mut ticket = pool.pool.ticket(start);
+        let mut ticket = pool.pool.ticket_reusing(start, &mut self.waiter);
         let granted = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
@@ -1547,7 +1551,10 @@ impl Session {
             })
             .await;
             match ev {
-                Wait::Granted(r) => break r,
+                Wait::Granted(r) => {
+                    ticket.recycle(&mut self.waiter);
+                    break r;
+                }
                 Wait::Killed => return Err(killed()),
                 Wait::Client(r) => self.read_while_waiting(r)?,
                 // The deadline; or the reserve opening to this waiter, or a timer left set

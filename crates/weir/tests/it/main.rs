@@ -8,6 +8,7 @@ mod common;
 
 mod access;
 mod admin;
+mod alloc;
 mod auth;
 mod bench;
 mod cancel;
@@ -23,3 +24,7 @@ mod secrets;
 mod session;
 mod tls;
 mod workers;
+
+/// Counts what Weir's thread allocates in `alloc`'s test, and nothing elsewhere.
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
