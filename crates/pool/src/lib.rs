@@ -539,8 +539,8 @@ impl<M: Manager> Pool<M> {
         self.ticket_reusing(now, &mut Spare::default())
     }
 
-    /// [`Pool::ticket`], taking the place's shared half from `spare` when that holds one
-    /// (see [`Ticket::recycle`]): then a checkout that queues allocates nothing.
+    /// [`Pool::ticket`], taking the waiter (the queue entry's shared half) from `spare` when
+    /// that holds one (see [`Ticket::recycle`]): then a checkout that queues allocates nothing.
     pub fn ticket_reusing(&self, now: Instant, spare: &mut Spare<M>) -> Ticket<M> {
         let inner = &self.inner;
         let reserve_timeout = inner.reserve_timeout;
@@ -1041,16 +1041,19 @@ impl<M: Manager> Ticket<M> {
         }
     }
 
-    /// Keeps this ticket's place in `spare` for the caller's next wait, once the ticket has
-    /// been served and nothing else holds the place (the releaser that served it on another
+    /// Keeps this ticket's waiter in `spare` for the caller's next wait, once the ticket has
+    /// been served and nothing else holds the waiter (the releaser that served it on another
     /// thread may still, for a moment: then the next wait allocates one).
     pub fn recycle(mut self, spare: &mut Spare<M>) {
         let Some(mut waiter) = self.served.take() else {
             return;
         };
-        if let Some(w) = Arc::get_mut(&mut waiter) {
-            let st = w.state.get_mut().unwrap_or_else(|e| e.into_inner());
-            st.grant = None;
+        // Not kept if poisoned: its next grant would panic under the core lock.
+        if let Some(w) = Arc::get_mut(&mut waiter)
+            && let Ok(st) = w.state.get_mut()
+        {
+            // Served means its grant was taken: nothing is dropped here unaccounted.
+            debug_assert!(st.grant.is_none());
             // The waker is the caller's own task: kept, it would keep that task alive.
             st.waker = None;
             spare.0 = Some(waiter);
@@ -1101,8 +1104,8 @@ impl<M: Manager> Drop for Ticket<M> {
     }
 }
 
-/// A place in the queue kept between waits ([`Pool::ticket_reusing`], [`Ticket::recycle`]),
-/// so that a caller that queues again allocates none. Empty by default.
+/// A waiter (a queue entry's shared half) kept between waits ([`Pool::ticket_reusing`],
+/// [`Ticket::recycle`]), so that a caller that queues again allocates none. Empty by default.
 pub struct Spare<M: Manager>(Option<Arc<Waiter<M::Object>>>);
 
 impl<M: Manager> Default for Spare<M> {

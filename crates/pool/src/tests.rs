@@ -532,7 +532,7 @@ async fn a_release_hands_its_object_to_the_first_waiter_and_wakes_it() {
 }
 
 #[tokio::test]
-async fn a_served_ticket_leaves_its_place_for_the_next_wait_without_the_waker() {
+async fn a_served_ticket_leaves_its_waiter_for_the_next_wait_without_the_waker() {
     let pool = Pool::with_reserve(Counter::default(), 1, 1, Duration::from_millis(30));
     let mut spare = Spare::default();
     let held = pool.get(LONG).await.unwrap();
@@ -561,22 +561,28 @@ async fn a_served_ticket_leaves_its_place_for_the_next_wait_without_the_waker() 
     assert_eq!(
         spare.0.as_ref().map(Arc::as_ptr),
         Some(place),
-        "the place is kept"
+        "the waiter is kept"
     );
     // A kept waker would be the caller's own task, kept alive by itself.
-    assert_eq!(Arc::strong_count(&task), 1, "the place keeps no waker");
+    assert_eq!(Arc::strong_count(&task), 1, "the waiter keeps no waker");
     drop(permit);
 
-    // The next wait takes that place instead of a new one, and is served as before.
-    let mut second = pool.ticket_reusing(Instant::now(), &mut spare);
+    // The next wait takes that waiter instead of a new one, and is served as before (polled
+    // at the instant it queued, so however slow the machine, the reserve stays shut).
+    let t1 = Instant::now();
+    let mut second = pool.ticket_reusing(t1, &mut spare);
     assert!(spare.0.is_none());
     assert_eq!(second.waiter.as_ref().map(Arc::as_ptr), Some(place));
-    assert!(poll_once(&mut second).is_none(), "queued");
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(second.poll(&mut cx, t1).is_pending(), "queued");
     held.release();
-    let a = object(poll_once(&mut second));
+    let a = match second.poll(&mut cx, t1) {
+        Poll::Ready(Ok(Granted::Object(a))) => a,
+        _ => panic!("the released object was not handed over"),
+    };
     assert_eq!(a.id, 0, "handed the released object");
 
-    // A ticket that left the queue unserved has no place to give.
+    // A ticket that left the queue unserved has no waiter to give.
     let third = pool.ticket_reusing(Instant::now(), &mut spare);
     third.recycle(&mut spare);
     assert!(spare.0.is_none());

@@ -4,9 +4,10 @@
 //! state does not sit in every idle client's task. At 1,000 clients on a pool of 20 nearly
 //! every transaction waits; with `Box::pin` each would allocate and free that state. Here the
 //! freed memory goes to a short list on its thread, and the next wait on that thread takes it
-//! back: no allocation per transaction in steady state, and no memory kept per idle client.
-//! Hand-written (a few lines of `unsafe`) because what a crate offers for this either pools
-//! one type per pool object, shared across threads behind a lock, or keeps a block per owner.
+//! back: no allocation per transaction in steady state, and no wait state kept per idle client.
+//! Hand-written (a few lines of `unsafe`): the crates for this either pool one type per pool
+//! object, shared across threads behind a lock, or keep a block per owner (tokio-util's
+//! `ReusableBoxFuture`, which would put the memory back in every client that ever waited).
 
 use std::alloc::Layout;
 use std::cell::RefCell;
@@ -71,8 +72,9 @@ fn give(layout: Layout, ptr: NonNull<u8>) {
     }
 }
 
-/// How many blocks this thread keeps (for tests).
-pub fn kept() -> usize {
+/// How many blocks this thread keeps.
+#[cfg(test)]
+fn kept() -> usize {
     BLOCKS.with(|b| b.borrow().0.len())
 }
 
@@ -113,12 +115,18 @@ impl<F: Future> Future for Reused<F> {
 
 impl<F: Future> Drop for Reused<F> {
     fn drop(&mut self) {
-        let layout = Layout::new::<F>();
+        /// Gives the block back after `F`'s drop, even if that panics (as `Box` frees).
+        struct Give(Layout, NonNull<u8>);
+        impl Drop for Give {
+            fn drop(&mut self) {
+                if self.0.size() != 0 {
+                    give(self.0, self.1);
+                }
+            }
+        }
+        let _give = Give(Layout::new::<F>(), self.ptr.cast());
         // SAFETY: `F` was written at `ptr` in `new` and not dropped since.
         unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
-        if layout.size() != 0 {
-            give(layout, self.ptr.cast());
-        }
     }
 }
 

@@ -751,7 +751,7 @@ struct Session {
     info: Registered,
     /// The timer of whichever timeout applies (see [`arm`]).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The place in a pool's queue this session last waited in, kept for its next wait.
+    /// The waiter this session last queued with in a pool, kept for its next wait.
     waiter: weir_pool::Spare<ServerManager>,
     /// Shutting down: the session ends at its next transaction boundary.
     draining: bool,
@@ -1499,8 +1499,9 @@ impl Session {
 
     /// Waits in the pool's queue for a server connection while still reading what the client
     /// sends (a client that leaves stops waiting). Polled by hand with the session's own timer
-    /// for the deadline: a wait costs a place in the queue (the session's own, kept from its
-    /// last wait) and the box `checkout` puts the waiting in (memory kept by the thread), no
+    /// for the deadline: a wait costs a place in the queue (with the session's waiter, kept
+    /// from its last wait) and the box `checkout` puts the waiting in (memory kept by the
+    /// thread), no
     /// timer built and no second look in the idle list (at 1,000 clients on a pool of 20,
     /// nearly every checkout waits).
     async fn wait_in_queue(
