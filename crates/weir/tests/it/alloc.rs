@@ -1,61 +1,92 @@
-//! Issue 8's lean hot path: once its clients are logged in and its connections open, Weir
-//! allocates nothing per transaction, whether a connection is free at once or the client
-//! queues for one, in the simple and the extended protocol, through the prepared-statement
-//! mapping.
+//! Issue 8's lean hot path and small idle clients, counted by the allocator: once its
+//! clients are logged in and its connections open, Weir allocates nothing per transaction,
+//! whether a connection is free at once or the client queues for one, in the simple and the
+//! extended protocol, through the prepared-statement mapping; and an idle client holds a
+//! known handful of allocations.
 //!
 //! Weir runs alone on a thread of its own (one single-threaded runtime, one worker), and the
-//! allocator counts what that thread allocates; the clients run on the test's runtime, so
-//! what they allocate is not counted.
+//! allocator counts what that thread allocates, for that Weir alone (each test's Weir has
+//! counters of its own); the clients run on the test's runtime, so what they allocate is not
+//! counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use tokio_postgres::types::Type;
 
 use crate::common::*;
 
-/// The system allocator, counting the allocations (and reallocations) made on threads
-/// marked with [`count_this_thread`].
+/// The system allocator, counting on each thread marked with [`count_this_thread`] what it
+/// allocates and frees.
 pub struct Counting;
 
-thread_local! {
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
+/// What one Weir's thread allocated.
+#[derive(Default)]
+struct Counters {
+    /// Allocations and reallocations made.
+    allocations: AtomicU64,
+    /// Allocations not freed yet, and their bytes (as asked for).
+    live: AtomicI64,
+    live_bytes: AtomicI64,
 }
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// One set per test that counts.
+static COUNTERS: [Counters; 2] = [const { Counters::new() }; 2];
+const STEADY: usize = 0;
+const IDLE: usize = 1;
 
-fn note() {
+impl Counters {
+    const fn new() -> Counters {
+        Counters {
+            allocations: AtomicU64::new(0),
+            live: AtomicI64::new(0),
+            live_bytes: AtomicI64::new(0),
+        }
+    }
+}
+
+thread_local! {
+    /// The counters of the Weir this thread runs, if any.
+    static COUNTED: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// `allocated` allocations of `bytes` more live (negative: freed), `made` of them new.
+fn note(made: u64, allocated: i64, bytes: i64) {
     // `try_with`: an allocation while the thread's locals are torn down is not counted.
-    if COUNTED.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Relaxed);
+    if let Some(i) = COUNTED.try_with(Cell::get).ok().flatten() {
+        let c = &COUNTERS[i];
+        c.allocations.fetch_add(made, Relaxed);
+        c.live.fetch_add(allocated, Relaxed);
+        c.live_bytes.fetch_add(bytes, Relaxed);
     }
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
+        note(1, 1, layout.size() as i64);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
+        note(1, 1, layout.size() as i64);
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
+        note(1, 0, new_size as i64 - layout.size() as i64);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        note(0, -1, -(layout.size() as i64));
         unsafe { System.dealloc(ptr, layout) }
     }
 }
 
-fn count_this_thread() {
-    COUNTED.with(|c| c.set(true));
+fn count_this_thread(counters: usize) {
+    COUNTED.with(|c| c.set(Some(counters)));
 }
 
 /// Weir on a thread of its own, whose allocations are counted.
@@ -67,11 +98,12 @@ struct Isolated {
 }
 
 impl Isolated {
-    fn start(config: weir_config::Config) -> Isolated {
+    /// Starts Weir on a thread whose allocations go to `COUNTERS[counters]`.
+    fn start(config: weir_config::Config, counters: usize) -> Isolated {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            count_this_thread();
+            count_this_thread(counters);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -188,11 +220,11 @@ struct Measured {
 async fn measure(weir: &Isolated, clients: &[Client], protocol: Protocol) -> Measured {
     run(clients, protocol, 300).await;
     let waited_before = weir.snapshot().waited;
-    let before = ALLOCATIONS.load(Relaxed);
+    let before = COUNTERS[STEADY].allocations.load(Relaxed);
     let started = std::time::Instant::now();
     let per_client = 1000;
     run(clients, protocol, per_client).await;
-    let allocations = ALLOCATIONS.load(Relaxed) - before;
+    let allocations = COUNTERS[STEADY].allocations.load(Relaxed) - before;
     let seconds = started.elapsed().as_secs() + 1;
     let transactions = clients.len() as u64 * per_client as u64;
     Measured {
@@ -208,7 +240,7 @@ async fn steady_transactions_allocate_nothing_whether_or_not_they_queue() {
     let (pg, db) = shared_pg_database("alloc").await;
     // A pool of 3: two clients always find a connection free, even with the health probe
     // holding one.
-    let weir = Isolated::start(weir_config(pg, &db, 3, PoolMode::Transaction));
+    let weir = Isolated::start(weir_config(pg, &db, 3, PoolMode::Transaction), STEADY);
     let url = weir.url(&db);
     let mut clients = Vec::new();
     for _ in 0..6 {
@@ -256,4 +288,54 @@ async fn steady_transactions_allocate_nothing_whether_or_not_they_queue() {
             queued.transactions
         );
     }
+}
+
+/// An idle client costs its task (1,024 bytes: the live future, at most 864, and Tokio's
+/// header), its socket's registration (Tokio's `ScheduledIo`, 128-byte aligned, in an `Arc`:
+/// 256), its registry entry (`ConnInfo` in an `Arc`: 184) and its cancel key's entry (56),
+/// and its share of the tables that find it. Counted here as the allocator is asked, over
+/// 1,000 logins; docs/BENCHMARKS.md has the resident memory the same clients cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_holds_four_allocations_of_about_1_5_kb() {
+    let (pg, db) = shared_pg_database("alloc_idle").await;
+    let weir = Isolated::start(weir_config(pg, &db, 2, PoolMode::Transaction), IDLE);
+    let url = weir.url(&db);
+    let mut clients = Vec::new();
+    let live = || {
+        let c = &COUNTERS[IDLE];
+        (c.live.load(Relaxed), c.live_bytes.load(Relaxed))
+    };
+    // The first logins open the pool's connections and size the spare lists.
+    for _ in 0..10 {
+        clients.push(connect(&url).await.unwrap());
+    }
+    clients[0].simple_query("select 1").await.unwrap();
+    let before = live();
+    let n = 1000;
+    for _ in 0..n {
+        clients.push(connect(&url).await.unwrap());
+    }
+    // A login's last frees (its buffers) may follow its ReadyForQuery.
+    let mut per_client = (0.0, 0.0);
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let now = live();
+        per_client = (
+            (now.0 - before.0) as f64 / n as f64,
+            (now.1 - before.1) as f64 / n as f64,
+        );
+        if per_client.0 <= 4.05 {
+            break;
+        }
+    }
+    eprintln!(
+        "an idle client: {:.2} allocations, {:.0} bytes",
+        per_client.0, per_client.1
+    );
+    assert!(per_client.0 <= 4.05, "{:.2} allocations", per_client.0);
+    assert!(per_client.1 <= 1600.0, "{:.0} bytes", per_client.1);
+    // Each is still there, and answers.
+    let last = clients.last().unwrap();
+    let got: i32 = last.query_one("select 7", &[]).await.unwrap().get(0);
+    assert_eq!(got, 7);
 }
