@@ -372,7 +372,38 @@ def main():
             except KeyboardInterrupt:
                 pass
             return
+        def start_fresh(name):
+            """A new process of the pooler `name`, configured as the measured one, on a port of its own."""
+            port = free_port()
+            if name == "pgbouncer":
+                with open(ini) as f:
+                    text = f.read()
+                text = re.sub(r"listen_port = \d+", f"listen_port = {port}", text)
+                text = text.replace("pgbouncer.log", "pgbouncer-idle.log")
+                path = os.path.join(work, "pgbouncer-idle.ini")
+                with open(path, "w") as f:
+                    f.write(text)
+                owner_chown(path)
+                p = subprocess.Popen([pgbouncer, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=demote())
+            else:
+                with open(toml) as f:
+                    text = f.read()
+                text = text.replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{port}")
+                text = re.sub(r'(\[admin\]\nlisten = "127\.0\.0\.1:)\d+', lambda m: m.group(1) + str(free_port()), text)
+                path = os.path.join(work, "weir-idle.toml")
+                with open(path, "w") as f:
+                    f.write(text)
+                workers = args.workers if name == "weir" else args.also_workers
+                p = subprocess.Popen([weir_bin, "run", "--config", path, "--workers", str(workers)],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(work, "weir-idle.log"), "a"),
+                                     env={**os.environ, "WEIR_LOG": "warn"})
+            wait_port(port, p, f"{name} (idle)")
+            return p, port
+
         results = {}
+        memory = {}
         cell = 0
         for rep in range(args.repeat):
             for mode in modes:
@@ -392,15 +423,28 @@ def main():
                     results.setdefault(("connect", args.connect_clients, name), []).append(r)
                     status = f"{r['tps']:.0f} conn/s" if r["ok"] else f"FAILED: {r['error']}"
                     print(f"  [{rep + 1}/{args.repeat}] -C -c {args.connect_clients} {name:9} {status}", file=sys.stderr)
-        memory = {}
-        if args.idle:
-            for name, port, pid in targets[1:]:
-                try:
-                    memory[name] = idle_memory(port, pid, args.idle, db)
-                    print(f"  idle {args.idle}: {name} {memory[name]:.0f} bytes per client", file=sys.stderr)
-                except (OSError, RuntimeError) as e:
-                    memory[name] = None
-                    print(f"  idle {args.idle}: {name} failed: {e}", file=sys.stderr)
+            # Idle memory in every round, each time in a fresh process: one that has served
+            # a load keeps the memory it freed and fills the idle clients into it (PgBouncer
+            # then reads 0 bytes a client), and one reading moves in the allocator's steps (2 MiB
+            # for Weir here, 210 bytes a client at 10,000), so it shows as spread.
+            if args.idle:
+                names = [t[0] for t in targets[1:]]
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    got = memory.setdefault(name, [])
+                    p, port = start_fresh(name)
+                    try:
+                        got.append(idle_memory(port, p.pid, args.idle, db))
+                        print(f"  [{rep + 1}/{args.repeat}] idle {args.idle}: {name} {got[-1]:.0f} bytes per client",
+                              file=sys.stderr)
+                    except (OSError, RuntimeError) as e:
+                        print(f"  [{rep + 1}/{args.repeat}] idle {args.idle}: {name} failed: {e}", file=sys.stderr)
+                    finally:
+                        p.terminate()
+                        try:
+                            p.wait(timeout=15)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                            p.wait()
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
@@ -479,14 +523,23 @@ def main():
     if memory:
         lines.append("")
         lines.append(f"Resident memory per idle client, {args.idle} logged-in connections held open "
-                     "(VmRSS after minus before, divided by the count):")
+                     "(VmRSS after minus before, divided by the count), each round in a fresh process: "
+                     f"median of {args.repeat}, [lowest-highest]:")
         lines.append("")
         lines.append("| " + " | ".join(f"{label_of[n]} bytes/client" for n in poolers) + " | " +
                      " | ".join(f"{label_of[w]}/PgB" for w in weirs) + " |")
         lines.append("|" + "---:|" * (len(poolers) + len(weirs)))
-        pb = memory.get("pgbouncer")
-        cells_m = [f"{memory[n]:.0f}" if memory.get(n) else "n/a" for n in poolers]
-        ratios = [f"{memory[w] / pb:.2f}" if pb and memory.get(w) else "n/a" for w in weirs]
+        mid = {n: statistics.median(v) for n, v in memory.items() if v}
+
+        def mem_cell(n):
+            v = memory.get(n)
+            if not v:
+                return "n/a"
+            return f"{mid[n]:.0f}" + (f" [{min(v):.0f}-{max(v):.0f}]" if len(v) > 1 else "")
+
+        pb = mid.get("pgbouncer")
+        cells_m = [mem_cell(n) for n in poolers]
+        ratios = [f"{mid[w] / pb:.2f}" if pb and mid.get(w) else "n/a" for w in weirs]
         lines.append("| " + " | ".join(cells_m + ratios) + " |")
     failures = sorted({(k, r["error"]) for k, runs in results.items() for r in runs if not r["ok"]})
     if failures:
