@@ -10,7 +10,8 @@ transaction mode, then measures, against each target:
   the pooler's CPU time per 1,000 transactions and its context switches per transaction
   (from /proc);
 - the connection rate: `pgbench -S -C` (a new connection per transaction);
-- the poolers' resident memory per idle client, with --idle N logged-in connections held.
+- the poolers' resident memory per idle client, with --idle N logged-in connections held,
+  in a fresh process of each pooler every round.
 
 The order of targets rotates from cell to cell and every cell runs --repeat times, so a
 noisy machine shows up as spread rather than as a bias. Prints Markdown tables with the
