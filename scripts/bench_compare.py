@@ -345,23 +345,28 @@ def main():
         procs.append(weir)
         wait_port(weir_port, weir, "weir")
 
+        def weir_copy(name, workers):
+            """Weir with the config above on ports of its own (`name` names its files), started and listening."""
+            port = free_port()
+            with open(toml) as f:
+                text = f.read()
+            text = text.replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{port}")
+            text = re.sub(r'(\[admin\]\nlisten = "127\.0\.0\.1:)\d+', lambda m: m.group(1) + str(free_port()), text)
+            path = os.path.join(work, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            p = subprocess.Popen([weir_bin, "run", "--config", path, "--workers", str(workers)],
+                                 stdout=subprocess.DEVNULL,
+                                 stderr=open(os.path.join(work, f"{name}.log"), "a"),
+                                 env={**os.environ, "WEIR_LOG": "warn"})
+            procs.append(p)
+            wait_port(port, p, name)
+            return p, port
+
         targets = [("direct", pg_port, None), ("pgbouncer", pgb_port, pgb.pid), ("weir", weir_port, weir.pid)]
         if weir_second:
             # The same config on its own ports, with a different worker count.
-            port2 = free_port()
-            toml2 = os.path.join(work, "weir2.toml")
-            with open(toml) as f:
-                text = f.read()
-            text = text.replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{port2}")
-            text = re.sub(r'(\[admin\]\nlisten = "127\.0\.0\.1:)\d+', lambda m: m.group(1) + str(free_port()), text)
-            with open(toml2, "w") as f:
-                f.write(text)
-            weir2 = subprocess.Popen([weir_bin, "run", "--config", toml2, "--workers", str(args.also_workers)],
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(work, "weir2.log"), "w"),
-                                     env={**os.environ, "WEIR_LOG": "warn"})
-            procs.append(weir2)
-            wait_port(port2, weir2, "weir (second)")
+            weir2, port2 = weir_copy("weir2", args.also_workers)
             targets.append((weir_second, port2, weir2.pid))
         if args.serve:
             for name, port, pid in targets:
@@ -374,33 +379,23 @@ def main():
                 pass
             return
         def start_fresh(name):
-            """A new process of the pooler `name`, configured as the measured one, on a port of its own."""
+            """A new process of the pooler `name`, configured as the measured one, on a port of its own
+            (in `procs` until stopped, so an interrupted run stops it too)."""
+            if name != "pgbouncer":
+                return weir_copy(f"{name}-idle", args.workers if name == "weir" else args.also_workers)
             port = free_port()
-            if name == "pgbouncer":
-                with open(ini) as f:
-                    text = f.read()
-                text = re.sub(r"listen_port = \d+", f"listen_port = {port}", text)
-                text = text.replace("pgbouncer.log", "pgbouncer-idle.log")
-                path = os.path.join(work, "pgbouncer-idle.ini")
-                with open(path, "w") as f:
-                    f.write(text)
-                owner_chown(path)
-                p = subprocess.Popen([pgbouncer, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=demote())
-            else:
-                with open(toml) as f:
-                    text = f.read()
-                text = text.replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{port}")
-                text = re.sub(r'(\[admin\]\nlisten = "127\.0\.0\.1:)\d+', lambda m: m.group(1) + str(free_port()), text)
-                path = os.path.join(work, "weir-idle.toml")
-                with open(path, "w") as f:
-                    f.write(text)
-                workers = args.workers if name == "weir" else args.also_workers
-                p = subprocess.Popen([weir_bin, "run", "--config", path, "--workers", str(workers)],
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(work, "weir-idle.log"), "a"),
-                                     env={**os.environ, "WEIR_LOG": "warn"})
-            wait_port(port, p, f"{name} (idle)")
+            with open(ini) as f:
+                text = f.read()
+            text = re.sub(r"listen_port = \d+", f"listen_port = {port}", text)
+            text = text.replace("pgbouncer.log", "pgbouncer-idle.log")
+            path = os.path.join(work, "pgbouncer-idle.ini")
+            with open(path, "w") as f:
+                f.write(text)
+            owner_chown(path)
+            p = subprocess.Popen([pgbouncer, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=demote())
+            procs.append(p)
+            wait_port(port, p, "pgbouncer (idle)")
             return p, port
 
         results = {}
@@ -425,27 +420,31 @@ def main():
                     status = f"{r['tps']:.0f} conn/s" if r["ok"] else f"FAILED: {r['error']}"
                     print(f"  [{rep + 1}/{args.repeat}] -C -c {args.connect_clients} {name:9} {status}", file=sys.stderr)
             # Idle memory in every round, each time in a fresh process: one that has served
-            # a load keeps the memory it freed and fills the idle clients into it (PgBouncer
-            # then reads 0 bytes a client), and one reading moves in the allocator's steps (2 MiB
-            # for Weir here, 210 bytes a client at 10,000), so it shows as spread.
+            # a load keeps the memory it freed and fills idle clients into it (a second reading
+            # in one process gave PgBouncer 0 bytes a client), and the resident figure moves in
+            # 2 MiB steps (210 bytes a client at 10,000 for Weir here), so one reading alone is
+            # noisy.
             if args.idle:
                 names = [t[0] for t in targets[1:]]
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
                     got = memory.setdefault(name, [])
-                    p, port = start_fresh(name)
+                    p = None
                     try:
+                        p, port = start_fresh(name)
                         got.append(idle_memory(port, p.pid, args.idle, db))
                         print(f"  [{rep + 1}/{args.repeat}] idle {args.idle}: {name} {got[-1]:.0f} bytes per client",
                               file=sys.stderr)
-                    except (OSError, RuntimeError) as e:
+                    # (SystemExit: wait_port's way to say the process did not start.)
+                    except (OSError, RuntimeError, SystemExit) as e:
                         print(f"  [{rep + 1}/{args.repeat}] idle {args.idle}: {name} failed: {e}", file=sys.stderr)
-                    finally:
+                    if p is not None:
                         p.terminate()
                         try:
                             p.wait(timeout=15)
                         except subprocess.TimeoutExpired:
                             p.kill()
                             p.wait()
+                        procs.remove(p)
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
@@ -525,7 +524,7 @@ def main():
         lines.append("")
         lines.append(f"Resident memory per idle client, {args.idle} logged-in connections held open "
                      "(VmRSS after minus before, divided by the count), each round in a fresh process: "
-                     f"median of {args.repeat}, [lowest-highest]:")
+                     "median of the rounds, [lowest-highest]:")
         lines.append("")
         lines.append("| " + " | ".join(f"{label_of[n]} bytes/client" for n in poolers) + " | " +
                      " | ".join(f"{label_of[w]}/PgB" for w in weirs) + " |")
@@ -536,7 +535,8 @@ def main():
             v = memory.get(n)
             if not v:
                 return "n/a"
-            return f"{mid[n]:.0f}" + (f" [{min(v):.0f}-{max(v):.0f}]" if len(v) > 1 else "")
+            failed = f" ({args.repeat - len(v)} of {args.repeat} rounds failed)" if len(v) < args.repeat else ""
+            return f"{mid[n]:.0f}" + (f" [{min(v):.0f}-{max(v):.0f}]" if len(v) > 1 else "") + failed
 
         pb = mid.get("pgbouncer")
         cells_m = [mem_cell(n) for n in poolers]

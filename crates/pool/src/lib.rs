@@ -540,7 +540,8 @@ impl<M: Manager> Pool<M> {
     }
 
     /// [`Pool::ticket`], taking the waiter (the queue entry's shared half) from `spare` when
-    /// that holds one (see [`Ticket::recycle`]): then a checkout that queues allocates nothing.
+    /// that holds one (see [`Ticket::recycle`]): then a checkout that queues allocates no
+    /// waiter.
     pub fn ticket_reusing(&self, now: Instant, spare: &mut Spare<M>) -> Ticket<M> {
         let inner = &self.inner;
         let reserve_timeout = inner.reserve_timeout;
@@ -1111,6 +1112,13 @@ pub struct Spare<M: Manager>(Option<Arc<Waiter<M::Object>>>);
 impl<M: Manager> Default for Spare<M> {
     fn default() -> Self {
         Spare(None)
+    }
+}
+
+impl<M: Manager> Spare<M> {
+    /// Holds no waiter.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
     }
 }
 

@@ -1,13 +1,15 @@
-//! A box for a future, whose memory is kept per thread for the next one of the same layout.
+//! What a wait for a server connection needs, kept per thread for the next wait: the memory
+//! of the box the wait runs in, and the waiter the pool queues.
 //!
 //! A session that must wait for a server connection runs the wait in a box, so the wait's
-//! state does not sit in every idle client's task. At 1,000 clients on a pool of 20 nearly
-//! every transaction waits; with `Box::pin` each would allocate and free that state. Here the
-//! freed memory goes to a short list on its thread, and the next wait on that thread takes it
-//! back: no allocation per transaction in steady state, and no wait state kept per idle client.
-//! Hand-written (a few lines of `unsafe`): the crates for this either pool one type per pool
-//! object, shared across threads behind a lock, or keep a block per owner (tokio-util's
-//! `ReusableBoxFuture`, which would put the memory back in every client that ever waited).
+//! state does not sit in every idle client's task, and takes a place in the pool's queue with
+//! a waiter (an `Arc`). At 1,000 clients on a pool of 20 nearly every transaction waits; made
+//! anew, each wait would allocate both. Here, when a wait ends, both go to short lists on its
+//! thread, and the next wait on that thread takes them back: no allocation per transaction in
+//! steady state, and nothing of the wait kept per idle client. Hand-written (a few lines of
+//! `unsafe`): the crates for this either pool one type per pool object, shared across threads
+//! behind a lock, or keep a block per owner (tokio-util's `ReusableBoxFuture`, which would put
+//! the memory back in every client that ever waited).
 
 use std::alloc::Layout;
 use std::cell::RefCell;
@@ -16,9 +18,13 @@ use std::pin::Pin;
 use std::ptr::NonNull;
 use std::task::{Context, Poll};
 
-/// Blocks kept per thread: enough for the waits that end and start again between two turns
-/// of a worker's event loop. A burst of more frees the rest.
-pub const KEEP: usize = 64;
+use weir_pool::Spare;
+
+use crate::pools::ServerManager;
+
+/// Blocks (and waiters) kept per thread: enough for the waits that end and start again
+/// between two turns of a worker's event loop. A burst of more frees the rest.
+pub(crate) const KEEP: usize = 64;
 
 /// Free blocks of this thread, with their layouts.
 struct Blocks(Vec<(Layout, NonNull<u8>)>);
@@ -78,6 +84,35 @@ fn kept() -> usize {
     BLOCKS.with(|b| b.borrow().0.len())
 }
 
+thread_local! {
+    static WAITERS: RefCell<Vec<Spare<ServerManager>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A waiter this thread kept from an earlier wait, if any, for [`Pool::ticket_reusing`].
+///
+/// [`Pool::ticket_reusing`]: weir_pool::Pool::ticket_reusing
+pub fn waiter() -> Spare<ServerManager> {
+    WAITERS
+        .try_with(|w| w.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Keeps the waiter a served ticket left in `spare` (`Ticket::recycle`) for this thread's next
+/// wait, up to [`KEEP`].
+pub fn keep_waiter(spare: Spare<ServerManager>) {
+    if spare.is_empty() {
+        return;
+    }
+    let _ = WAITERS.try_with(|w| {
+        let mut w = w.borrow_mut();
+        if w.len() < KEEP {
+            w.push(spare);
+        }
+    });
+}
+
 /// `F` on the heap, in memory reused from this thread's free blocks; like `Box::pin(f)`.
 pub struct Reused<F: Future> {
     ptr: NonNull<F>,
@@ -91,6 +126,7 @@ unsafe impl<F: Future + Send> Send for Reused<F> {}
 impl<F: Future> Unpin for Reused<F> {}
 
 impl<F: Future> Reused<F> {
+    /// Moves `f` into a block this thread kept for its layout, or into a new one.
     pub fn new(f: F) -> Reused<F> {
         let layout = Layout::new::<F>();
         let ptr = if layout.size() == 0 {

@@ -751,8 +751,6 @@ struct Session {
     info: Registered,
     /// The timer of whichever timeout applies (see [`arm`]).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The waiter this session last queued with in a pool, kept for its next wait.
-    waiter: weir_pool::Spare<ServerManager>,
     /// Shutting down: the session ends at its next transaction boundary.
     draining: bool,
     /// The request in flight: when it started, what it was, whether it reached a server.
@@ -820,7 +818,6 @@ impl Session {
             info: login.info,
             draining: false,
             timer: None,
-            waiter: Default::default(),
             request: None,
             tx_start: None,
             query_text: Vec::new(),
@@ -1499,11 +1496,9 @@ impl Session {
 
     /// Waits in the pool's queue for a server connection while still reading what the client
     /// sends (a client that leaves stops waiting). Polled by hand with the session's own timer
-    /// for the deadline: a wait costs a place in the queue (with the session's waiter, kept
-    /// from its last wait) and the box `checkout` puts the waiting in (memory kept by the
-    /// thread), no
-    /// timer built and no second look in the idle list (at 1,000 clients on a pool of 20,
-    /// nearly every checkout waits).
+    /// for the deadline. A wait costs a place in the queue and the box `checkout` puts the
+    /// waiting in, both from what this thread kept from earlier waits (`reuse`); no timer
+    /// built and no second look in the idle list.
     async fn wait_in_queue(
         &mut self,
         pool: &ServerPool,
@@ -1519,7 +1514,8 @@ impl Session {
             Timer,
             Killed,
         }
-        let mut ticket = pool.pool.ticket_reusing(start, &mut self.waiter);
+        let mut spare = crate::reuse::waiter();
+        let mut ticket = pool.pool.ticket_reusing(start, &mut spare);
         let granted = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
@@ -1553,7 +1549,8 @@ impl Session {
             .await;
             match ev {
                 Wait::Granted(r) => {
-                    ticket.recycle(&mut self.waiter);
+                    ticket.recycle(&mut spare);
+                    crate::reuse::keep_waiter(spare);
                     break r;
                 }
                 Wait::Killed => return Err(killed()),
