@@ -536,13 +536,12 @@ impl<M: Manager> Pool<M> {
     /// (then the ticket is ready at its first poll). `now` starts the wait's clock: it decides
     /// when the reserve opens to this waiter and what the wait statistics record.
     pub fn ticket(&self, now: Instant) -> Ticket<M> {
-        self.ticket_reusing(now, &mut Spare::default())
+        self.ticket_reusing(now, Spare::default())
     }
 
-    /// [`Pool::ticket`], taking the waiter (the queue entry's shared half) from `spare` when
-    /// that holds one (see [`Ticket::recycle`]): then a checkout that queues allocates no
-    /// waiter.
-    pub fn ticket_reusing(&self, now: Instant, spare: &mut Spare<M>) -> Ticket<M> {
+    /// [`Pool::ticket`], with the waiter (the queue entry's shared half) `spare` holds, if
+    /// any (see [`Ticket::recycle`]): then a checkout that queues allocates no waiter.
+    pub fn ticket_reusing(&self, now: Instant, spare: Spare<M>) -> Ticket<M> {
         let inner = &self.inner;
         let reserve_timeout = inner.reserve_timeout;
         let mut ticket = Ticket {
@@ -566,7 +565,7 @@ impl<M: Manager> Pool<M> {
             ticket.ready = Some(Grant::Permit(Kind::Main));
             return ticket;
         }
-        let waiter = spare.0.take().unwrap_or_else(|| {
+        let waiter = spare.0.unwrap_or_else(|| {
             Arc::new(Waiter {
                 state: Mutex::new(WaitState {
                     grant: None,
@@ -1042,12 +1041,12 @@ impl<M: Manager> Ticket<M> {
         }
     }
 
-    /// Keeps this ticket's waiter in `spare` for the caller's next wait, once the ticket has
-    /// been served and nothing else holds the waiter (the releaser that served it on another
-    /// thread may still, for a moment: then the next wait allocates one).
-    pub fn recycle(mut self, spare: &mut Spare<M>) {
+    /// This ticket's waiter, for the caller's next wait, once the ticket has been served and
+    /// nothing else holds the waiter (the releaser that served it on another thread may
+    /// still, for a moment: then the spare is empty and the next wait allocates one).
+    pub fn recycle(mut self) -> Spare<M> {
         let Some(mut waiter) = self.served.take() else {
-            return;
+            return Spare::default();
         };
         // Not kept if poisoned: its next grant would panic under the core lock.
         if let Some(w) = Arc::get_mut(&mut waiter)
@@ -1057,8 +1056,9 @@ impl<M: Manager> Ticket<M> {
             debug_assert!(st.grant.is_none());
             // The waker is the caller's own task: kept, it would keep that task alive.
             st.waker = None;
-            spare.0 = Some(waiter);
+            return Spare(Some(waiter));
         }
+        Spare::default()
     }
 
     /// Leaves the queue at the deadline: the timeout error, with the wait recorded; or, if

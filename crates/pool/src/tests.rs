@@ -534,10 +534,9 @@ async fn a_release_hands_its_object_to_the_first_waiter_and_wakes_it() {
 #[tokio::test]
 async fn a_served_ticket_leaves_its_waiter_for_the_next_wait_without_the_waker() {
     let pool = Pool::with_reserve(Counter::default(), 1, 1, Duration::from_millis(30));
-    let mut spare = Spare::default();
     let held = pool.get(LONG).await.unwrap();
     let t0 = Instant::now();
-    let mut first = pool.ticket_reusing(t0, &mut spare);
+    let mut first = pool.ticket_reusing(t0, Spare::default());
     struct Task;
     impl std::task::Wake for Task {
         fn wake(self: Arc<Self>) {}
@@ -557,7 +556,7 @@ async fn a_served_ticket_leaves_its_waiter_for_the_next_wait_without_the_waker()
     };
     drop(waker);
     let place = Arc::as_ptr(first.served.as_ref().expect("served"));
-    first.recycle(&mut spare);
+    let spare = first.recycle();
     assert_eq!(
         spare.0.as_ref().map(Arc::as_ptr),
         Some(place),
@@ -570,8 +569,7 @@ async fn a_served_ticket_leaves_its_waiter_for_the_next_wait_without_the_waker()
     // The next wait takes that waiter instead of a new one, and is served as before (polled
     // at the instant it queued, so however slow the machine, the reserve stays shut).
     let t1 = Instant::now();
-    let mut second = pool.ticket_reusing(t1, &mut spare);
-    assert!(spare.0.is_none());
+    let mut second = pool.ticket_reusing(t1, spare);
     assert_eq!(second.waiter.as_ref().map(Arc::as_ptr), Some(place));
     let mut cx = Context::from_waker(Waker::noop());
     assert!(second.poll(&mut cx, t1).is_pending(), "queued");

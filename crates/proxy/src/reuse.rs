@@ -99,7 +99,7 @@ pub fn waiter() -> Spare<ServerManager> {
         .unwrap_or_default()
 }
 
-/// Keeps the waiter a served ticket left in `spare` (`Ticket::recycle`) for this thread's next
+/// Keeps the waiter a served ticket gave back (`Ticket::recycle`) for this thread's next
 /// wait, up to [`KEEP`].
 pub fn keep_waiter(spare: Spare<ServerManager>) {
     if spare.is_empty() {

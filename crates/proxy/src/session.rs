@@ -1514,8 +1514,7 @@ impl Session {
             Timer,
             Killed,
         }
-        let mut spare = crate::reuse::waiter();
-        let mut ticket = pool.pool.ticket_reusing(start, &mut spare);
+        let mut ticket = pool.pool.ticket_reusing(start, crate::reuse::waiter());
         let granted = loop {
             let watch = self.cbuf.len() < HIGH_WATER;
             let wake_at = ticket.reserve_at().map_or(deadline, |r| r.min(deadline));
@@ -1549,8 +1548,7 @@ impl Session {
             .await;
             match ev {
                 Wait::Granted(r) => {
-                    ticket.recycle(&mut spare);
-                    crate::reuse::keep_waiter(spare);
+                    crate::reuse::keep_waiter(ticket.recycle());
                     break r;
                 }
                 Wait::Killed => return Err(killed()),
