@@ -144,7 +144,23 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Transparent huge pages off for this process. mimalloc would ask for them on the regions
+/// it reserves (`madvise(MADV_HUGEPAGE)`; built with its `no_thp` feature it does not), and
+/// where the system's THP setting is `always` the kernel gives them unasked. A 2 MiB page
+/// stays resident whole while a few clients use part of it: with 10,000 idle clients Weir's
+/// resident memory grew in 2 MiB steps, 1,887 bytes per client against 1,599 without huge
+/// pages. A pooler's heap is small enough for ordinary pages, and it is spared the kernel's
+/// compaction stalls (Redis turns THP off for itself for the same reasons). Pages faulted in
+/// before this call stay as they are; a kernel without the call (before 3.15) ignores it.
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -33,3 +33,40 @@ async fn one_gigabyte_result_in_bounded_memory() {
     );
     assert!(peak < 64 * 1024 * 1024, "peak RSS {peak} bytes");
 }
+
+/// Weir turns transparent huge pages off for itself. Its allocator asks the kernel for them,
+/// and a 2 MiB page stays resident whole while a few clients use part of it: idle memory per
+/// client read 1,887 bytes with them and 1,599 without (docs/BENCHMARKS.md, 2026-12-02 14:30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_transparent_huge_pages_under_idle_clients() {
+    let (pg, db) = shared_pg_database("nothp").await;
+    let weir = WeirProcess::quick_start(&pg.url(SCRAM_USER, &db), 2);
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(connect(&weir.url(SCRAM_USER, &db)).await.unwrap());
+    }
+    for c in &clients {
+        c.simple_query("select 1").await.unwrap();
+    }
+    let pid = weir.child.id();
+    let field = |file: &str, name: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/{file}"));
+        line[name.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("status", "THP_enabled:"), 0, "THP still on for weir");
+    assert_eq!(
+        field("smaps_rollup", "AnonHugePages:"),
+        0,
+        "weir's memory is in huge pages"
+    );
+    drop(clients);
+}
