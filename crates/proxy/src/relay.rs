@@ -184,6 +184,12 @@ impl Relay {
             || self.client_partial > 0
     }
 
+    /// The server waits for the client's input: COPY data, or the rest of a message the
+    /// relay has begun to pass on.
+    pub fn waits_on_client(&self) -> bool {
+        self.copy_in || self.client_in_copy || self.client_partial > 0
+    }
+
     /// Whether [`Relay::from_client`] can make progress on `buf`: a whole message, part of a
     /// streamed CopyData, or a length it will reject.
     pub fn client_ready(&self, buf: &[u8]) -> bool {

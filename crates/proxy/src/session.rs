@@ -780,8 +780,8 @@ enum QueryLabel {
 enum Phase {
     /// The server owes replies: a statement is running.
     Server,
-    /// Waiting on the client: COPY data to come, or results it has not read yet. No timer
-    /// runs; a slow client is not a slow statement, nor an idle one.
+    /// Waiting on the client: COPY data to come, or, with nothing owed, replies it has not
+    /// read yet. No timer runs; a slow client is not an idle one.
     Client,
     /// Nothing owed, a transaction open: the client's turn.
     InTransaction,
@@ -832,8 +832,13 @@ impl Session {
             return None;
         }
         let owed = self.relay.owed();
+        // Only a client that owes input (COPY data, the rest of a message) stops the
+        // statement's clock. A server message half read, or results the client has not read
+        // yet, do not: the statement holds its server connection all the same, as
+        // PostgreSQL's statement_timeout would count it. (Restarting the clock at each of
+        // these let a statement streaming rows run for ever.)
         let phase = if !self.relay.nothing_owed() {
-            if self.relay.copying() || self.to_client.len() >= HIGH_WATER {
+            if self.relay.waits_on_client() {
                 Phase::Client
             } else {
                 Phase::Server

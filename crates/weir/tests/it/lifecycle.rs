@@ -426,6 +426,46 @@ async fn query_timeout_cancels_and_the_connection_serves_on() {
     );
 }
 
+/// A statement streaming rows is cancelled at query_timeout too. Its replies arrive in reads
+/// that end inside a message, and the clock restarted at each of them, so before 2026-12-02
+/// such a statement ran to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_a_statement_streaming_rows() {
+    let s = Setup::with_config("qtimeout_stream", |pg, db| {
+        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+        c.pool.query_timeout = Some(Duration::from_millis(500));
+        c
+    })
+    .await;
+    let a = s.client().await;
+    let t = Instant::now();
+    let stream = a
+        .query_raw(
+            // In the select list, so the rows stream: in FROM the series is built whole first.
+            "select repeat('x', 100), generate_series(1, 1000000000)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(stream);
+    let mut rows = 0u64;
+    let e = loop {
+        match futures_util::TryStreamExt::try_next(&mut stream).await {
+            Ok(Some(_)) => rows += 1,
+            Ok(None) => panic!("the statement ran to its end"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(code(&e), "57014", "{e}");
+    assert!(rows > 0, "no row came before the cancel");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "cancelled after {:?} and {rows} rows",
+        t.elapsed()
+    );
+    assert_eq!(first_value(&a.simple_query("select 7").await.unwrap()), "7");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_limits_refuse_at_once() {
     let s = Setup::with_config("maxclients", |pg, db| {
