@@ -726,10 +726,10 @@ struct Session {
     to_client: BytesMut,
     /// Where rewritten server output is assembled.
     scratch: BytesMut,
-    /// What the session is waiting on (for the timeouts). Apart from `phase_since`: a
-    /// one-byte field packs beside the flags below, where a tuple would take eight.
+    /// What the session is waiting on (for the timeouts). Kept apart from `phase_since` so
+    /// that the one-byte field packs with the flags below (a tuple took eight bytes).
     phase: Phase,
-    /// Since when.
+    /// When the phase (re)started.
     phase_since: Instant,
     /// Replies owed when the phase last (re)started: each completed reply restarts the
     /// query_timeout, so a pipelined stream of fast statements is not one long statement.
@@ -1009,8 +1009,8 @@ impl Session {
     /// No server connection: write what the client is owed, then wait for it to send.
     ///
     /// The waits are `poll_fn`s over the session's own fields rather than `select!` over
-    /// futures: what an idle client's task holds across them is a few references, not the
-    /// futures' state (issue 8's memory per idle client).
+    /// futures: no future is built per wait, and the task holds a few references across it
+    /// rather than the futures' state.
     async fn idle_step(&mut self) -> Result<(), End> {
         if !self.to_client.is_empty() || self.client.wants_flush() {
             self.flush_client().await?;
@@ -1145,8 +1145,8 @@ impl Session {
             };
             // Polled directly rather than through select!: no readiness future is built and
             // torn down (with the waiter-list lock) per socket per round, and the task holds
-            // references across the wait rather than futures. The timer comes last: a socket
-            // ready when it fires is served first.
+            // references across the wait rather than futures. The timer is polled, and so
+            // registered, last; one that has already fired is looked at first.
             std::future::poll_fn(move |cx| {
                 use std::task::Poll::Ready;
                 let raised = info.poll_signals(cx) & watched;
