@@ -63,10 +63,19 @@ async fn no_transparent_huge_pages_under_idle_clients() {
             .unwrap()
     };
     assert_eq!(field("status", "THP_enabled:"), 0, "THP still on for weir");
-    assert_eq!(
-        field("smaps_rollup", "AnonHugePages:"),
-        0,
-        "weir's memory is in huge pages"
-    );
+    // Where THP is `always`, pages touched before `main` turned it off may be huge; elsewhere
+    // (`madvise`, as on the machines this was measured on, or `never`) there must be none.
+    let mode =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if mode.contains("[always]") {
+        eprintln!("THP is always on here: huge pages from before main are not checked");
+    } else {
+        assert_eq!(
+            field("smaps_rollup", "AnonHugePages:"),
+            0,
+            "weir's memory is in huge pages (THP: {})",
+            mode.trim()
+        );
+    }
     drop(clients);
 }
