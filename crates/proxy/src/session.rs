@@ -972,9 +972,14 @@ impl Session {
         Box::pin(async move {
             self.pool.metrics.error(e.code);
             let pending = std::mem::take(&mut self.to_client);
-            let _ =
+            let flushed =
                 tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&pending)).await;
-            send_fatal(&mut self.client, e).await;
+            // Owed bytes not all taken in a second (a client that does not read) may end in
+            // the middle of a message, where the error would be read as that message's rest:
+            // then the connection only closes.
+            if matches!(flushed, Ok(Ok(()))) {
+                send_fatal(&mut self.client, e).await;
+            }
         })
     }
 
@@ -1087,8 +1092,12 @@ impl Session {
 
     /// Writes what the client is owed, and over TLS what rustls still holds, waiting for the
     /// socket as needed. Frees the buffer after, so an idle client holds none.
+    ///
+    /// A client that reads nothing would keep this waiting for good, so the wait also watches
+    /// for KILL. A drain does not end it: the transaction is over and what it owes the client
+    /// is the rest of its results, which the drain delivers until `shutdown_timeout`.
     async fn flush_client(&mut self) -> Result<(), End> {
-        let (client, pending) = (&self.client, &mut self.to_client);
+        let (client, pending, info) = (&self.client, &mut self.to_client, &self.info.info);
         std::future::poll_fn(move |cx| {
             use std::task::Poll::{Pending, Ready};
             loop {
@@ -1096,6 +1105,9 @@ impl Session {
                     return Ready(Ok(()));
                 }
                 match client.poll_write_ready(cx) {
+                    Pending if info.poll_signals(cx) & signal::KILL != 0 => {
+                        return Ready(Err(killed()));
+                    }
                     Pending => return Pending,
                     Ready(Err(_)) => return Ready(Err(End::ClientGone)),
                     Ready(Ok(())) => {}

@@ -673,6 +673,174 @@ async fn reconnect_and_kill() {
     );
 }
 
+/// A connection to `port` with a receive buffer of a few kilobytes, set before it connects
+/// so that the window it offers stays small: when the client stops reading, the sender feels
+/// it after a few kilobytes rather than megabytes.
+fn small_window_connect(port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns until it hands it over.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let size: libc::c_int = 4096;
+        let r = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_ends_a_session_whose_client_reads_nothing_of_its_results() {
+    let s = console_setup("killflush").await;
+    let (port, db) = (s.weir.local_addr().port(), s.db.clone());
+    // Replies of about 200 kB: each less than a session buffers for its client (256 kB), so
+    // each query's server connection goes back to the pool when its reply is complete, the
+    // session keeping what the socket would not take. One query at a time, each counted by
+    // a sequence, until one is not run: the session is then stuck writing the replies before,
+    // and reads nothing more from the client.
+    s.sql(&format!(
+        "create sequence killflush; grant usage on sequence killflush to {}",
+        TRUST_USER.user
+    ));
+    const QUERY: &str =
+        "select repeat('x', 1000) from generate_series(1, 200), (select nextval('killflush')) n";
+    let mut sock = tokio::task::spawn_blocking(move || {
+        let mut sock = small_window_connect(port);
+        sock.write_all(&startup_packet(
+            0,
+            &[("user", TRUST_USER.user), ("database", &db)],
+        ))
+        .unwrap();
+        while read_msg(&mut sock).expect("login").0 != b'Z' {}
+        sock
+    })
+    .await
+    .unwrap();
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((QUERY.len() + 5) as u32).to_be_bytes());
+    q.extend_from_slice(QUERY.as_bytes());
+    q.push(0);
+    let mut sent = 0;
+    let ran = loop {
+        assert!(sent < 200, "200 replies of 200 kB never filled the sockets");
+        sock.write_all(&q).unwrap();
+        sent += 1;
+        let mut ran = 0;
+        let since = Instant::now();
+        while since.elapsed() < Duration::from_secs(2) {
+            ran = s
+                .sql("select case when is_called then last_value else 0 end from killflush")
+                .parse::<usize>()
+                .unwrap();
+            if ran == sent {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if ran < sent {
+            break ran;
+        }
+    };
+    assert_eq!(ran, sent - 1, "every query but the last ran, one at a time");
+    // No server connection is in use: the session only waits for the client to take what it
+    // is owed.
+    let db = s.db.clone();
+    let mut active = String::new();
+    for _ in 0..100 {
+        let d = db.clone();
+        let (cols, rows, _) = tokio::task::spawn_blocking(move || {
+            console(port, "weir", "SHOW POOLS").unwrap_or_else(|e| panic!("SHOW POOLS: {e}"))
+        })
+        .await
+        .unwrap();
+        let col = |name: &str| cols.iter().position(|(n, _)| n == name).unwrap();
+        let row = rows
+            .iter()
+            .find(|r| r[col("database")].as_deref() == Some(d.as_str()))
+            .expect("a pool for the database");
+        active = format!("{:?}", row[col("sv_active")]);
+        if active == "Some(\"0\")" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        active, "Some(\"0\")",
+        "sv_active: the server connection went back to the pool with the reply complete"
+    );
+    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
+        .await
+        .unwrap();
+    // The session ends while the client still reads nothing.
+    let d = s.db.clone();
+    let clients = move || {
+        let (cols, rows, _) =
+            console(port, "weir", "SHOW CLIENTS").unwrap_or_else(|e| panic!("SHOW CLIENTS: {e}"));
+        let col = cols.iter().position(|(n, _)| n == "database").unwrap();
+        rows.iter()
+            .filter(|r| r[col].as_deref() == Some(d.as_str()))
+            .count()
+    };
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        let count = clients.clone();
+        left = tokio::task::spawn_blocking(count).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "KILL ended the session of a client that reads nothing of what it is owed"
+    );
+    // Closed with the client's unread query in its receive queue, the socket was reset
+    // rather than shut; either way the client sees the connection end.
+    let ended = tokio::task::spawn_blocking(move || {
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match sock.read(&mut buf) {
+                Ok(0) => return "closed".to_string(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return "closed".to_string();
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended, "closed", "the client's connection ended");
+    let fresh = s.client().await;
+    assert!(
+        fresh.simple_query("select 1").await.is_ok(),
+        "others are served"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_ends_a_client_queued_for_a_connection_before_its_query_runs() {
     let s = Setup::with_config("killqueue", |pg, db| {
