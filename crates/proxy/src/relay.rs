@@ -184,6 +184,12 @@ impl Relay {
             || self.client_partial > 0
     }
 
+    /// The client has been passed the start of a server message but not its end: anything
+    /// else written to it now would be read as the rest of that message.
+    pub fn mid_message_to_client(&self) -> bool {
+        self.server_partial.remaining > 0 && self.server_partial.forward
+    }
+
     /// The server waits for the client's input: COPY data, or the rest of a message the
     /// relay has begun to pass on.
     pub fn waits_on_client(&self) -> bool {

@@ -974,10 +974,12 @@ impl Session {
             let pending = std::mem::take(&mut self.to_client);
             let flushed =
                 tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&pending)).await;
-            // Owed bytes not all taken in a second (a client that does not read) may end in
-            // the middle of a message, where the error would be read as that message's rest:
-            // then the connection only closes.
-            if matches!(flushed, Ok(Ok(()))) {
+            // Where the client's stream now stops inside a message, the error would be read as
+            // that message's rest: then the connection only closes. That is so when the owed
+            // bytes were not all taken within the second (a client that does not read), and
+            // when the relay had passed on only the start of a server message (a session
+            // killed, or its server lost, in the middle of a large row).
+            if matches!(flushed, Ok(Ok(()))) && !self.relay.mid_message_to_client() {
                 send_fatal(&mut self.client, e).await;
             }
         })

@@ -673,18 +673,56 @@ async fn reconnect_and_kill() {
     );
 }
 
+/// Logs `sock` in to `db` as the trust user; returns it ready for a query.
+fn raw_login(mut sock: TcpStream, db: &str) -> TcpStream {
+    sock.write_all(&startup_packet(
+        0,
+        &[("user", TRUST_USER.user), ("database", db)],
+    ))
+    .unwrap();
+    while read_msg(&mut sock).expect("login").0 != b'Z' {}
+    sock
+}
+
+/// A simple Query message.
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
+
+/// Reads until the connection ends (closed or reset): the bytes that arrived, or what else
+/// happened (a read timing out: the connection did not end).
+fn read_until_closed(sock: &mut TcpStream) -> Result<Vec<u8>, String> {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(got),
+            Err(e) => return Err(format!("{e} after {} bytes", got.len())),
+        }
+    }
+}
+
 /// A connection to `port` with a receive buffer of a few kilobytes, set before it connects
-/// so that the window it offers stays small: when the client stops reading, the sender feels
-/// it after a few kilobytes rather than megabytes.
+/// so that the window it offers stays small. (The sender's own buffer still grows, up to the
+/// kernel's `tcp_wmem` limit.)
 fn small_window_connect(port: u16) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor this function owns until it hands it over.
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    // SAFETY: `socket` returns a new descriptor (checked), owned from then on; the other
+    // calls get pointers to live values of the sizes they are told.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let raw = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(raw);
         let size: libc::c_int = 4096;
         let r = libc::setsockopt(
-            fd,
+            raw,
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             (&size as *const libc::c_int).cast(),
@@ -700,12 +738,12 @@ fn small_window_connect(port: u16) -> TcpStream {
             sin_zero: [0; 8],
         };
         let r = libc::connect(
-            fd,
+            raw,
             (&addr as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         );
         assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
+        TcpStream::from_raw_fd(fd.into_raw_fd())
     }
 }
 
@@ -716,30 +754,18 @@ async fn kill_ends_a_session_whose_client_reads_nothing_of_its_results() {
     // Replies of about 200 kB: each less than a session buffers for its client (256 kB), so
     // each query's server connection goes back to the pool when its reply is complete, the
     // session keeping what the socket would not take. One query at a time, each counted by
-    // a sequence, until one is not run: the session is then stuck writing the replies before,
-    // and reads nothing more from the client.
+    // a sequence, until one is not run: the session is then stuck writing the replies before
+    // (the sockets between hold a few megabytes), and reads nothing more from the client.
     s.sql(&format!(
         "create sequence killflush; grant usage on sequence killflush to {}",
         TRUST_USER.user
     ));
     const QUERY: &str =
         "select repeat('x', 1000) from generate_series(1, 200), (select nextval('killflush')) n";
-    let mut sock = tokio::task::spawn_blocking(move || {
-        let mut sock = small_window_connect(port);
-        sock.write_all(&startup_packet(
-            0,
-            &[("user", TRUST_USER.user), ("database", &db)],
-        ))
+    let mut sock = tokio::task::spawn_blocking(move || raw_login(small_window_connect(port), &db))
+        .await
         .unwrap();
-        while read_msg(&mut sock).expect("login").0 != b'Z' {}
-        sock
-    })
-    .await
-    .unwrap();
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((QUERY.len() + 5) as u32).to_be_bytes());
-    q.extend_from_slice(QUERY.as_bytes());
-    q.push(0);
+    let q = query_message(QUERY);
     let mut sent = 0;
     let ran = loop {
         assert!(sent < 200, "200 replies of 200 kB never filled the sockets");
@@ -761,7 +787,13 @@ async fn kill_ends_a_session_whose_client_reads_nothing_of_its_results() {
             break ran;
         }
     };
-    assert_eq!(ran, sent - 1, "every query but the last ran, one at a time");
+    // Not merely slow: the last query still has not run a while later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.sql("select case when is_called then last_value else 0 end from killflush"),
+        ran.to_string(),
+        "the session reads no more queries while the client reads nothing"
+    );
     // No server connection is in use: the session only waits for the client to take what it
     // is owed.
     let db = s.db.clone();
@@ -816,24 +848,58 @@ async fn kill_ends_a_session_whose_client_reads_nothing_of_its_results() {
     );
     // Closed with the client's unread query in its receive queue, the socket was reset
     // rather than shut; either way the client sees the connection end.
-    let ended = tokio::task::spawn_blocking(move || {
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
+    let ended = tokio::task::spawn_blocking(move || read_until_closed(&mut sock))
+        .await
+        .unwrap();
+    assert!(ended.is_ok(), "the client's connection ended: {ended:?}");
+    let fresh = s.client().await;
+    assert!(
+        fresh.simple_query("select 1").await.is_ok(),
+        "others are served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_in_the_middle_of_a_row_closes_without_an_error_inside_it() {
+    let s = console_setup("killrow").await;
+    let (port, db) = (s.weir.local_addr().port(), s.db.clone());
+    // One row of 50 MB: the relay passes it on in pieces as it arrives.
+    const ROW: usize = 50_000_000;
+    let (mut sock, mut got) = tokio::task::spawn_blocking(move || {
+        let mut sock = raw_login(TcpStream::connect(("127.0.0.1", port)).unwrap(), &db);
+        sock.write_all(&query_message(&format!("select repeat('x', {ROW})")))
             .unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match sock.read(&mut buf) {
-                Ok(0) => return "closed".to_string(),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return "closed".to_string();
-                }
-                Err(e) => return e.to_string(),
-            }
+        // The first megabyte, then nothing: the session is held in the middle of the row.
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+        while got.len() < 1 << 20 {
+            let n = sock.read(&mut buf).unwrap();
+            assert!(n > 0, "the row arrives");
+            got.extend_from_slice(&buf[..n]);
         }
+        (sock, got)
     })
     .await
     .unwrap();
-    assert_eq!(ended, "closed", "the client's connection ended");
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
+        .await
+        .unwrap();
+    let rest = tokio::task::spawn_blocking(move || read_until_closed(&mut sock))
+        .await
+        .unwrap()
+        .expect("KILL ended the connection");
+    got.extend_from_slice(&rest);
+    assert!(
+        got.len() < ROW,
+        "the row was cut short ({} bytes arrived)",
+        got.len()
+    );
+    // The stream stops inside the DataRow: an ErrorResponse after it would be read as the
+    // row's rest, so none is sent.
+    assert!(
+        !got.windows(5).any(|w| w == b"57P01"),
+        "no ErrorResponse (57P01) written into the cut row"
+    );
     let fresh = s.client().await;
     assert!(
         fresh.simple_query("select 1").await.is_ok(),
