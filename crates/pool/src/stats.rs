@@ -148,7 +148,7 @@ impl Histogram {
     fn observe_on(&self, shard: usize, d: Duration) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
         // The first bound at or above `us` (past the last: the overflow bucket), by binary
-        // search: four comparisons where a scan made up to sixteen (queue waits at 1,000
+        // search: five comparisons where a scan made up to sixteen (queue waits at 1,000
         // clients land in the tenth bucket or later).
         let i = BUCKETS_US.partition_point(|b| *b < us);
         let shard = &self.shards[shard].0;

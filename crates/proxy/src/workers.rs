@@ -55,8 +55,10 @@ pub struct Workers {
 /// connection per transaction, whose login timeout is its one timer) then pays both for
 /// about every other connection: `strace -c` counted 0.42 such writes per connection on
 /// worker 1 under `pgbench -C -c 10`, and almost none on worker 0, whose maintenance ticks
-/// every second. With a tick no later than a second away, only a timer shorter than that
-/// (a `query_timeout` under a second) still makes the write.
+/// every second. With the next tick at most a second away, only a timer set for earlier than
+/// that tick (some of the time, a `query_timeout` under a second) still makes the write. The
+/// tick pays it once a second itself: it is set again just after the wheel was looked at
+/// without it.
 async fn keep_timer_armed() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
