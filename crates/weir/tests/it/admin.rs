@@ -606,6 +606,14 @@ async fn pause_makes_queries_wait_until_resume_without_error() {
     assert!(took >= Duration::from_secs(1));
 }
 
+/// Runs `KILL db` on the console.
+async fn kill(port: u16, db: &str) {
+    let cmd = format!("KILL {db}");
+    tokio::task::spawn_blocking(move || console(port, "weir", &cmd).unwrap())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_and_kill() {
     let s = console_setup("killrec").await;
@@ -626,9 +634,7 @@ async fn reconnect_and_kill() {
         .unwrap();
     let after = pid(c.simple_query("select pg_backend_pid()").await.unwrap());
     assert_ne!(before, after, "RECONNECT replaced the server connection");
-    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
-        .await
-        .unwrap();
+    kill(port, &db).await;
     // The idle session is woken by the KILL itself: the client sees its connection closed
     // without sending anything.
     eventually(
@@ -659,10 +665,7 @@ async fn reconnect_and_kill() {
         ) == "1"
     })
     .await;
-    let db = s.db.clone();
-    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
-        .await
-        .unwrap();
+    kill(port, &s.db).await;
     let killed = Instant::now();
     let (failed, ended) = query.await.unwrap();
     assert!(failed, "the killed query's client got an error");
@@ -820,9 +823,7 @@ async fn kill_ends_a_session_whose_client_reads_nothing_of_its_results() {
         active, "Some(\"0\")",
         "sv_active: the server connection went back to the pool with the reply complete"
     );
-    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
-        .await
-        .unwrap();
+    kill(port, &db).await;
     // The session ends while the client still reads nothing.
     let d = s.db.clone();
     let clients = move || {
@@ -880,10 +881,7 @@ async fn a_session_killed_in_the_middle_of_a_row_closes_without_an_error_inside_
     })
     .await
     .unwrap();
-    let db = s.db.clone();
-    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
-        .await
-        .unwrap();
+    kill(port, &s.db).await;
     let rest = tokio::task::spawn_blocking(move || read_until_closed(&mut sock))
         .await
         .unwrap()
@@ -933,10 +931,7 @@ async fn kill_ends_a_client_queued_for_a_connection_before_its_query_runs() {
         s.weir.shared().pools.all()[0].pool.snapshot().waiting == 1
     })
     .await;
-    let (port, db) = (s.weir.local_addr().port(), s.db.clone());
-    tokio::task::spawn_blocking(move || console(port, "weir", &format!("KILL {db}")).unwrap())
-        .await
-        .unwrap();
+    kill(s.weir.local_addr().port(), &s.db).await;
     // The KILL ends the holder, which frees the connection; the queued client must end
     // too, not take it and run what it sent before the KILL.
     let err = insert
