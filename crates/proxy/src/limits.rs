@@ -14,8 +14,9 @@ type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 #[derive(Debug)]
 pub struct ClientCounts {
     total: AtomicUsize,
-    /// Clients on each worker thread, by [`crate::workers::current`]: a slot is taken and
-    /// given back on the worker that serves its client (a session never changes worker).
+    /// Clients on each worker thread, by [`crate::workers::current`]: a slot is taken on the
+    /// worker that accepts its client, moved with the session ([`ClientSlot::move_to`]) and
+    /// given back on the worker that serves the client last.
     by_worker: Box<[AtomicUsize]>,
     by_database: Mutex<Counts>,
     by_user: Mutex<Counts>,
@@ -59,9 +60,13 @@ impl Default for ClientCounts {
     }
 }
 
-/// How many more clients than another worker a worker may serve before it hands the clients
-/// it accepts to that one (see [`ClientCounts::worker_for`]).
-const WORKER_SLACK: usize = 4;
+/// How many more clients than the least busy worker the accepting worker may serve before it
+/// hands the clients it accepts to that one (see [`ClientCounts::worker_for`]).
+const ACCEPT_SLACK: usize = 16;
+
+/// How many more clients than the least busy worker a worker may serve before its settled
+/// sessions move to that one (see [`ClientCounts::settle`]).
+const SETTLE_SLACK: usize = 2;
 
 impl ClientCounts {
     /// Counts for a process with `workers` worker threads.
@@ -85,32 +90,43 @@ impl ClientCounts {
         self.by_worker[w].load(Ordering::Relaxed)
     }
 
-    /// Which worker serves a client that worker `here` accepted: `here` itself, which costs
-    /// no wakeup of another thread, unless it already serves [`WORKER_SLACK`] more clients
-    /// than the worker with the fewest, which then gets it.
-    ///
-    /// The kernel deals connections to the workers' listeners by a hash of the client's
-    /// address and port, so long-lived clients would spread like coin tosses (100 clients on
-    /// two workers: 10 or more apart about a third of the time); as they connect one at a
-    /// time this keeps the workers within the slack of each other. With a new connection per
-    /// transaction, a few clients come and go on each worker, and with a slack of two the
-    /// counts are two apart often enough to hand over, by estimate, a third of them, each
-    /// waking another thread (pgbench `-C` measured most of the gain lost: see
-    /// docs/BENCHMARKS.md, 07:15).
-    pub fn worker_for(&self, here: usize) -> usize {
-        let mine = self.on_worker(here);
-        // From the last worker down: a tie goes to the highest, as worker 0 also runs the
-        // admin API, maintenance and the Unix socket's accept loop.
-        let (least, fewest) = (0..self.by_worker.len())
+    /// The worker with the fewest clients, and how many it has. A tie goes to the highest,
+    /// as worker 0 also accepts, and runs the admin API and maintenance.
+    fn least(&self) -> (usize, usize) {
+        (0..self.by_worker.len())
             .rev()
             .map(|w| (w, self.on_worker(w)))
             .min_by_key(|&(_, n)| n)
-            .expect("at least one worker");
-        if mine >= fewest + WORKER_SLACK {
+            .expect("at least one worker")
+    }
+
+    /// Which worker serves a client that worker `here` accepted: `here` itself, which costs
+    /// no wakeup of another thread, unless it already serves [`ACCEPT_SLACK`] more clients
+    /// than the worker with the fewest, which then gets it.
+    ///
+    /// Most clients stay where they are accepted: a client that connects for a transaction or
+    /// two is served on one event loop with the others like it, which then finds several
+    /// events at each wakeup, where spread over two loops each slept and woke at every step
+    /// of a login (pgbench `-C` on two workers: see docs/BENCHMARKS.md, 2026-12-02 17:40).
+    /// Clients that stay are spread out after a few transactions ([`ClientCounts::settle`]). The
+    /// slack lets a burst of logins (a thousand clients connecting at once) start on every
+    /// worker rather than queue behind one.
+    pub fn worker_for(&self, here: usize) -> usize {
+        let (least, fewest) = self.least();
+        if self.on_worker(here) >= fewest + ACCEPT_SLACK {
             least
         } else {
             here
         }
+    }
+
+    /// Where a session on worker `here` that has run a few transactions should go: the
+    /// worker with the fewest clients if `here` serves [`SETTLE_SLACK`] more than it, so
+    /// that long-lived clients end up spread evenly (a move narrows the gap by two, so
+    /// sessions never move back and forth); else none.
+    pub fn settle(&self, here: usize) -> Option<usize> {
+        let (least, fewest) = self.least();
+        (least != here && self.on_worker(here) >= fewest + SETTLE_SLACK).then_some(least)
     }
 
     /// Takes a slot under the global limit.
@@ -150,7 +166,7 @@ impl ClientCounts {
 #[derive(Debug)]
 pub struct ClientSlot {
     counts: Arc<ClientCounts>,
-    /// The worker it is counted on: the one serving the client, which never changes.
+    /// The worker it is counted on: the one serving the client.
     worker: u32,
     /// The counters' own keys, shared by every slot of that database or user.
     database: Option<Arc<str>>,
@@ -162,6 +178,19 @@ impl ClientSlot {
     /// for other per-client records to share.
     pub fn names(&self) -> Option<(Arc<str>, Arc<str>)> {
         Some((self.database.clone()?, self.user.clone()?))
+    }
+
+    /// The worker the client is counted on.
+    pub fn worker(&self) -> usize {
+        self.worker as usize
+    }
+
+    /// Counts the client on worker `w` from now on: its session is moving there.
+    pub fn move_to(&mut self, w: usize) {
+        let by = &self.counts.by_worker;
+        by[w].fetch_add(1, Ordering::Relaxed);
+        by[self.worker as usize].fetch_sub(1, Ordering::Relaxed);
+        self.worker = w as u32;
     }
 
     /// Counts the client against its database's and user's limits (0: no own limit).

@@ -53,17 +53,19 @@ pub struct Shared {
     pub failed_logins: crate::access::FailedLogins,
     /// Secrets found by auth_query.
     pub auth_cache: crate::auth_query::AuthCache,
+    /// The worker threads, for a session that moves to another ([`crate::workers`]).
+    pub workers: Arc<Workers>,
 }
 
 impl Shared {
-    /// The shared state of a proxy serving its clients on `workers` worker threads.
-    pub fn new(config: Config, workers: usize) -> Shared {
+    /// The shared state of a proxy serving its clients on `workers`.
+    pub fn new(config: Config, workers: Arc<Workers>) -> Shared {
         Shared {
             users: ArcSwap::from_pointee(UserDirectory::new(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Pools::default(),
             cancel: Arc::new(CancelRegistry::default()),
-            clients: Arc::new(ClientCounts::new(workers)),
+            clients: Arc::new(ClientCounts::new(workers.len())),
             clients_registry: Arc::new(Registry::default()),
             next_client_id: AtomicU64::new(1),
             slow: SlowLog::default(),
@@ -76,6 +78,7 @@ impl Shared {
             reloading: std::sync::Mutex::new(()),
             failed_logins: crate::access::FailedLogins::default(),
             auth_cache: crate::auth_query::AuthCache::default(),
+            workers,
         }
     }
 
@@ -95,41 +98,24 @@ impl Proxy {
         Self::start_on(config, Workers::single()).await
     }
 
-    /// [`Proxy::start`], spreading clients over `workers`: each worker accepts from a
-    /// listener of its own on each TCP address; the Unix socket's accept loop, maintenance
-    /// and the caller's own tasks run on the calling runtime, worker 0.
+    /// [`Proxy::start`], serving clients on `workers`. The accept loops, maintenance and the
+    /// caller's own tasks run on the calling runtime, worker 0.
     pub async fn start_on(config: Config, workers: Arc<Workers>) -> io::Result<ProxyHandle> {
         let tls = crate::tls::TlsSetup::from_config(&config).map_err(io::Error::other)?;
-        let shared = Arc::new(Shared::new(config.clone(), workers.len()));
+        let shared = Arc::new(Shared::new(config.clone(), workers.clone()));
         shared.pools.tls.store(Arc::new(tls));
         // Every socket is bound and registered before any accept loop starts: a failure
         // leaves nothing running behind the error.
         let mut tcp = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.proxy.listen {
-            let group = bind_tcp(*addr, workers.len())
+            let l = bind_tcp(*addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            let bound = group[0].local_addr()?;
+            let bound = l.local_addr()?;
             addrs.push(bound);
             // `to_canonical`: `[::ffff:0.0.0.0]` is a wildcard too.
             let local = (!bound.ip().to_canonical().is_unspecified()).then_some(bound);
-            // One listener per worker, each accepting for its own worker; or one, whose
-            // clients are dealt out to the workers in turn.
-            let serve = if group.len() == 1 {
-                Serve::Spread
-            } else {
-                Serve::Here
-            };
-            for (w, l) in group.into_iter().enumerate() {
-                // Registered with the runtime of the worker that accepts from it, so the
-                // kernel's wakeup for a new connection reaches that worker alone.
-                let l = mio::net::TcpListener::from_std(l);
-                let l = workers
-                    .spawn(w, async move { watch(l) })
-                    .await
-                    .map_err(io::Error::other)??;
-                tcp.push((w, l, local, serve));
-            }
+            tcp.push((watch(mio::net::TcpListener::from_std(l))?, local));
         }
         let mut unix = None;
         if let Some(dir) = &config.proxy.unix_socket_dir {
@@ -149,19 +135,12 @@ impl Proxy {
             unix = Some((l, path));
         }
         let mut accept = Vec::new();
-        for (w, l, local, serve) in tcp {
-            let task = accept_loop(l, local, shared.clone(), workers.clone(), serve);
-            accept.push(workers.spawn(w, task));
+        for (l, local) in tcp {
+            accept.push(tokio::spawn(accept_loop(l, local, shared.clone())));
         }
         let mut unix_path = None;
         if let Some((l, path)) = unix {
-            accept.push(tokio::spawn(accept_loop(
-                l,
-                None,
-                shared.clone(),
-                workers.clone(),
-                Serve::Spread,
-            )));
+            accept.push(tokio::spawn(accept_loop(l, None, shared.clone())));
             unix_path = Some(path);
         }
         shared.pools.create_fixed(&config);
@@ -235,13 +214,7 @@ impl Raw {
 
 /// Accepts until the proxy stops. `local` is the address the listener is bound to unless
 /// that is a wildcard, so a session need not ask the kernel for it.
-async fn accept_loop<L: Listen>(
-    l: AsyncFd<L>,
-    local: Option<SocketAddr>,
-    shared: Arc<Shared>,
-    workers: Arc<Workers>,
-    serve: Serve,
-) {
+async fn accept_loop<L: Listen>(l: AsyncFd<L>, local: Option<SocketAddr>, shared: Arc<Shared>) {
     loop {
         let mut ready = match l.readable().await {
             Ok(r) => r,
@@ -253,13 +226,7 @@ async fn accept_loop<L: Listen>(
         };
         match ready.try_io(|l| l.get_ref().accept_raw()) {
             Ok(Ok((sock, peer))) => {
-                hand_to_worker(
-                    &shared,
-                    &workers,
-                    serve,
-                    sock,
-                    session::Ends { peer, local },
-                );
+                hand_to_worker(&shared, sock, session::Ends { peer, local });
                 // Waiting for readiness spends none of the task's budget, and readiness
                 // stays set while connections queue: without this, a burst of connections
                 // would keep the other tasks of this worker (its clients, the admin API,
@@ -273,80 +240,38 @@ async fn accept_loop<L: Listen>(
     }
 }
 
-/// Which worker serves the clients an accept loop takes.
-#[derive(Debug, Clone, Copy)]
-enum Serve {
-    /// The accepting one: each worker has a listener of its own.
-    Here,
-    /// The workers in turn: the only listener for an address (one worker, or a Unix socket).
-    Spread,
-}
-
 /// The listen queue of each listening socket: a burst of a thousand clients connecting at
 /// once fits (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: u32 = 1024;
 
-/// Binds `addr` for `n` workers: one listening socket each, sharing the port through
-/// `SO_REUSEPORT` (Linux deals new connections to them by a hash of the client's address
-/// and port; other kernels may give them all to one, and then the workers' slack alone
-/// spreads them), or a plain one for one worker.
-///
-/// Every socket of such a group must set `SO_REUSEPORT`, and any other socket that does,
-/// under the same user, may join the group: a second Weir started on a port in use would
-/// silently take a share of its connections. So a fixed port is first bound without the
-/// option, which fails while anything listens there, as a plain listener's bind would.
-fn bind_tcp(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let socket = |reuseport: bool| -> io::Result<tokio::net::TcpSocket> {
-        let s = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        // A restart need not wait for the last one's connections to leave TIME_WAIT.
-        s.set_reuseaddr(true)?;
-        if reuseport {
-            s.set_reuseport(true)?;
-        }
-        Ok(s)
+/// Binds and listens on `addr`.
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
     };
-    let group = n > 1;
-    if group && addr.port() != 0 {
-        socket(false)?.bind(addr)?;
-    }
-    let mut at = addr;
-    let mut listeners = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        let s = socket(group)?;
-        s.bind(at)?;
-        let l = s.listen(BACKLOG)?;
-        // Port 0 picked a port: the others join that one.
-        at = l.local_addr()?;
-        listeners.push(l.into_std()?);
-    }
-    Ok(listeners)
+    // A restart need not wait for the last one's connections to leave TIME_WAIT.
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(BACKLOG)?.into_std()
 }
 
-/// Starts the session of an accepted client on the worker `serve` says, registering its
-/// socket with that worker's runtime.
-fn hand_to_worker(
-    shared: &Arc<Shared>,
-    workers: &Workers,
-    serve: Serve,
-    sock: Raw,
-    ends: session::Ends,
-) {
-    let w = match serve {
-        Serve::Here => shared.clients.worker_for(crate::workers::current()),
-        Serve::Spread => workers.next(),
-    };
-    let shared = shared.clone();
-    let start = async move {
-        match sock.register() {
-            Ok(s) => session::serve(shared, s, ends).await,
-            Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+/// Starts the session of a client accepted on this worker, on the worker
+/// [`crate::limits::ClientCounts::worker_for`] picks, registering its socket with that
+/// worker's runtime.
+fn hand_to_worker(shared: &Arc<Shared>, sock: Raw, ends: session::Ends) {
+    let w = shared.clients.worker_for(crate::workers::current());
+    let start = {
+        let shared = shared.clone();
+        async move {
+            match sock.register() {
+                Ok(s) => session::serve(shared, s, ends).await,
+                Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
+            }
         }
     };
-    drop(workers.spawn(w, start));
+    drop(shared.workers.spawn(w, start));
 }
 
 /// Every second: close dead, expired and long-idle server connections, open `min_size`

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{
-    AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::SeqCst, fence,
+    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed,
 };
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Waker};
@@ -182,8 +182,11 @@ pub struct ConnInfo {
     signals: AtomicU8,
     /// The session's task, kept from its first poll on and woken by reference, so it is
     /// never used up: a waker taken by each wake (an `AtomicWaker`) had to be registered
-    /// again at every poll, twice per transaction.
-    task: OnceLock<Waker>,
+    /// again at every poll, twice per transaction. The lock is taken only to keep it, to
+    /// wake it, and when the session moves to another worker's task ([`ConnInfo::forget_task`]);
+    /// `has_task` tells a poll, without it, whether one is kept.
+    task: Mutex<Option<Waker>>,
+    has_task: AtomicBool,
 }
 
 /// A socket address in 20 bytes, where `Option<SocketAddr>` takes 32: every client's
@@ -265,7 +268,8 @@ impl ConnInfo {
             wait_since: AtomicU64::new(0),
             link: AtomicU64::new(0),
             signals: AtomicU8::new(0),
-            task: OnceLock::new(),
+            task: Mutex::new(None),
+            has_task: AtomicBool::new(false),
         }
     }
 
@@ -273,28 +277,43 @@ impl ConnInfo {
     pub fn raise(&self, signals: u8) {
         self.signals
             .fetch_or(signals, std::sync::atomic::Ordering::AcqRel);
-        // Pairs with the fence in `poll_signals`: either that poll's load sees these bits, or
-        // this sees its task.
-        fence(SeqCst);
-        if let Some(task) = self.task.get() {
+        // The lock orders this with the poll that keeps a task: either that poll, locking
+        // after, then loads these bits, or this finds its task.
+        if let Some(task) = self.task.lock().unwrap().as_ref() {
             task.wake_by_ref();
         }
     }
 
     /// The signals raised so far; the first poll keeps the polling task to be woken by the
     /// next (kept first, so a signal raised in between is seen now or wakes it). Every poll
-    /// must come from the same task: a session's all do (the client's task runs it to the
-    /// end, and nothing inside it polls with a waker of its own).
+    /// must come from the same task until [`ConnInfo::forget_task`]: a session's all do (its
+    /// task runs it until it ends or moves to another worker, and nothing inside it polls
+    /// with a waker of its own).
     pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
         debug_assert!(
-            self.task.get().is_none_or(|t| t.will_wake(cx.waker())),
+            !self.has_task.load(Relaxed)
+                || self
+                    .task
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_none_or(|t| t.will_wake(cx.waker())),
             "signals polled from a second task"
         );
-        if self.task.get().is_none() {
-            let _ = self.task.set(cx.waker().clone());
-            fence(SeqCst);
+        // Only the polling task sets or clears the flag, so a relaxed load sees its own.
+        if !self.has_task.load(Relaxed) {
+            *self.task.lock().unwrap() = Some(cx.waker().clone());
+            self.has_task.store(true, Relaxed);
         }
         self.signals.load(Acquire)
+    }
+
+    /// Drops the task kept by [`ConnInfo::poll_signals`]: the session is about to continue
+    /// in a task on another worker, whose first poll keeps that one. A signal raised in
+    /// between finds no task to wake, and that first poll sees it.
+    pub fn forget_task(&self) {
+        *self.task.lock().unwrap() = None;
+        self.has_task.store(false, Relaxed);
     }
 
     pub fn signals(&self) -> u8 {

@@ -275,25 +275,52 @@ pub async fn serve(shared: Arc<Shared>, mut client: Stream, ends: Ends) {
             };
             // The logged-in session continues in a task of its own: this one's state (the
             // startup and login machinery) would otherwise stay in every idle client's task.
-            tokio::spawn(live(Session::new(shared, client, session, buf)));
+            tokio::spawn(live(Session::new(shared, client, session, buf), false));
         }
     }
 }
 
-/// A logged-in client, to the end. Its future is what an idle client costs, so it holds
-/// only the session and the relay loop's state.
+/// A logged-in client, to the end or until it moves to another worker. Its future is what
+/// an idle client costs, so it holds only the session and the relay loop's state. `moved`:
+/// the session comes from another worker, and its client's socket is registered with this
+/// one's runtime first.
 #[allow(clippy::manual_async_fn)] // the async fn form is what costs the extra copy
-fn live(mut session: Session) -> impl std::future::Future<Output = ()> + Send {
+fn live(mut session: Session, moved: bool) -> impl std::future::Future<Output = ()> + Send {
     // An async block, not an async fn: an async fn would copy its argument into the
     // future a second time. The loop's future sits beside the session directly, not inside
     // a wrapper holding `&mut session` once more.
     async move {
-        let end = session.relay_loop().await;
+        let end = if moved && session.client.rehome().is_err() {
+            End::ClientGone
+        } else {
+            session.relay_loop().await
+        };
+        if let End::Moved(w) = end {
+            return move_to_worker(session, w);
+        }
         // Boxed: the ending runs once, and its state (the `End` held across the farewell
         // and the cleanup) would otherwise sit beside the relay loop in every client's task.
         Box::pin(session.conclude(end)).await;
     }
 }
+
+/// Continues `session`, between two transactions, in a new task on worker `w` (see
+/// [`crate::workers`]). Its timer belongs to this worker's timer wheel and its signal word
+/// wakes this task, so both are let go: the new task sets them up again on its first wait.
+fn move_to_worker(mut session: Session, w: usize) {
+    session.timer = None;
+    session.info.info.forget_task();
+    session.slot.move_to(w);
+    let workers = session.shared.workers.clone();
+    drop(workers.spawn(w, live(session, true)));
+}
+
+/// Between how many transactions a session asks whether it should move to another worker
+/// ([`crate::limits::ClientCounts::settle`]): first after a few, so a client that connects
+/// for one or two never moves, then now and then, so clients that stay remain spread out as
+/// others come and go.
+const SETTLE_FIRST: u8 = 8;
+const SETTLE_AGAIN: u8 = 64;
 
 /// What login settles for a session.
 struct Login {
@@ -589,6 +616,8 @@ enum End {
     ServerProtocol(ServerProtocolError),
     /// Weir ends the session itself (a timeout), with this error for the client.
     Closed(ErrorResponse),
+    /// Not an end: the session continues on this worker (see [`move_to_worker`]).
+    Moved(usize),
 }
 
 impl From<ClientProtocolError> for End {
@@ -739,8 +768,10 @@ struct Session {
     /// A query_timeout cancel may still be on its way to this server connection (the
     /// statement ended before a 57014 came back): do not hand the connection to anyone else.
     suspect: bool,
-    /// Holds the client's place under the connection limits.
-    _slot: ClientSlot,
+    /// Holds the client's place under the connection limits, counted on its worker.
+    slot: ClientSlot,
+    /// Transactions until the session next asks whether to move to another worker.
+    settle_in: u8,
     /// This client in the registry (SHOW CLIENTS): its database, user and address, and
     /// the signals an operator raises on it (KILL, graceful shutdown).
     info: Registered,
@@ -818,7 +849,8 @@ impl Session {
             tx_start: None,
             query_text: Vec::new(),
             shared: shared.clone(),
-            _slot: login.slot,
+            slot: login.slot,
+            settle_in: SETTLE_FIRST,
         }
     }
 
@@ -923,7 +955,8 @@ impl Session {
     /// Tells the client why its session ends, if it is still there, and cleans up.
     async fn conclude(&mut self, end: End) {
         match &end {
-            End::ClientGone => {}
+            // `live` continues a moved session instead of concluding it.
+            End::ClientGone | End::Moved(_) => {}
             End::ServerLost(why) => {
                 tracing::warn!(peer = %Peer(&self.info.info), pool = %self.pool.name(), %why, "server connection lost under a client");
                 if !self.relay.fatal_relayed {
@@ -1028,6 +1061,17 @@ impl Session {
         }
         if self.draining || signals & signal::DRAIN != 0 {
             return Err(shutting_down());
+        }
+        if self.settle_in > 0 {
+            self.settle_in -= 1;
+        } else {
+            self.settle_in = SETTLE_AGAIN;
+            if self.cbuf.is_empty()
+                && self.at_boundary()
+                && let Some(w) = self.shared.clients.settle(self.slot.worker())
+            {
+                return Err(End::Moved(w));
+            }
         }
         if !self.relay.client_ready(&self.cbuf) {
             let idle_limit = self.pool.hot().client_idle_timeout();
@@ -1940,7 +1984,7 @@ mod size_tests {
     /// are boxed or run in the accepting task; this fails if one creeps back in.
     #[test]
     fn an_idle_clients_task_stays_small() {
-        fn future_size<A, F: std::future::Future>(_: impl FnOnce(A) -> F) -> usize {
+        fn future_size<A, B, F: std::future::Future>(_: impl FnOnce(A, B) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         // With Tokio's task header and trailer, a future up to 864 bytes makes a task of at

@@ -11,16 +11,18 @@
 //! does change worker is registered with the new one before use
 //! ([`crate::stream::Stream::rehome`]), so its replies wake the thread that waits for them.
 //!
-//! Each worker accepts its own clients, from a listening socket of its own on each TCP
-//! address (`SO_REUSEPORT`, see `listener::bind_tcp`), so a new connection wakes only the
-//! thread that will serve it; a worker that already serves several more clients than another
-//! hands what it accepts to that one ([`crate::limits::ClientCounts::worker_for`]). The
-//! calling thread's runtime is worker 0: it also runs the Unix socket's accept loop (whose
-//! clients go to the workers in turn), the admin API and maintenance.
+//! The calling thread's runtime is worker 0. It accepts every client, and serves the ones it
+//! accepts unless it already serves many more than another worker
+//! ([`crate::limits::ClientCounts::worker_for`]): a client that connects for a transaction or
+//! two then costs no wakeup of a second thread, and one event loop serves all such clients
+//! together, waking once for several of their events. A client that stays moves, between
+//! two transactions, to the worker with the fewest clients if its own serves two more
+//! ([`crate::limits::ClientCounts::settle`]): its session ends its task and continues in a
+//! new one on that worker, its socket registered there. So long-lived clients end up
+//! spread evenly. Worker 0 also runs the admin API and maintenance.
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -40,7 +42,6 @@ pub fn current() -> usize {
 pub struct Workers {
     /// `handles[0]` is the runtime of the thread that started the others.
     handles: Vec<Handle>,
-    next: AtomicUsize,
     stop: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -72,7 +73,6 @@ impl Workers {
     pub fn single() -> Arc<Workers> {
         Arc::new(Workers {
             handles: vec![Handle::current()],
-            next: AtomicUsize::new(0),
             stop: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
         })
@@ -109,7 +109,6 @@ impl Workers {
         }
         Ok(Arc::new(Workers {
             handles,
-            next: AtomicUsize::new(0),
             stop: Mutex::new(stop),
             threads: Mutex::new(threads),
         }))
@@ -121,11 +120,6 @@ impl Workers {
 
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
-    }
-
-    /// The worker for the next client, in turn.
-    pub fn next(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
     }
 
     /// Runs `task` on worker `w`: on the calling runtime's own queue when that is worker `w`,

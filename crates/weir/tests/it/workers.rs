@@ -1,7 +1,8 @@
 //! Clients spread over worker threads (one single-threaded runtime each) share the pools:
 //! a server connection moves to the worker of the client that checks it out, and every
-//! transaction still runs whole on one connection. Each worker accepts its own clients from
-//! a listener of its own on the shared port.
+//! transaction still runs whole on one connection. Worker 0 accepts every client and serves
+//! the short-lived ones; clients that stay move between transactions until the workers serve
+//! about as many each, and carry on there as they were.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -26,16 +27,13 @@ async fn two_workers(
     (db, weir, workers)
 }
 
-/// Connects clients one at a time until one has landed on each worker, and returns those
-/// two, (on worker 0, on worker 1), and the others, kept open so the counts stay put.
+/// Connects clients one at a time until one has landed on each worker (worker 0 hands a
+/// client to worker 1 once it serves 16 more), closes the others, and returns those two,
+/// (on worker 0, on worker 1), each then alone on its worker, so neither moves.
 async fn one_client_per_worker(
     url: &str,
     weir: &weir_proxy::ProxyHandle,
-) -> (
-    tokio_postgres::Client,
-    tokio_postgres::Client,
-    Vec<tokio_postgres::Client>,
-) {
+) -> (tokio_postgres::Client, tokio_postgres::Client) {
     let mut on: [Option<tokio_postgres::Client>; 2] = [None, None];
     let mut others = Vec::new();
     for _ in 0..64 {
@@ -45,8 +43,16 @@ async fn one_client_per_worker(
             Some(_) => others.push(c),
         }
         if let [Some(_), Some(_)] = &on {
+            drop(others);
+            let counts = &weir.shared().clients;
+            eventually(
+                "one client left on each worker",
+                std::time::Duration::from_secs(10),
+                || counts.on_worker(0) == 1 && counts.on_worker(1) == 1,
+            )
+            .await;
             let [a, b] = on;
-            return (a.unwrap(), b.unwrap(), others);
+            return (a.unwrap(), b.unwrap());
         }
     }
     panic!("64 clients in a row were all served by one worker");
@@ -71,7 +77,7 @@ async fn connect_counted(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_workers_accept_and_a_second_weir_cannot_join_their_port() {
+async fn worker_0_serves_clients_that_come_for_one_transaction() {
     let (pg, db) = shared_pg_database("workers_port").await;
     let mut config = weir_config(pg, &db, 2, PoolMode::Transaction);
     config.proxy.listen = vec![format!("127.0.0.1:{}", free_port()).parse().unwrap()];
@@ -79,8 +85,6 @@ async fn both_workers_accept_and_a_second_weir_cannot_join_their_port() {
     let weir = weir_proxy::Proxy::start_on(config.clone(), workers.clone())
         .await
         .expect("start weir");
-    // Each worker's listener shares the port with `SO_REUSEPORT`, which a second process
-    // of the same user could set too and so take a share of the connections unnoticed.
     let others = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
     let err = match weir_proxy::Proxy::start_on(config, others.clone()).await {
         Ok(_) => panic!("a second Weir started on the port of a running one"),
@@ -88,37 +92,37 @@ async fn both_workers_accept_and_a_second_weir_cannot_join_their_port() {
     };
     assert!(err.contains("cannot listen on"), "{err}");
     others.stop();
-
     let port = weir.local_addr().port();
-    assert_eq!(
-        listening_sockets(port),
-        2,
-        "one listener per worker on port {port}"
-    );
+    assert_eq!(listening_sockets(port), 1, "one listener on port {port}");
 
-    // One client at a time, so neither worker is ever ahead and each serves what it
-    // accepts: which one takes a client is the kernel's hash of its port, and over 20
-    // clients both take some (all on one: 2 chances in 2^20).
+    // A connection per transaction, a few at a time: all served where they are accepted, on
+    // one event loop, none handed to the other worker's thread.
     let url = weir_url(&weir, SCRAM_USER, &db);
     let counts = &weir.shared().clients;
-    let mut served = [0; 2];
-    for i in 0..20i32 {
-        let (c, w) = connect_counted(&url, &weir).await;
-        served[w] += 1;
-        let got: i32 = c.query_one("select $1::int", &[&i]).await.unwrap().get(0);
-        assert_eq!(got, i);
-        drop(c);
+    for round in 0..10i32 {
+        let mut batch = Vec::new();
+        for _ in 0..3 {
+            let (c, w) = connect_counted(&url, &weir).await;
+            assert_eq!(w, 0, "a client of round {round} served by worker {w}");
+            batch.push(c);
+        }
+        for (i, c) in batch.iter().enumerate() {
+            let want = round * 10 + i as i32;
+            let got: i32 = c
+                .query_one("select $1::int", &[&want])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(got, want);
+        }
+        drop(batch);
         eventually(
-            "the closed client no longer counted",
+            "the closed clients no longer counted",
             std::time::Duration::from_secs(10),
             || counts.total() == 0,
         )
         .await;
     }
-    assert!(
-        served[0] > 0 && served[1] > 0,
-        "clients served by worker 0 and worker 1: {served:?}"
-    );
     weir.stop();
     workers.stop();
 }
@@ -142,7 +146,7 @@ fn listening_sockets(port: u16) -> usize {
 async fn clients_on_two_workers_share_one_server_connection() {
     let (db, weir, workers) = two_workers("workers_one", 1).await;
     let url = weir_url(&weir, SCRAM_USER, &db);
-    let (a, b, _others) = one_client_per_worker(&url, &weir).await;
+    let (a, b) = one_client_per_worker(&url, &weir).await;
     for i in 0..40i32 {
         let x: i32 = a.query_one("select $1::int", &[&i]).await.unwrap().get(0);
         let y: i32 = b
@@ -237,39 +241,143 @@ async fn transactions_from_many_clients_on_two_workers_stay_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_connecting_one_at_a_time_are_spread_evenly_over_the_workers() {
-    let (db, weir, workers) = two_workers("workers_even", 2).await;
+async fn clients_that_stay_end_up_spread_evenly_over_the_workers() {
+    let (db, weir, workers) = two_workers("workers_even", 4).await;
     let url = weir_url(&weir, SCRAM_USER, &db);
     let counts = &weir.shared().clients;
     let mut clients = Vec::new();
-    // By the kernel's hash alone, the difference would wander like a coin-toss walk, and
-    // stay within 4 over 100 clients less than once in a hundred runs; a worker that is four
-    // clients ahead hands what it accepts to the other.
+    // Connecting, worker 0 keeps each client until it serves 16 more than worker 1.
     for n in 1..=100usize {
         clients.push(connect(&url).await.unwrap());
         let (a, b) = (counts.on_worker(0), counts.on_worker(1));
         assert_eq!(a + b, n, "every logged-in client is counted on one worker");
         assert!(
-            a.abs_diff(b) <= 4,
+            a >= b && a - b <= 16,
             "after {n} clients: {a} on worker 0, {b} on worker 1"
         );
     }
-    for (i, c) in clients.iter().enumerate() {
-        let got: i64 = c
-            .query_one("select $1::int8", &[&(i as i64)])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(got, i as i64);
+    assert!(
+        counts.on_worker(0) - counts.on_worker(1) >= 10,
+        "the connecting clients started mostly on worker 0: {} and {}",
+        counts.on_worker(0),
+        counts.on_worker(1)
+    );
+    // Running transactions, the clients on the busier worker move until the two are within
+    // one of each other, and every transaction still gets its own answer.
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let stmt = c
+                .prepare("select $1::int8 * 1000 + $2::int8")
+                .await
+                .unwrap();
+            for j in 0..12i64 {
+                let got: i64 = c.query_one(&stmt, &[&(i as i64), &j]).await.unwrap().get(0);
+                assert_eq!(got, i as i64 * 1000 + j);
+            }
+            c
+        }));
     }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    let (a, b) = (counts.on_worker(0), counts.on_worker(1));
+    assert_eq!(a + b, 100);
+    assert!(
+        a.abs_diff(b) <= 1,
+        "after 12 transactions each: {a} on worker 0, {b} on worker 1"
+    );
     drop(clients);
-    // Each slot is given back on its own worker: both counts return to zero.
+    // Each slot is given back on the worker that served its client last (debug builds check
+    // that): both counts return to zero.
     eventually(
         "both workers' counts back to zero",
         std::time::Duration::from_secs(10),
         || counts.on_worker(0) == 0 && counts.on_worker(1) == 0,
     )
     .await;
+    weir.stop();
+    workers.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
+    let (pg, db) = shared_pg_database("workers_move").await;
+    let mut config = weir_config(pg, &db, 2, PoolMode::Transaction);
+    config.pool.client_idle_timeout = Some(std::time::Duration::from_millis(1500));
+    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
+    let weir = weir_proxy::Proxy::start_on(config, workers.clone())
+        .await
+        .expect("start weir");
+    let url = weir_url(&weir, SCRAM_USER, &db);
+    let counts = &weir.shared().clients;
+    // Two clients on worker 0, none on worker 1: the first to run a few transactions moves.
+    let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let mover_ended = tokio::spawn(conn);
+    let (_stayer, w) = connect_counted(&url, &weir).await;
+    assert_eq!(w, 0);
+    assert_eq!((counts.on_worker(0), counts.on_worker(1)), (2, 0));
+    let stmt = mover.prepare("select $1::int + 1").await.unwrap();
+    let mut i = 0i32;
+    while counts.on_worker(1) == 0 {
+        i += 1;
+        assert!(i <= 20, "no move after {i} transactions");
+        let got: i32 = mover.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(got, i + 1);
+    }
+    assert_eq!((counts.on_worker(0), counts.on_worker(1)), (1, 1));
+    // The statement prepared on worker 0 runs on worker 1, and so do new ones.
+    for j in 0..5 {
+        let got: i32 = mover.query_one(&stmt, &[&j]).await.unwrap().get(0);
+        assert_eq!(got, j + 1);
+    }
+    let got: String = mover
+        .query_one("select $1::text || 'b'", &[&"a"])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, "ab");
+    // The idle timeout still ends it, from worker 1's timer.
+    let since = std::time::Instant::now();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(5), mover_ended)
+        .await
+        .expect("the moved idle client was timed out")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(code(&e), "57P05", "{e}");
+    assert!(since.elapsed() >= std::time::Duration::from_millis(1200));
+    eventually(
+        "the timed-out client no longer counted",
+        std::time::Duration::from_secs(5),
+        || counts.on_worker(1) == 0,
+    )
+    .await;
+
+    // KILL wakes a moved session that sits idle: its signal word wakes its new task. (The
+    // first idle client has timed out too by now: two fresh ones.)
+    let _stayer = connect(&url).await.unwrap();
+    let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let mover_ended = tokio::spawn(conn);
+    let mut i = 0;
+    while counts.on_worker(1) == 0 {
+        i += 1;
+        assert!(i <= 20, "no move after {i} transactions");
+        mover.simple_query("select 1").await.unwrap();
+    }
+    weir.shared()
+        .clients_registry
+        .raise(weir_proxy::metrics::signal::KILL, |c| *c.database == *db);
+    let e = tokio::time::timeout(std::time::Duration::from_secs(1), mover_ended)
+        .await
+        .expect("KILL ended the moved idle session at once")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(code(&e), "57P01", "{e}");
     weir.stop();
     workers.stop();
 }
