@@ -129,9 +129,10 @@ impl ClientCounts {
         (least != here && self.on_worker(here) >= fewest + SETTLE_SLACK).then_some(least)
     }
 
-    /// Takes a slot under the global limit.
-    pub fn enter(self: &Arc<Self>, max: u32) -> Result<ClientSlot, Refused> {
-        let worker = self.this_worker();
+    /// Takes a slot under the global limit, for a client to be served on `worker`. Taken
+    /// when the client is accepted, so the next accept already counts it.
+    pub fn enter(self: &Arc<Self>, worker: usize, max: u32) -> Result<ClientSlot, Refused> {
+        let worker = worker.min(self.by_worker.len() - 1);
         self.by_worker[worker].fetch_add(1, Ordering::Relaxed);
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
         let slot = ClientSlot {
@@ -185,8 +186,14 @@ impl ClientSlot {
         self.worker as usize
     }
 
-    /// Counts the client on worker `w` from now on: its session is moving there.
+    /// Counts the client on worker `w` from now on: its session is moving there. Called on
+    /// the worker it is counted on.
     pub fn move_to(&mut self, w: usize) {
+        debug_assert_eq!(
+            self.worker as usize,
+            self.counts.this_worker(),
+            "a client slot moved from another worker than its own"
+        );
         let by = &self.counts.by_worker;
         by[w].fetch_add(1, Ordering::Relaxed);
         by[self.worker as usize].fetch_sub(1, Ordering::Relaxed);
@@ -255,13 +262,9 @@ fn leave(map: &Mutex<Counts>, key: &str) {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
-        let worker = self.worker as usize;
-        debug_assert_eq!(
-            worker,
-            self.counts.this_worker(),
-            "a client slot given back on another worker than its own"
-        );
-        self.counts.by_worker[worker].fetch_sub(1, Ordering::Relaxed);
+        // Usually on the worker counted, but not always: a session handed to a worker whose
+        // runtime has just shut down is dropped where it was accepted.
+        self.counts.by_worker[self.worker as usize].fetch_sub(1, Ordering::Relaxed);
         if let Some(d) = &self.database {
             leave(&self.counts.by_database, d);
         }
@@ -278,19 +281,54 @@ mod tests {
     #[test]
     fn limits_count_and_release() {
         let c = Arc::new(ClientCounts::default());
-        let a = c.enter(2).unwrap();
-        let _b = c.enter(2).unwrap();
-        assert_eq!(c.enter(2).unwrap_err(), Refused::Global { max: 2 });
+        let a = c.enter(0, 2).unwrap();
+        let _b = c.enter(0, 2).unwrap();
+        assert_eq!(c.enter(0, 2).unwrap_err(), Refused::Global { max: 2 });
         assert_eq!(c.total(), 2, "a refused client does not stay counted");
         drop(a);
-        let mut d = c.enter(2).unwrap();
+        let mut d = c.enter(0, 2).unwrap();
         d.login("app", 1, "alice", 0).unwrap();
-        let mut e = c.enter(3).unwrap();
+        let mut e = c.enter(0, 3).unwrap();
         assert!(matches!(
             e.login("app", 1, "bob", 0),
             Err(Refused::Database { .. })
         ));
         drop(d);
         e.login("app", 1, "bob", 0).unwrap();
+    }
+
+    #[test]
+    fn worker_0_keeps_clients_until_16_ahead_and_settled_ones_even_out() {
+        let c = Arc::new(ClientCounts::new(2));
+        let mut slots = Vec::new();
+        for n in 0..16 {
+            assert_eq!(
+                c.worker_for(0),
+                0,
+                "client {n} stays on the accepting worker"
+            );
+            slots.push(c.enter(0, 100).unwrap());
+        }
+        assert_eq!(c.worker_for(0), 1, "16 ahead: the next goes to worker 1");
+        // Worker 1 is never asked to move (it has the fewest), worker 0's sessions move
+        // until the two are within one of each other.
+        assert_eq!(c.settle(1), None);
+        let mut moved = 0;
+        for s in &mut slots {
+            if let Some(w) = c.settle(0) {
+                assert_eq!(w, 1);
+                s.move_to(w);
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, 8);
+        assert_eq!((c.on_worker(0), c.on_worker(1)), (8, 8));
+        // One ahead is even enough; two ahead is not.
+        slots.push(c.enter(0, 100).unwrap());
+        assert_eq!(c.settle(0), None);
+        slots.push(c.enter(0, 100).unwrap());
+        assert_eq!(c.settle(0), Some(1));
+        drop(slots);
+        assert_eq!((c.on_worker(0), c.on_worker(1), c.total()), (0, 0, 0));
     }
 }

@@ -262,11 +262,16 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// worker's runtime.
 fn hand_to_worker(shared: &Arc<Shared>, sock: Raw, ends: session::Ends) {
     let w = shared.clients.worker_for(crate::workers::current());
+    // Counted on `w` now, so a burst of accepts, which may run before any of their sessions
+    // starts, sees each one placed.
+    let slot = shared
+        .clients
+        .enter(w, shared.config.load().proxy.max_client_conn);
     let start = {
         let shared = shared.clone();
         async move {
             match sock.register() {
-                Ok(s) => session::serve(shared, s, ends).await,
+                Ok(s) => session::serve(shared, s, ends, slot).await,
                 Err(e) => tracing::warn!(error = %e, "could not register an accepted connection"),
             }
         }

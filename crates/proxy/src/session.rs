@@ -148,12 +148,15 @@ pub struct Ends {
     pub local: Option<std::net::SocketAddr>,
 }
 
-/// Serves one accepted connection to the end.
-pub async fn serve(shared: Arc<Shared>, mut client: Stream, ends: Ends) {
+/// Serves one accepted connection to the end, holding `slot`, its place under the global
+/// connection limit (or the refusal to give it one) taken when it was accepted.
+pub async fn serve(
+    shared: Arc<Shared>,
+    mut client: Stream,
+    ends: Ends,
+    slot: Result<ClientSlot, crate::limits::Refused>,
+) {
     let peer = PeerAddr(ends.peer);
-    let slot = shared
-        .clients
-        .enter(shared.config.load().proxy.max_client_conn);
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
     let hello = loop {
@@ -290,7 +293,7 @@ fn live(mut session: Session, moved: bool) -> impl std::future::Future<Output = 
     // future a second time. The loop's future sits beside the session directly, not inside
     // a wrapper holding `&mut session` once more.
     async move {
-        let end = if moved && session.client.rehome().is_err() {
+        let end = if moved && session.rehome().is_err() {
             End::ClientGone
         } else {
             session.relay_loop().await
@@ -307,6 +310,8 @@ fn live(mut session: Session, moved: bool) -> impl std::future::Future<Output = 
 /// Continues `session`, between two transactions, in a new task on worker `w` (see
 /// [`crate::workers`]). Its timer belongs to this worker's timer wheel and its signal word
 /// wakes this task, so both are let go: the new task sets them up again on its first wait.
+/// Its sockets are registered with `w`'s runtime when the new task starts
+/// ([`Session::rehome`]).
 fn move_to_worker(mut session: Session, w: usize) {
     session.timer = None;
     session.info.info.forget_task();
@@ -315,10 +320,10 @@ fn move_to_worker(mut session: Session, w: usize) {
     drop(workers.spawn(w, live(session, true)));
 }
 
-/// Between how many transactions a session asks whether it should move to another worker
-/// ([`crate::limits::ClientCounts::settle`]): first after a few, so a client that connects
-/// for one or two never moves, then now and then, so clients that stay remain spread out as
-/// others come and go.
+/// After how many rounds of its relay loop (about one to three a transaction) a session asks
+/// whether it should move to another worker ([`crate::limits::ClientCounts::settle`]): first
+/// after a few, so a client that connects for a transaction or two never moves, then now and
+/// then, so clients that stay remain spread out as others come and go.
 const SETTLE_FIRST: u8 = 8;
 const SETTLE_AGAIN: u8 = 64;
 
@@ -770,7 +775,7 @@ struct Session {
     suspect: bool,
     /// Holds the client's place under the connection limits, counted on its worker.
     slot: ClientSlot,
-    /// Transactions until the session next asks whether to move to another worker.
+    /// Relay rounds until the session next asks whether to move to another worker.
     settle_in: u8,
     /// This client in the registry (SHOW CLIENTS): its database, user and address, and
     /// the signals an operator raises on it (KILL, graceful shutdown).
@@ -1033,7 +1038,45 @@ impl Session {
             if self.draining && self.server.is_some() && self.at_boundary() {
                 return shutting_down();
             }
+            // A session-mode session keeps its server connection: it moves with it.
+            if self.server.is_some()
+                && self.mode == PoolMode::Session
+                && let Some(w) = self.settle()
+            {
+                return End::Moved(w);
+            }
         }
+    }
+
+    /// Counts down to the session's next look at the workers' counts; then, once it is
+    /// between transactions with nothing owed or half-read either way, the worker it should
+    /// move to, if any ([`crate::limits::ClientCounts::settle`]).
+    fn settle(&mut self) -> Option<usize> {
+        if self.settle_in > 0 {
+            self.settle_in -= 1;
+            return None;
+        }
+        if !self.cbuf.is_empty() || !self.at_boundary() {
+            return None;
+        }
+        self.settle_in = SETTLE_AGAIN;
+        self.shared.clients.settle(self.slot.worker())
+    }
+
+    /// Registers the client's socket, and the server connection's if the session holds one,
+    /// with the calling worker's runtime: the session has just moved here. A server
+    /// connection that cannot move still works from where it is (see [`Session::attach`]).
+    fn rehome(&mut self) -> io::Result<()> {
+        self.client.rehome()?;
+        if let Some(s) = &mut self.server
+            && let Ok(true) = s.rehome()
+        {
+            self.pool
+                .metrics
+                .server_moves
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Nothing owed either way, no transaction open, and no extended-protocol batch waiting
@@ -1062,16 +1105,8 @@ impl Session {
         if self.draining || signals & signal::DRAIN != 0 {
             return Err(shutting_down());
         }
-        if self.settle_in > 0 {
-            self.settle_in -= 1;
-        } else {
-            self.settle_in = SETTLE_AGAIN;
-            if self.cbuf.is_empty()
-                && self.at_boundary()
-                && let Some(w) = self.shared.clients.settle(self.slot.worker())
-            {
-                return Err(End::Moved(w));
-            }
+        if let Some(w) = self.settle() {
+            return Err(End::Moved(w));
         }
         if !self.relay.client_ready(&self.cbuf) {
             let idle_limit = self.pool.hot().client_idle_timeout();

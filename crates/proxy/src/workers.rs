@@ -1,7 +1,8 @@
 //! Worker threads, one per core by default (`proxy.workers`). Each runs a single-threaded
-//! Tokio runtime and serves its clients, from their first byte to disconnect: a client's
-//! session, and the server connection it holds for a transaction, stay on one thread, so the
-//! hot path pays for no work stealing and no wakeup crossing threads. (Tokio's multi-threaded
+//! Tokio runtime and serves its clients: a client's session, and the server connection it
+//! holds for a transaction, run on one thread at a time, and change thread only between
+//! transactions (see below), so the hot path pays for no work stealing and no wakeup
+//! crossing threads. (Tokio's multi-threaded
 //! scheduler with two threads cost 15-20% more CPU per transaction here than one
 //! single-threaded runtime, in user and kernel time both.)
 //!
@@ -18,8 +19,9 @@
 //! together, waking once for several of their events. A client that stays moves, between
 //! two transactions, to the worker with the fewest clients if its own serves two more
 //! ([`crate::limits::ClientCounts::settle`]): its session ends its task and continues in a
-//! new one on that worker, its socket registered there. So long-lived clients end up
-//! spread evenly. Worker 0 also runs the admin API and maintenance.
+//! new one on that worker, its sockets registered there (in session mode, with the server
+//! connection it keeps). So long-lived clients end up spread evenly. Worker 0 also runs the
+//! admin API and maintenance.
 
 use std::cell::Cell;
 use std::io;

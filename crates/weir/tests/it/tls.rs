@@ -79,7 +79,11 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
         pg_ca.cert.display()
     );
     let toml = weir_toml(&pg, "localhost", &client_tls, &server_tls);
-    let weir = start_weir(config(&toml)).await;
+    // Two workers: sessions move between them with their TLS state (see the pgbench run).
+    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
+    let weir = weir_proxy::Proxy::start_on(config(&toml), workers.clone())
+        .await
+        .expect("start weir");
     let port = weir.local_addr().port();
     let conninfo = |host: &str, extra: &str| {
         format!(
@@ -102,7 +106,8 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
 
     // Volume over TLS on both sides: 8 MB of rows to psql, and pgbench with 8 clients in
     // the extended protocol each reading 200 kB per transaction (partial writes, records
-    // split across reads).
+    // split across reads). The 8 clients start on worker 0 and half of them move to worker 1
+    // after a few transactions, their client and server connections' TLS sessions with them.
     let (ok, out, err) = psql(
         &pg,
         &conninfo("localhost", &verify(&weir_ca.cert)),
@@ -116,19 +121,29 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
         "SELECT repeat('x', 20000) FROM generate_series(1, 10);\n",
     )
     .unwrap();
-    let out = Command::new(pg.bindir.join("pgbench"))
+    let mut pgbench = Command::new(pg.bindir.join("pgbench"));
+    pgbench
         .args(["-n", "-f", script.to_str().unwrap(), "-h", "localhost"])
         .args(["-p", &port.to_string(), "-U", SCRAM_USER.user])
         .args(["-c", "8", "-j", "2", "-t", "200", "-M", "extended", "app"])
         .env("PGPASSWORD", SCRAM_USER.password)
-        .env("PGSSLMODE", "require")
-        .output()
-        .unwrap();
+        .env("PGSSLMODE", "require");
+    let pgbench = tokio::task::spawn_blocking(move || pgbench.output().unwrap());
+    let mut most_on_worker_1 = 0;
+    while !pgbench.is_finished() {
+        most_on_worker_1 = most_on_worker_1.max(weir.shared().clients.on_worker(1));
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let out = pgbench.await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("actually processed: 1600/1600"),
         "pgbench over TLS:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        most_on_worker_1 >= 3,
+        "pgbench's clients moved to worker 1: at most {most_on_worker_1} there at a time"
     );
 
     // 2. The client's checks fail clearly: wrong host name, then a CA that did not sign Weir.
@@ -219,6 +234,8 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
     assert!(err.contains("certificate verify failed"), "psql: {err}");
     let (ok, out, err) = psql(&pg, &conninfo("localhost", &verify(&new_ca.cert)), IS_SSL);
     assert!(ok && out == "t", "psql with the new CA: {err}");
+    weir.stop();
+    workers.stop();
 }
 
 /// Opens TLS at once (no SSLRequest), with or without ALPN "postgresql", sends a

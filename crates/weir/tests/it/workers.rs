@@ -301,34 +301,41 @@ async fn clients_that_stay_end_up_spread_evenly_over_the_workers() {
     workers.stop();
 }
 
+/// Runs `select 1` on `mover` until it has moved to worker 1: it and one other, idle, client
+/// were on worker 0, none on worker 1. Only the mover's session runs, so only it looks at the
+/// counts and moves; the other stays.
+async fn until_one_moves(
+    mover: &tokio_postgres::Client,
+    counts: &weir_proxy::limits::ClientCounts,
+) {
+    assert_eq!(counts.on_worker(0) + counts.on_worker(1), 2);
+    let mut i = 0;
+    while counts.on_worker(1) == 0 {
+        i += 1;
+        assert!(i <= 20, "no move after {i} transactions");
+        mover.simple_query("select 1").await.unwrap();
+    }
+    assert_eq!((counts.on_worker(0), counts.on_worker(1)), (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
     let (pg, db) = shared_pg_database("workers_move").await;
     let mut config = weir_config(pg, &db, 2, PoolMode::Transaction);
-    config.pool.client_idle_timeout = Some(std::time::Duration::from_millis(1500));
+    config.pool.client_idle_timeout = Some(std::time::Duration::from_millis(2000));
     let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
     let weir = weir_proxy::Proxy::start_on(config, workers.clone())
         .await
         .expect("start weir");
     let url = weir_url(&weir, SCRAM_USER, &db);
     let counts = &weir.shared().clients;
-    // Two clients on worker 0, none on worker 1: the first to run a few transactions moves.
     let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     let mover_ended = tokio::spawn(conn);
-    let (_stayer, w) = connect_counted(&url, &weir).await;
-    assert_eq!(w, 0);
-    assert_eq!((counts.on_worker(0), counts.on_worker(1)), (2, 0));
+    let _stayer = connect(&url).await.unwrap();
     let stmt = mover.prepare("select $1::int + 1").await.unwrap();
-    let mut i = 0i32;
-    while counts.on_worker(1) == 0 {
-        i += 1;
-        assert!(i <= 20, "no move after {i} transactions");
-        let got: i32 = mover.query_one(&stmt, &[&i]).await.unwrap().get(0);
-        assert_eq!(got, i + 1);
-    }
-    assert_eq!((counts.on_worker(0), counts.on_worker(1)), (1, 1));
+    until_one_moves(&mover, counts).await;
     // The statement prepared on worker 0 runs on worker 1, and so do new ones.
     for j in 0..5 {
         let got: i32 = mover.query_one(&stmt, &[&j]).await.unwrap().get(0);
@@ -342,33 +349,30 @@ async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
     assert_eq!(got, "ab");
     // The idle timeout still ends it, from worker 1's timer.
     let since = std::time::Instant::now();
-    let e = tokio::time::timeout(std::time::Duration::from_secs(5), mover_ended)
+    let e = tokio::time::timeout(std::time::Duration::from_secs(6), mover_ended)
         .await
         .expect("the moved idle client was timed out")
         .unwrap()
         .unwrap_err();
     assert_eq!(code(&e), "57P05", "{e}");
-    assert!(since.elapsed() >= std::time::Duration::from_millis(1200));
+    assert!(since.elapsed() >= std::time::Duration::from_millis(1600));
     eventually(
-        "the timed-out client no longer counted",
+        "both timed-out clients no longer counted",
         std::time::Duration::from_secs(5),
-        || counts.on_worker(1) == 0,
+        || counts.total() == 0,
     )
     .await;
 
-    // KILL wakes a moved session that sits idle: its signal word wakes its new task. (The
-    // first idle client has timed out too by now: two fresh ones.)
+    // KILL wakes a moved session that waits for its client: its signal word wakes the new
+    // task, which has waited there since its last query. (The stayer has been idle long
+    // enough to be timed out too by now: two fresh clients.)
     let _stayer = connect(&url).await.unwrap();
     let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     let mover_ended = tokio::spawn(conn);
-    let mut i = 0;
-    while counts.on_worker(1) == 0 {
-        i += 1;
-        assert!(i <= 20, "no move after {i} transactions");
-        mover.simple_query("select 1").await.unwrap();
-    }
+    until_one_moves(&mover, counts).await;
+    mover.simple_query("select 2").await.unwrap();
     weir.shared()
         .clients_registry
         .raise(weir_proxy::metrics::signal::KILL, |c| *c.database == *db);
@@ -378,6 +382,60 @@ async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
         .unwrap()
         .unwrap_err();
     assert_eq!(code(&e), "57P01", "{e}");
+    weir.stop();
+    workers.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_client_moves_with_its_server_connection() {
+    let (pg, db) = shared_pg_database("workers_session").await;
+    let config = weir_config(pg, &db, 4, PoolMode::Session);
+    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
+    let weir = weir_proxy::Proxy::start_on(config, workers.clone())
+        .await
+        .expect("start weir");
+    let url = weir_url(&weir, SCRAM_USER, &db);
+    let counts = &weir.shared().clients;
+    let mover = connect(&url).await.unwrap();
+    let _stayer = connect(&url).await.unwrap();
+    let backend: i32 = mover
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    mover
+        .batch_execute("set application_name = 'kept'; create temp table t (x int)")
+        .await
+        .unwrap();
+    until_one_moves(&mover, counts).await;
+    // The same backend, with the session's settings and temporary table, serves it on
+    // worker 1: its server connection moved with it.
+    let row = mover
+        .query_one(
+            "select pg_backend_pid(), current_setting('application_name'), \
+             (select count(*) from t)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), backend);
+    assert_eq!(row.get::<_, String>(1), "kept");
+    assert_eq!(row.get::<_, i64>(2), 0);
+    mover
+        .execute("insert into t values (1)", &[])
+        .await
+        .unwrap();
+    let n: i64 = mover
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let moves = weir.shared().pools.all()[0]
+        .metrics
+        .server_moves
+        .load(Relaxed);
+    assert!(moves >= 1, "the server connection moved: {moves} moves");
     weir.stop();
     workers.stop();
 }
