@@ -314,6 +314,16 @@ impl Collector for WeirCollector {
             "Server connections moved to another worker thread at checkout",
             &moves,
         )?;
+        let moves: Vec<_> = snaps
+            .iter()
+            .map(|(l, _, p)| (l.clone(), p.metrics.client_moves.load(Relaxed)))
+            .collect();
+        counters(
+            &mut enc,
+            "weir_client_moves",
+            "Client sessions moved to another worker thread between transactions",
+            &moves,
+        )?;
         Ok(())
     }
 }

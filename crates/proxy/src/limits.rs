@@ -14,9 +14,10 @@ type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 #[derive(Debug)]
 pub struct ClientCounts {
     total: AtomicUsize,
-    /// Clients on each worker thread, by [`crate::workers::current`]: a slot is taken on the
-    /// worker that accepts its client, moved with the session ([`ClientSlot::move_to`]) and
-    /// given back on the worker that serves the client last.
+    /// Clients on each worker thread, by [`crate::workers::current`]: a slot is counted, when
+    /// its client is accepted, on the worker [`ClientCounts::worker_for`] picks to serve it,
+    /// moved with the session ([`ClientSlot::move_to`]), and given back from the count of the
+    /// worker that serves the client last.
     by_worker: Box<[AtomicUsize]>,
     by_database: Mutex<Counts>,
     by_user: Mutex<Counts>,

@@ -26,6 +26,9 @@ pub struct PoolMetrics {
     pub bytes_sent: Counter,
     /// Server connections a checkout moved to its own worker thread (see `crate::workers`).
     pub server_moves: AtomicU64,
+    /// Sessions that moved to another worker thread between transactions (see
+    /// `crate::limits::ClientCounts::settle`).
+    pub client_moves: AtomicU64,
     /// Gauge: clients logged in to this pool.
     pub clients: AtomicUsize,
     /// ErrorResponses clients got, by SQLSTATE (the server's and Weir's own).

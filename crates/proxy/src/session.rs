@@ -316,6 +316,11 @@ fn move_to_worker(mut session: Session, w: usize) {
     session.timer = None;
     session.info.info.forget_task();
     session.slot.move_to(w);
+    session
+        .pool
+        .metrics
+        .client_moves
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let workers = session.shared.workers.clone();
     drop(workers.spawn(w, live(session, true)));
 }
@@ -1059,6 +1064,13 @@ impl Session {
         if !self.cbuf.is_empty() || !self.at_boundary() {
             return None;
         }
+        // A session-mode server connection with part of a message read, or TLS bytes unsent:
+        // wait for a quieter boundary (its state would move with it, but there is no need).
+        if let Some(s) = &self.server
+            && (!s.rbuf.is_empty() || s.stream.wants_flush())
+        {
+            return None;
+        }
         self.settle_in = SETTLE_AGAIN;
         self.shared.clients.settle(self.slot.worker())
     }
@@ -1066,15 +1078,13 @@ impl Session {
     /// Registers the client's socket, and the server connection's if the session holds one,
     /// with the calling worker's runtime: the session has just moved here. A server
     /// connection that cannot move still works from where it is (see [`Session::attach`]).
+    /// (`server_moves` counts moves at checkout only: these follow their client.)
     fn rehome(&mut self) -> io::Result<()> {
         self.client.rehome()?;
         if let Some(s) = &mut self.server
-            && let Ok(true) = s.rehome()
+            && let Err(e) = s.rehome()
         {
-            self.pool
-                .metrics
-                .server_moves
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(server = s.id, error = %e, "could not move a server connection with its client");
         }
         Ok(())
     }

@@ -107,7 +107,8 @@ async fn psql_verifies_weir_and_weir_verifies_the_server() {
     // Volume over TLS on both sides: 8 MB of rows to psql, and pgbench with 8 clients in
     // the extended protocol each reading 200 kB per transaction (partial writes, records
     // split across reads). The 8 clients start on worker 0 and half of them move to worker 1
-    // after a few transactions, their client and server connections' TLS sessions with them.
+    // after a few transactions, with their TLS sessions; the TLS server connections move
+    // between the workers at checkouts.
     let (ok, out, err) = psql(
         &pg,
         &conninfo("localhost", &verify(&weir_ca.cert)),
