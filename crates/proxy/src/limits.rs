@@ -108,10 +108,10 @@ impl ClientCounts {
     /// Most clients stay where they are accepted: a client that connects for a transaction or
     /// two is served on one event loop with the others like it, which then finds several
     /// events at each wakeup, where spread over two loops each slept and woke at every step
-    /// of a login (pgbench `-C` on two workers: see docs/BENCHMARKS.md, 2026-12-02 17:40).
-    /// Clients that stay are spread out after a few transactions ([`ClientCounts::settle`]). The
-    /// slack lets a burst of logins (a thousand clients connecting at once) start on every
-    /// worker rather than queue behind one.
+    /// of a login (pgbench `-C` on two workers: see docs/BENCHMARKS.md, 2026-12-02
+    /// 17:25-17:50). Clients that stay are spread out after a few transactions
+    /// ([`ClientCounts::settle`]). The slack lets a burst of logins (a thousand clients
+    /// connecting at once) start on every worker rather than queue behind one.
     pub fn worker_for(&self, here: usize) -> usize {
         let (least, fewest) = self.least();
         if self.on_worker(here) >= fewest + ACCEPT_SLACK {

@@ -2,9 +2,8 @@
 //! Tokio runtime and serves its clients: a client's session, and the server connection it
 //! holds for a transaction, run on one thread at a time, and change thread only between
 //! transactions (see below), so the hot path pays for no work stealing and no wakeup
-//! crossing threads. (Tokio's multi-threaded
-//! scheduler with two threads cost 15-20% more CPU per transaction here than one
-//! single-threaded runtime, in user and kernel time both.)
+//! crossing threads. (Tokio's multi-threaded scheduler with two threads cost 15-20% more
+//! CPU per transaction here than one single-threaded runtime, in user and kernel time both.)
 //!
 //! Server connections are shared between workers through the pools. A checkout prefers a
 //! connection registered with the caller's worker, a release hands its connection to a
