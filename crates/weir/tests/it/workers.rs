@@ -8,18 +8,28 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use crate::common::*;
 
-/// A Weir with two workers (the test's runtime is worker 0, one extra thread worker 1) and a
-/// pool of `pool_size` in transaction mode, in front of a fresh database.
-async fn two_workers(
-    prefix: &str,
-    pool_size: u32,
-) -> (
+type TwoWorkers = (
     String,
     weir_proxy::ProxyHandle,
     std::sync::Arc<weir_proxy::workers::Workers>,
-) {
+);
+
+/// A Weir with two workers (the test's runtime is worker 0, one extra thread worker 1) and a
+/// pool of `pool_size` in transaction mode, in front of a fresh database.
+async fn two_workers(prefix: &str, pool_size: u32) -> TwoWorkers {
+    two_workers_with(prefix, pool_size, PoolMode::Transaction, |_| {}).await
+}
+
+/// [`two_workers`] in `mode`, with `edit` applied to the config first.
+async fn two_workers_with(
+    prefix: &str,
+    pool_size: u32,
+    mode: PoolMode,
+    edit: impl FnOnce(&mut weir_config::Config),
+) -> TwoWorkers {
     let (pg, db) = shared_pg_database(prefix).await;
-    let config = weir_config(pg, &db, pool_size, PoolMode::Transaction);
+    let mut config = weir_config(pg, &db, pool_size, mode);
+    edit(&mut config);
     let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
     let weir = weir_proxy::Proxy::start_on(config, workers.clone())
         .await
@@ -330,13 +340,10 @@ async fn until_one_moves(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
-    let (pg, db) = shared_pg_database("workers_move").await;
-    let mut config = weir_config(pg, &db, 2, PoolMode::Transaction);
-    config.pool.client_idle_timeout = Some(std::time::Duration::from_millis(2000));
-    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
-    let weir = weir_proxy::Proxy::start_on(config, workers.clone())
-        .await
-        .expect("start weir");
+    let (db, weir, workers) = two_workers_with("workers_move", 2, PoolMode::Transaction, |c| {
+        c.pool.client_idle_timeout = Some(std::time::Duration::from_millis(2000));
+    })
+    .await;
     let url = weir_url(&weir, SCRAM_USER, &db);
     let counts = &weir.shared().clients;
     let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -398,12 +405,8 @@ async fn a_session_that_moves_keeps_its_statements_timeouts_and_signals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_mode_client_moves_with_its_server_connection() {
-    let (pg, db) = shared_pg_database("workers_session").await;
-    let config = weir_config(pg, &db, 4, PoolMode::Session);
-    let workers = weir_proxy::workers::Workers::start(2).expect("start a worker thread");
-    let weir = weir_proxy::Proxy::start_on(config, workers.clone())
-        .await
-        .expect("start weir");
+    let (db, weir, workers) =
+        two_workers_with("workers_session", 4, PoolMode::Session, |_| {}).await;
     let url = weir_url(&weir, SCRAM_USER, &db);
     let counts = &weir.shared().clients;
     let mover = connect(&url).await.unwrap();
