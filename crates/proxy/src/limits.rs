@@ -134,7 +134,7 @@ impl ClientCounts {
     /// loops, each loop sleeping and waking for half the events, cost more CPU per
     /// transaction and a longer latency tail than on one, for a throughput gain that did
     /// not hold up from run to run (pgbench at 10 clients on two workers: see
-    /// docs/BENCHMARKS.md, 2026-12-03 08:05-08:40).
+    /// docs/BENCHMARKS.md, 2026-12-03 08:00-08:30).
     pub fn settle(&self, here: usize) -> Option<usize> {
         let (least, fewest) = self.least();
         let n = self.on_worker(here);
