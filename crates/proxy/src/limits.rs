@@ -69,10 +69,6 @@ const ACCEPT_SLACK: usize = 16;
 /// sessions move to that one (see [`ClientCounts::settle`]).
 const SETTLE_SLACK: usize = 2;
 
-/// How many clients a worker keeps on its own event loop before its settled sessions spread
-/// to the others (see [`ClientCounts::settle`]).
-const SPREAD_FLOOR: usize = 16;
-
 impl ClientCounts {
     /// Counts for a process with `workers` worker threads.
     pub fn new(workers: usize) -> ClientCounts {
@@ -126,19 +122,12 @@ impl ClientCounts {
     }
 
     /// Where a session on worker `here` that has run a few transactions should go: the
-    /// worker with the fewest clients if `here` serves more than [`SPREAD_FLOOR`] and
-    /// [`SETTLE_SLACK`] more than it, so that long-lived clients end up spread evenly (a
-    /// move narrows the gap by two, so sessions never move back and forth); else none.
-    ///
-    /// Up to the floor, one event loop serves them all: a few busy clients split over two
-    /// loops, each loop sleeping and waking for half the events, cost more CPU per
-    /// transaction and a longer latency tail than on one, for a throughput gain that did
-    /// not hold up from run to run (pgbench at 10 clients on two workers: see
-    /// docs/BENCHMARKS.md, 2026-12-03 08:00-08:30).
+    /// worker with the fewest clients if `here` serves [`SETTLE_SLACK`] more than it, so
+    /// that long-lived clients end up spread evenly (a move narrows the gap by two, so
+    /// sessions never move back and forth); else none.
     pub fn settle(&self, here: usize) -> Option<usize> {
         let (least, fewest) = self.least();
-        let n = self.on_worker(here);
-        (least != here && n > SPREAD_FLOOR && n >= fewest + SETTLE_SLACK).then_some(least)
+        (least != here && self.on_worker(here) >= fewest + SETTLE_SLACK).then_some(least)
     }
 
     /// Takes a slot under the global limit, for a client to be served on `worker`. Taken
@@ -322,13 +311,8 @@ mod tests {
             slots.push(c.enter(0, 100).unwrap());
         }
         assert_eq!(c.worker_for(0), 1, "16 ahead: the next goes to worker 1");
-        // Up to 16 clients, worker 0 keeps them all on its one event loop.
-        assert_eq!(c.settle(0), None, "16 clients stay together");
-        for _ in 0..16 {
-            slots.push(c.enter(0, 100).unwrap());
-        }
-        // Past the floor, worker 1 is never asked to move (it has the fewest), and worker
-        // 0's sessions move until the two are within one of each other.
+        // Worker 1 is never asked to move (it has the fewest), worker 0's sessions move
+        // until the two are within one of each other.
         assert_eq!(c.settle(1), None);
         let mut moved = 0;
         for s in &mut slots {
@@ -338,8 +322,8 @@ mod tests {
                 moved += 1;
             }
         }
-        assert_eq!(moved, 16);
-        assert_eq!((c.on_worker(0), c.on_worker(1)), (16, 16));
+        assert_eq!(moved, 8);
+        assert_eq!((c.on_worker(0), c.on_worker(1)), (8, 8));
         // One ahead is even enough; two ahead is not.
         slots.push(c.enter(0, 100).unwrap());
         assert_eq!(c.settle(0), None);
