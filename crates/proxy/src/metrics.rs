@@ -292,6 +292,10 @@ impl ConnInfo {
     /// must come from the same task until [`ConnInfo::forget_task`]: a session's all do (its
     /// task runs it until it ends or moves to another worker, and nothing inside it polls
     /// with a waker of its own).
+    ///
+    /// Inline, with the first poll's work out of line: it runs at every wait of every
+    /// session, and the usual call is two loads.
+    #[inline]
     pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
         debug_assert!(
             !self.has_task.load(Relaxed)
@@ -305,10 +309,16 @@ impl ConnInfo {
         );
         // Only the polling task sets or clears the flag, so a relaxed load sees its own.
         if !self.has_task.load(Relaxed) {
-            *self.task.lock().unwrap() = Some(cx.waker().clone());
-            self.has_task.store(true, Relaxed);
+            self.keep_task(cx);
         }
         self.signals.load(Acquire)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn keep_task(&self, cx: &Context<'_>) {
+        *self.task.lock().unwrap() = Some(cx.waker().clone());
+        self.has_task.store(true, Relaxed);
     }
 
     /// Drops the task kept by [`ConnInfo::poll_signals`]: the session is about to continue

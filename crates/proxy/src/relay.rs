@@ -599,7 +599,18 @@ impl Relay {
     }
 
     /// Sends every synthesised reply now at the front of the queue.
+    ///
+    /// Called after every message either way: the usual case, a server reply next, is
+    /// decided here inline and the work is out of line.
+    #[inline]
     pub fn emit_synth(&mut self, out: &mut BytesMut) {
+        if matches!(self.queue.front(), Some(Expect::Synth(_) | Expect::CopyEnd)) {
+            self.emit_synth_now(out);
+        }
+    }
+
+    #[inline(never)]
+    fn emit_synth_now(&mut self, out: &mut BytesMut) {
         while let Some(front) = self.queue.front() {
             let s = match front {
                 Expect::Synth(s) => s,
@@ -694,12 +705,18 @@ impl Relay {
         Ok((pos, out.copying))
     }
 
-    /// Drops markers and sends synthesised replies that have reached the front.
+    /// Drops markers and sends synthesised replies that have reached the front. Runs after
+    /// every server message: the usual case, nothing Weir makes itself next, is decided
+    /// inline and the work is out of line.
+    #[inline]
     fn settle_front(&mut self, out: &mut Out<'_>, pos: usize) {
-        // The usual case, checked first: nothing Weir makes itself is next.
-        if !matches!(self.queue.front(), Some(Expect::Synth(_) | Expect::CopyEnd)) {
-            return;
+        if matches!(self.queue.front(), Some(Expect::Synth(_) | Expect::CopyEnd)) {
+            self.settle_front_now(out, pos);
         }
+    }
+
+    #[inline(never)]
+    fn settle_front_now(&mut self, out: &mut Out<'_>, pos: usize) {
         let synth_ahead = self
             .queue
             .iter()
@@ -915,6 +932,7 @@ struct Out<'a> {
 
 impl Out<'_> {
     /// Switches to copying: everything before `pos` was forwarded as is.
+    #[inline(never)]
     fn divert(&mut self, pos: usize) {
         if !self.copying {
             self.scratch.extend_from_slice(&self.input[..pos]);
@@ -922,6 +940,9 @@ impl Out<'_> {
         }
     }
 
+    /// Once per server message: inline, since the usual case (forwarded, no copy) does
+    /// nothing.
+    #[inline]
     fn pass(&mut self, from: usize, to: usize, forward: bool) {
         if !forward {
             self.divert(from);
@@ -962,6 +983,12 @@ enum SqlKind {
 /// Whether the text starts with the word DEALLOCATE (in any case, after any whitespace):
 /// a look at the first word, no decoding.
 fn starts_with_deallocate(sql: &[u8]) -> bool {
+    // Most text starts with its first word: one look settles it.
+    match sql.first() {
+        Some(b'd' | b'D') => {}
+        Some(b) if b.is_ascii_whitespace() => {}
+        _ => return false,
+    }
     let start = sql
         .iter()
         .position(|b| !b.is_ascii_whitespace())
