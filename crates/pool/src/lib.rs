@@ -275,6 +275,12 @@ impl<T> Core<T> {
             stats.waiting.fetch_sub(1, Relaxed);
             return Self::give(&w, Grant::Permit(kind));
         }
+        self.free_permit(kind, stats);
+        None
+    }
+
+    /// A permit no waiter may have goes to the free count.
+    fn free_permit(&mut self, kind: Kind, stats: &Stats) {
         match kind {
             Kind::Main => self.free += 1,
             Kind::Reserve => {
@@ -282,7 +288,6 @@ impl<T> Core<T> {
                 stats.reserve_used.fetch_sub(1, Relaxed);
             }
         }
-        None
     }
 
     /// A healthy object from `home` comes back with its permit: to the first waiter that may
@@ -304,7 +309,13 @@ impl<T> Core<T> {
             };
         }
         self.idle.push_back(slot);
-        self.return_permit(kind, stats);
+        // As `return_permit`, less its look for a waiter: the one above found none that may
+        // have this permit.
+        if kind == Kind::Main && self.to_forget > 0 {
+            self.to_forget -= 1;
+        } else {
+            self.free_permit(kind, stats);
+        }
         After::none()
     }
 }
