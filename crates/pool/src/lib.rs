@@ -519,7 +519,7 @@ impl<M: Manager> Pool<M> {
             };
             match inner.manager.quick_check(&mut slot.object, &slot.meta, now) {
                 Some(Ok(())) => {
-                    inner.stats.wait_buckets.observe(Duration::ZERO);
+                    inner.stats.wait_buckets.observe_zero();
                     inner.stats.checkout();
                     return Some(Pooled::new(PermitGuard::new(inner, Kind::Main), slot));
                 }
@@ -572,7 +572,7 @@ impl<M: Manager> Pool<M> {
         if core.free > 0 && core.queue.is_empty() {
             core.free -= 1;
             drop(core);
-            inner.stats.wait_buckets.observe(Duration::ZERO);
+            inner.stats.wait_buckets.observe_zero();
             ticket.ready = Some(Grant::Permit(Kind::Main));
             return ticket;
         }

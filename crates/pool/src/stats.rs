@@ -145,6 +145,11 @@ impl Histogram {
         self.observe_on(this_shard(), d);
     }
 
+    /// A wait of zero (a checkout served at once): the first bucket, nothing to search.
+    pub fn observe_zero(&self) {
+        self.shards[this_shard()].0.counts[0].fetch_add(1, Relaxed);
+    }
+
     fn observe_on(&self, shard: usize, d: Duration) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
         // The first bound at or above `us` (past the last: the overflow bucket), by binary

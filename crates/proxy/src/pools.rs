@@ -375,11 +375,15 @@ impl DatabaseState {
         }
     }
 
-    /// Whether a pool other than `me` is waiting on the cap.
+    /// Whether a pool other than `me` is waiting on the cap. Asked at every release: the
+    /// usual answer, from one load, is inline.
+    #[inline]
     fn others_blocked(&self, me: &str) -> bool {
-        if self.any_blocked.load(Ordering::Acquire) == 0 {
-            return false;
-        }
+        self.any_blocked.load(Ordering::Acquire) != 0 && self.others_blocked_now(me)
+    }
+
+    #[inline(never)]
+    fn others_blocked_now(&self, me: &str) -> bool {
         self.blocked
             .lock()
             .unwrap()
