@@ -1376,7 +1376,7 @@ impl Session {
         let sent = send(&self.client, &mut self.to_client, data);
         // Consumed whether or not the client could take it: the relay has counted these
         // replies, and a departed client's cleanup must not read them a second time.
-        server.rbuf.advance(n);
+        consume(&mut server.rbuf, n);
         sent.map_err(|_| End::ClientGone)?;
         self.pool.metrics.bytes_sent.add(n as u64);
         self.maybe_release(now);
@@ -1440,7 +1440,7 @@ impl Session {
             )?;
             match step {
                 ClientStep::Done(n) => {
-                    self.cbuf.advance(n);
+                    consume(&mut self.cbuf, n);
                     break;
                 }
                 ClientStep::Terminate(n) => {
@@ -1585,7 +1585,7 @@ impl Session {
         {
             if std::mem::take(&mut server.just_moved) {
                 match server.stream.send_unready(&self.to_server) {
-                    Ok(n) => self.to_server.advance(n),
+                    Ok(n) => consume(&mut self.to_server, n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(End::ServerLost(e.to_string())),
                 }
@@ -1993,11 +1993,24 @@ fn send(stream: &Stream, pending: &mut BytesMut, data: &[u8]) -> io::Result<()> 
     Ok(())
 }
 
+/// Drops the first `n` bytes of `buf`. When that is all of them (the usual case: a whole
+/// message handled, a whole write taken) the buffer is emptied in place, its view left at the
+/// start of its allocation: `advance` would move the view to the end, and the next append
+/// would have `reserve` move it back.
+#[inline]
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n == buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
+}
+
 fn flush_pending(stream: &Stream, pending: &mut BytesMut) -> io::Result<()> {
     while !pending.is_empty() {
         match stream.try_write(pending) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => pending.advance(n),
+            Ok(n) => consume(pending, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         }
