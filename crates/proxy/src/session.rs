@@ -1545,15 +1545,15 @@ impl Session {
         }
         let took = now.saturating_duration_since(start);
         let m = &self.pool.metrics;
-        m.queries.observe(took);
-        if ended && let Some(t) = self.tx_start.take() {
-            // A transaction of one request (autocommit) started with it: one subtraction.
-            let whole = if t == start {
-                took
-            } else {
-                now.saturating_duration_since(t)
-            };
-            m.transactions.observe(whole);
+        match self.tx_start.take_if(|_| ended) {
+            // A transaction of one request (autocommit) started with it: one subtraction,
+            // one bucket search.
+            Some(t) if t == start => m.queries.observe_with(&m.transactions, took),
+            Some(t) => {
+                m.queries.observe(took);
+                m.transactions.observe(now.saturating_duration_since(t));
+            }
+            None => m.queries.observe(took),
         }
         let threshold = self.pool.hot().slow_query_threshold();
         if !threshold.is_zero() && took >= threshold {
@@ -1994,9 +1994,9 @@ fn send(stream: &Stream, pending: &mut BytesMut, data: &[u8]) -> io::Result<()> 
 }
 
 /// Drops the first `n` bytes of `buf`. When that is all of them (the usual case: a whole
-/// message handled, a whole write taken) the buffer is emptied in place, its view left at the
-/// start of its allocation: `advance` would move the view to the end, and the next append
-/// would have `reserve` move it back.
+/// message handled, a whole write taken) the buffer is emptied in place, its view left where
+/// it is (the start of the allocation, unless an earlier partial consume moved it): `advance`
+/// would move the view to the end, and the next append would have `reserve` move it back.
 #[inline]
 fn consume(buf: &mut BytesMut, n: usize) {
     if n == buf.len() {
