@@ -140,6 +140,14 @@ pub const BUCKETS_US: [u64; BUCKETS.len()] = {
     us
 };
 
+/// The bucket `d` falls in, and `d` in microseconds: the first bound at or above it (past the
+/// last: the overflow bucket), by binary search: five comparisons where a scan made up to
+/// sixteen (queue waits at 1,000 clients land in the tenth bucket or later).
+fn bucket_of(d: Duration) -> (usize, u64) {
+    let us = d.as_micros().min(u64::MAX as u128) as u64;
+    (BUCKETS_US.partition_point(|b| *b < us), us)
+}
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         self.observe_on(this_shard(), d);
@@ -148,16 +156,10 @@ impl Histogram {
     /// Records `d` here and in `other` with one bucket search and one shard lookup (a request
     /// that was its whole transaction is timed as both).
     pub fn observe_with(&self, other: &Histogram, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = BUCKETS_US.partition_point(|b| *b < us);
+        let (i, us) = bucket_of(d);
         let shard = this_shard();
-        for h in [self, other] {
-            let shard = &h.shards[shard].0;
-            shard.counts[i].fetch_add(1, Relaxed);
-            if us > 0 {
-                shard.sum_us.fetch_add(us, Relaxed);
-            }
-        }
+        self.record(shard, i, us);
+        other.record(shard, i, us);
     }
 
     /// A wait of zero (a checkout served at once): the first bucket, nothing to search.
@@ -166,11 +168,11 @@ impl Histogram {
     }
 
     fn observe_on(&self, shard: usize, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        // The first bound at or above `us` (past the last: the overflow bucket), by binary
-        // search: five comparisons where a scan made up to sixteen (queue waits at 1,000
-        // clients land in the tenth bucket or later).
-        let i = BUCKETS_US.partition_point(|b| *b < us);
+        let (i, us) = bucket_of(d);
+        self.record(shard, i, us);
+    }
+
+    fn record(&self, shard: usize, i: usize, us: u64) {
         let shard = &self.shards[shard].0;
         shard.counts[i].fetch_add(1, Relaxed);
         if us > 0 {
@@ -416,6 +418,27 @@ mod tests {
         let s = h.snapshot();
         assert_eq!(s.buckets[1], (0.0005, 1));
         assert_eq!(s.buckets[2], (0.001, 2));
+    }
+
+    #[test]
+    fn the_shortcuts_record_what_observe_does() {
+        let (plain, a, b) = (
+            Histogram::default(),
+            Histogram::default(),
+            Histogram::default(),
+        );
+        for us in [0, 7, 100, 101, 2_500, 90_000_000] {
+            let d = Duration::from_micros(us);
+            plain.observe(d);
+            a.observe_with(&b, d);
+        }
+        plain.observe(Duration::ZERO);
+        a.observe_zero();
+        b.observe_zero();
+        let want = plain.snapshot();
+        assert_eq!(want.count, 7);
+        assert_eq!(a.snapshot(), want);
+        assert_eq!(b.snapshot(), want);
     }
 
     #[test]
