@@ -20,7 +20,18 @@ pub struct CancelTarget {
 #[derive(Debug)]
 struct Slot {
     secret: i32,
-    target: Mutex<Option<CancelTarget>>,
+    target: Mutex<Held>,
+}
+
+/// The last server a client ran on, and whether it runs there now. The target is kept
+/// between transactions, so that attaching to a server of the same address again (nearly
+/// every transaction) neither clones nor drops the address's `Arc`: its count is shared by
+/// every client of the pool, on every worker, and an add and a subtract on it per
+/// transaction would pass its cache line between the cores.
+#[derive(Debug, Default)]
+struct Held {
+    last: Option<CancelTarget>,
+    running: bool,
 }
 
 #[derive(Debug)]
@@ -44,7 +55,7 @@ impl CancelRegistry {
         let secret: i32 = rand::RngExt::random(&mut rand::rng());
         let slot = Arc::new(Slot {
             secret,
-            target: Mutex::new(None),
+            target: Mutex::new(Held::default()),
         });
         let mut slots = self.slots.lock().unwrap();
         let pid = loop {
@@ -68,7 +79,12 @@ impl CancelRegistry {
         if !weir_wire::scram::ct_eq(&slot.secret.to_be_bytes(), &key.secret.to_be_bytes()) {
             return None;
         }
-        slot.target.lock().unwrap().clone()
+        let held = slot.target.lock().unwrap();
+        if held.running {
+            held.last.clone()
+        } else {
+            None
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -94,12 +110,23 @@ impl Registration {
     }
 
     /// Points the key at the server connection now serving the client.
-    pub fn attach(&self, addr: Arc<ServerAddr>, key: BackendKey) {
-        *self.slot.target.lock().unwrap() = Some(CancelTarget { addr, key });
+    pub fn attach(&self, addr: &Arc<ServerAddr>, key: BackendKey) {
+        let mut held = self.slot.target.lock().unwrap();
+        match &mut held.last {
+            Some(t) if Arc::ptr_eq(&t.addr, addr) => t.key = key,
+            last => {
+                *last = Some(CancelTarget {
+                    addr: addr.clone(),
+                    key,
+                })
+            }
+        }
+        held.running = true;
     }
 
+    /// The client no longer runs anything: its key cancels nothing until the next attach.
     pub fn detach(&self) {
-        *self.slot.target.lock().unwrap() = None;
+        self.slot.target.lock().unwrap().running = false;
     }
 }
 
@@ -124,7 +151,7 @@ mod tests {
             port: 1,
         });
         a.attach(
-            addr,
+            &addr,
             BackendKey {
                 pid: 10,
                 secret: 20,
@@ -137,6 +164,32 @@ mod tests {
             secret: a.key().secret.wrapping_add(1),
         };
         assert!(reg.target(forged).is_none(), "wrong secret");
+        a.detach();
+        assert!(reg.target(a.key()).is_none());
+        // Attached again, to the same address and to another: the key reaches the new one.
+        a.attach(
+            &addr,
+            BackendKey {
+                pid: 11,
+                secret: 21,
+            },
+        );
+        assert_eq!(reg.target(a.key()).unwrap().key.pid, 11);
+        a.detach();
+        let other = Arc::new(ServerAddr::Tcp {
+            host: "h2".into(),
+            port: 2,
+        });
+        a.attach(
+            &other,
+            BackendKey {
+                pid: 12,
+                secret: 22,
+            },
+        );
+        let t = reg.target(a.key()).unwrap();
+        assert_eq!((t.key.pid, t.key.secret), (12, 22));
+        assert!(Arc::ptr_eq(&t.addr, &other));
         a.detach();
         assert!(reg.target(a.key()).is_none());
         drop(a);

@@ -1847,7 +1847,7 @@ impl Session {
         if let Some(q) = server.state.params.sync_query(&self.params) {
             self.relay.inject_query(&q, &mut self.to_server);
         }
-        self.cancel.attach(server.addr.clone(), server.key);
+        self.cancel.attach(&server.addr, server.key);
         let at = crate::metrics::unix_micros_at(now);
         self.info.info.set_state_at(ConnState::Active, at);
         if let Some(r) = &server.registration {
