@@ -709,3 +709,44 @@ async fn the_slack_grows_with_the_first_waiters_wait() {
         Duration::from_millis(500)
     );
 }
+
+#[test]
+fn the_queue_keeps_arrival_order_across_homes() {
+    let mut q: Queue<Obj> = Queue::new();
+    let now = Instant::now();
+    let waiters: Vec<Arc<Waiter<Obj>>> = (0..5)
+        .map(|_| {
+            Arc::new(Waiter {
+                state: Mutex::new(WaitState {
+                    grant: None,
+                    waker: None,
+                }),
+            })
+        })
+        .collect();
+    // Homes 1, 0, 1, 0 (may take the reserve), 2, in that order.
+    for (i, (home, reserve_ok)) in [(1, false), (0, false), (1, false), (0, true), (2, false)]
+        .into_iter()
+        .enumerate()
+    {
+        q.push_back(waiters[i].clone(), reserve_ok, home, now);
+    }
+    let which = |e: Option<Entry<Obj>>| {
+        let e = e.expect("an entry");
+        waiters.iter().position(|w| Arc::ptr_eq(w, &e.waiter))
+    };
+    assert_eq!(q.first_home(), Some(1));
+    assert_eq!(q.first_reserve_ok(), Some((0, 1)));
+    assert_eq!(q.find(&waiters[2]), Some((1, 1)));
+    assert_eq!(which(q.remove((1, 1))), Some(2));
+    assert_eq!(
+        which(q.pop_from(2)),
+        Some(4),
+        "a home's own line, out of turn"
+    );
+    let order: Vec<_> = std::iter::from_fn(|| q.pop_front().map(|e| which(Some(e)))).collect();
+    assert_eq!(order, [Some(0), Some(1), Some(3)]);
+    assert!(q.is_empty());
+    assert_eq!(q.first_home(), None);
+    assert!(q.find(&waiters[0]).is_none());
+}
