@@ -89,7 +89,8 @@ pub trait Manager: Send + Sync + 'static {
         0
     }
 
-    /// Where the calling task runs. A checkout prefers an idle object whose
+    /// Where the calling task runs: a small index (a worker's number), as the queue keeps a
+    /// line per value up to the largest seen. A checkout prefers an idle object whose
     /// [`Manager::home`] is here, and a release hands its object to a waiter from its home
     /// unless the first waiter has waited much longer (see [`affinity_slack`]).
     fn here(&self) -> usize {
@@ -205,7 +206,7 @@ struct Entry<T> {
 /// workers one shared line held runs of waiters from one worker (each worker queues a batch
 /// of clients per wakeup), and the scan and the removal's move cost up to some 1,300
 /// instructions per transaction: 8,350-9,710 in all before, 8,110-8,220 after (callgrind;
-/// docs/BENCHMARKS.md, 2026-12-03 14:20).
+/// docs/BENCHMARKS.md, 2026-12-03 13:10-14:45).
 struct Queue<T> {
     homes: Vec<VecDeque<Entry<T>>>,
     len: usize,
