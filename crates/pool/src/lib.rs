@@ -205,8 +205,8 @@ struct Entry<T> {
 /// shared line, and a removal from the front, not from the middle. With 1,000 clients on two
 /// workers one shared line held runs of waiters from one worker (each worker queues a batch
 /// of clients per wakeup), and the scan and the removal's move cost up to some 1,300
-/// instructions per transaction: 8,350-9,710 in all before, 8,110-8,220 after (callgrind;
-/// docs/BENCHMARKS.md, 2026-12-03 13:10-14:45).
+/// instructions per transaction: 8,350-9,713 in all before, 8,110-8,216 after (callgrind,
+/// a window that includes pgbench's logins; docs/BENCHMARKS.md, 2026-12-03 13:10-14:45).
 struct Queue<T> {
     homes: Vec<VecDeque<Entry<T>>>,
     len: usize,
