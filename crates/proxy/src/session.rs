@@ -812,7 +812,9 @@ impl Drop for Session {
 enum QueryLabel {
     /// The text is in the session's `query_text` buffer.
     Text,
-    Statement(Arc<crate::prepared::Statement>),
+    /// A Bind: the statement's name is in `query_text`, looked up only if the request turns
+    /// out slow (a lookup and a reference count per request otherwise, for nothing).
+    Bound,
     Other,
 }
 
@@ -1508,10 +1510,15 @@ impl Session {
                 .ok()
                 .map(|p| p.query),
             weir_wire::frontend::tag::BIND => {
-                return weir_wire::frontend::Bind::decode(body)
-                    .ok()
-                    .and_then(|b| self.statements.get(b.statement).cloned())
-                    .map_or(QueryLabel::Other, QueryLabel::Statement);
+                let Ok(b) = weir_wire::frontend::Bind::decode(body) else {
+                    return QueryLabel::Other;
+                };
+                if b.statement.is_empty() {
+                    return QueryLabel::Other;
+                }
+                self.query_text.clear();
+                self.query_text.extend_from_slice(b.statement);
+                return QueryLabel::Bound;
             }
             _ => None,
         };
@@ -1559,13 +1566,23 @@ impl Session {
         if !threshold.is_zero() && took >= threshold {
             let text = match &label {
                 QueryLabel::Text => String::from_utf8_lossy(&self.query_text).into_owned(),
-                QueryLabel::Statement(st) => weir_wire::frame::complete(&st.parse, u32::MAX)
-                    .ok()
+                // The statement the name maps to now: the same one unless the request
+                // itself closed or replaced it after its Bind (then the name is shown).
+                QueryLabel::Bound => self
+                    .statements
+                    .get(&self.query_text)
+                    .and_then(|st| weir_wire::frame::complete(&st.parse, u32::MAX).ok())
                     .flatten()
                     .and_then(|(_, body)| weir_wire::frontend::Parse::decode(body).ok())
-                    .map_or_else(String::new, |p| {
-                        String::from_utf8_lossy(p.query).into_owned()
-                    }),
+                    .map_or_else(
+                        || {
+                            format!(
+                                "(prepared statement \"{}\")",
+                                String::from_utf8_lossy(&self.query_text)
+                            )
+                        },
+                        |p| String::from_utf8_lossy(p.query).into_owned(),
+                    ),
                 QueryLabel::Other => "(extended protocol)".to_string(),
             };
             self.shared.slow.record(SlowQuery {

@@ -962,6 +962,8 @@ async fn slow_queries_are_logged_and_listed() {
     let weir = WeirProcess::start(&[
         "--server",
         &pg.url(SCRAM_USER, &db),
+        "--pool-mode",
+        "transaction",
         "--admin-listen",
         &format!("127.0.0.1:{admin_port}"),
     ]);
@@ -970,14 +972,28 @@ async fn slow_queries_are_logged_and_listed() {
     c.simple_query("select pg_sleep(1.1), 'the slow one'")
         .await
         .unwrap();
+    // A prepared statement run again is a request that starts with its Bind: the log shows
+    // the statement's text, not just that it was the extended protocol.
+    let st = c
+        .prepare("select pg_sleep($1::float8), 'the slow prepared one'")
+        .await
+        .unwrap();
+    c.query(&st, &[&0.0f64]).await.unwrap();
+    c.query(&st, &[&1.1f64]).await.unwrap();
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     let (status, _, body) = http_get(admin, "/api/slow-queries", None).await;
     assert_eq!(status, 200);
     let j: Value = serde_json::from_str(&body).unwrap();
     let list = j["slow_queries"].as_array().unwrap();
-    assert_eq!(list.len(), 1, "{body}");
-    assert!(list[0]["query"].as_str().unwrap().contains("the slow one"));
+    assert_eq!(list.len(), 2, "{body}");
+    let query = |i: usize| list[i]["query"].as_str().unwrap();
+    assert!((0..2).any(|i| query(i).contains("the slow one")), "{body}");
+    assert!(
+        (0..2).any(|i| query(i).contains("'the slow prepared one'")),
+        "{body}"
+    );
     assert!(list[0]["duration_ms"].as_f64().unwrap() >= 1100.0);
+    assert!(list[1]["duration_ms"].as_f64().unwrap() >= 1100.0);
     assert!(
         weir.log().contains("slow query"),
         "the log names it:\n{}",
