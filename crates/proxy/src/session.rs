@@ -793,7 +793,8 @@ struct Session {
     request: Option<(Instant, QueryLabel, bool)>,
     /// When the current transaction started.
     tx_start: Option<Instant>,
-    /// Reused buffer for a simple query's text (slow-query log).
+    /// Reused buffer for the slow-query label: a Query's or Parse's text, or the statement
+    /// name a Bind gives (see `QueryLabel`).
     query_text: Vec<u8>,
     shared: Arc<Shared>,
 }
@@ -1493,8 +1494,9 @@ impl Session {
     }
 
     /// What the request starting at the front of `cbuf` runs, for the slow-query log: the
-    /// text of a simple query or Parse (copied into a reused buffer), or the statement a
-    /// Bind names. Costs nothing when the log is off.
+    /// text of a simple query or Parse, or the name of the statement a Bind runs, copied
+    /// into a reused buffer (the name's text is looked up in `settle_request`, only if the
+    /// request is slow). Costs nothing when the log is off.
     fn label_request(&mut self) -> QueryLabel {
         if self.pool.hot().slow_query_threshold().is_zero() {
             return QueryLabel::Other;
@@ -1513,7 +1515,13 @@ impl Session {
                 let Ok(b) = weir_wire::frontend::Bind::decode(body) else {
                     return QueryLabel::Other;
                 };
-                if b.statement.is_empty() {
+                // Names are tracked only where Weir maps them (transaction mode), and the
+                // unnamed statement never is: nothing to look up later. A name longer than
+                // any text kept is not worth keeping either.
+                if b.statement.is_empty()
+                    || !self.relay.mapping
+                    || b.statement.len() > SLOW_QUERY_TEXT * 4
+                {
                     return QueryLabel::Other;
                 }
                 self.query_text.clear();
@@ -1566,8 +1574,9 @@ impl Session {
         if !threshold.is_zero() && took >= threshold {
             let text = match &label {
                 QueryLabel::Text => String::from_utf8_lossy(&self.query_text).into_owned(),
-                // The statement the name maps to now: the same one unless the request
-                // itself closed or replaced it after its Bind (then the name is shown).
+                // The statement the name maps to now: the one the Bind ran, unless messages
+                // pipelined after it in the same request closed it (then the name is shown)
+                // or closed and parsed it again (then the new text is).
                 QueryLabel::Bound => self
                     .statements
                     .get(&self.query_text)
