@@ -329,6 +329,7 @@ pub fn config_json(c: &Config) -> Value {
             "max_message_size": c.proxy.max_message_size,
             "max_client_conn": c.proxy.max_client_conn,
             "shutdown_timeout": humantime::format_duration(c.proxy.shutdown_timeout).to_string(),
+            "client_login_timeout": humantime::format_duration(c.proxy.client_login_timeout).to_string(),
         },
         "admin": {
             "listen": c.admin.listen.map(|a| a.to_string()),

@@ -61,6 +61,7 @@ pub(crate) const SECRET_KEYS: &[&str] = &["password", "token", "url"];
 const STRING_KEYS: &[&str] = &[
     "listen",
     "shutdown_timeout",
+    "client_login_timeout",
     "unix_socket_dir",
     "token",
     "type",

@@ -83,6 +83,8 @@ struct RawProxy {
     max_client_conn: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     shutdown_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    client_login_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -163,6 +165,7 @@ pub(crate) const PROXY_KEYS: &[&str] = &[
     "max_message_size",
     "max_client_conn",
     "shutdown_timeout",
+    "client_login_timeout",
 ];
 const POOL_KEYS: &[&str] = PoolOverrides::KEYS;
 pub(crate) const AUTH_KEYS: &[&str] = &[
@@ -370,7 +373,7 @@ fn type_problem(path: &str, e: &toml::de::Error) -> Problem {
         .iter()
         .find(|(k, _)| *k == key)
         .map(|(_, t)| *t)
-        .or((key == "shutdown_timeout").then_some("Duration"));
+        .or(matches!(key, "shutdown_timeout" | "client_login_timeout").then_some("Duration"));
     let fix = match kind {
         Some("Duration") => "write a duration in quotes, such as \"5s\" or \"250ms\"",
         Some("u32" | "u64") => "write a whole number without quotes",
@@ -430,6 +433,10 @@ fn resolve(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> 
             .proxy
             .shutdown_timeout
             .unwrap_or(defaults.shutdown_timeout),
+        client_login_timeout: raw
+            .proxy
+            .client_login_timeout
+            .unwrap_or(defaults.client_login_timeout),
     };
 
     let admin = AdminSettings {
@@ -744,6 +751,18 @@ fn validate(c: &Config, problems: &mut Problems) {
         problems.push(
             Problem::error("proxy.max_client_conn", "0 refuses every client")
                 .fix("use a positive number (default 5000)"),
+        );
+    }
+    if c.proxy.client_login_timeout < Duration::from_millis(100) {
+        problems.push(
+            Problem::error(
+                "proxy.client_login_timeout",
+                format!(
+                    "{} leaves no time to log in",
+                    humantime::format_duration(c.proxy.client_login_timeout)
+                ),
+            )
+            .fix("use a duration such as \"30s\" (at least 100ms)"),
         );
     }
     if c.proxy.max_message_size < 8192 {

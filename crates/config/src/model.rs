@@ -220,6 +220,9 @@ pub struct ProxySettings {
     pub max_client_conn: u32,
     /// On SIGTERM/SIGINT, how long transactions in flight may take to finish before Weir exits.
     pub shutdown_timeout: Duration,
+    /// How long a new connection may take from connecting to logged in (startup, TLS,
+    /// authentication, the admin console's too); past it, it is closed with an error.
+    pub client_login_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -231,6 +234,7 @@ impl Default for ProxySettings {
             max_message_size: 64 << 20,
             max_client_conn: 5000,
             shutdown_timeout: Duration::from_secs(30),
+            client_login_timeout: Duration::from_secs(30),
         }
     }
 }

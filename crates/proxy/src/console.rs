@@ -37,6 +37,7 @@ pub async fn serve(
     startup: Startup,
     _slot: ClientSlot,
     ip: Option<std::net::IpAddr>,
+    deadline: tokio::time::Instant,
 ) {
     let user = startup.get("user").unwrap_or("").to_string();
     let config = shared.config.load_full();
@@ -62,7 +63,7 @@ pub async fn serve(
         send(&mut client, |o| e.encode(o)).await;
         return;
     }
-    let _paused = match shared.failed_logins.pause(
+    let paused = match shared.failed_logins.pause(
         ip,
         config.failed_login_delay,
         config.failed_login_delay_max,
@@ -78,14 +79,30 @@ pub async fn serve(
     };
     let users = shared.users.load_full();
     let method = config.auth_type("", &user);
-    if let Err(e) = auth::authenticate(&mut client, &mut buf, method, &user, &users, None).await {
-        if let auth::AuthError::Failed(_) = e {
-            shared.failed_logins.failed(ip);
+    // Under the login deadline like any login: a client that stops answering the challenge
+    // would otherwise hold its connection slot for good.
+    let auth = tokio::time::timeout_at(
+        deadline,
+        auth::authenticate(&mut client, &mut buf, method, &user, &users, None),
+    )
+    .await;
+    drop(paused);
+    match auth {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            if let auth::AuthError::Failed(_) = e {
+                shared.failed_logins.failed(ip);
+            }
+            if let Some(r) = e.to_response() {
+                send(&mut client, |o| r.encode(o)).await;
+            }
+            return;
         }
-        if let Some(r) = e.to_response() {
-            send(&mut client, |o| r.encode(o)).await;
+        Err(_) => {
+            let e = ErrorResponse::fatal(SqlState::PROTOCOL_VIOLATION, "login timed out");
+            send(&mut client, |o| e.encode(o)).await;
+            return;
         }
-        return;
     }
     let mut out = BytesMut::new();
     Authentication::Ok.encode(&mut out);
@@ -660,6 +677,10 @@ fn show(
                 (
                     "proxy.shutdown_timeout",
                     humantime::format_duration(p.shutdown_timeout).to_string(),
+                ),
+                (
+                    "proxy.client_login_timeout",
+                    humantime::format_duration(p.client_login_timeout).to_string(),
                 ),
                 ("proxy.max_message_size", p.max_message_size.to_string()),
                 ("proxy.workers", p.workers.to_string()),

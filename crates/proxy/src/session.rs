@@ -34,8 +34,6 @@ use crate::server::{READ_CHUNK, ServerError, send_cancel};
 use crate::startup::{self, Hello};
 use crate::stream::Stream;
 
-/// How long a client has to complete startup and login.
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stop reading from a side whose output is this far behind.
 const HIGH_WATER: usize = 256 * 1024;
 /// Client read size.
@@ -158,7 +156,9 @@ pub async fn serve(
 ) {
     let peer = PeerAddr(ends.peer);
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+    // One deadline for the whole login (`proxy.client_login_timeout`): startup, TLS,
+    // authentication and the first server connect, or the admin console's authentication.
+    let deadline = tokio::time::Instant::now() + shared.config.load().proxy.client_login_timeout;
     let hello = loop {
         let tls = shared.pools.tls.load_full();
         // Never on a Unix socket, where PostgreSQL offers no TLS either.
@@ -238,6 +238,7 @@ pub async fn serve(
                     startup,
                     slot,
                     ends.peer.map(|a| a.ip()),
+                    deadline,
                 ))
                 .await;
                 return;
@@ -245,8 +246,8 @@ pub async fn serve(
             // Boxed: the login's state (authentication, the first connect) is large and lives
             // only for the login, so it should not size every idle session's task.
             let mut authenticated = false;
-            let login = tokio::time::timeout(
-                LOGIN_TIMEOUT,
+            let login = tokio::time::timeout_at(
+                deadline,
                 Box::pin(login(
                     &shared,
                     &mut client,

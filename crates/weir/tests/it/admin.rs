@@ -1084,3 +1084,59 @@ async fn dashboard_shows_live_figures_in_headless_chromium() {
         shot.display()
     );
 }
+
+/// A client that stops answering its password challenge is closed at
+/// `proxy.client_login_timeout` with 08P01, whether it logs in to a database or to the admin
+/// console (whose login had no deadline: such clients held their connection slots for good),
+/// and other clients log in and run queries meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_stops_answering_is_closed_at_the_login_timeout() {
+    let s = Setup::with_config("logintimeout", |pg, db| {
+        let mut c = weir_config(pg, db, 2, PoolMode::Transaction);
+        c.admin.users = vec![SCRAM_USER.user.into()];
+        c.proxy.client_login_timeout = Duration::from_secs(1);
+        c
+    })
+    .await;
+    let port = s.weir.local_addr().port();
+    let db = s.db.clone();
+    let stalled = tokio::task::spawn_blocking(move || {
+        [db.as_str(), "pgbouncer"].map(|database| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(&startup_packet(
+                0,
+                &[("user", SCRAM_USER.user), ("database", database)],
+            ))
+            .unwrap();
+            let (t, _) = read_msg(&mut c).expect("a password challenge");
+            assert_eq!(t, b'R', "{database}");
+            let asked = Instant::now();
+            // Never answered.
+            let (t, body) = read_msg(&mut c).expect("an error before the close");
+            let waited = asked.elapsed();
+            let text = String::from_utf8_lossy(&body).into_owned();
+            assert_eq!(t, b'E', "{database}: {text}");
+            assert!(
+                text.contains("08P01") && text.contains("login timed out"),
+                "{database}: {text}"
+            );
+            assert!(read_msg(&mut c).is_none(), "{database}: closed after it");
+            waited
+        })
+    });
+    let c = s.client().await;
+    assert_eq!(
+        c.query_one("select 6 * 7", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    for waited in stalled.await.unwrap() {
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+}
