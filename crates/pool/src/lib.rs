@@ -877,9 +877,14 @@ impl<M: Manager> Pool<M> {
                 let grow = new_max - old;
                 let paid = core.to_forget.min(grow);
                 core.to_forget -= paid;
-                for _ in 0..grow - paid {
+                // A permit per waiter, then the rest to the free count in one step: the new
+                // size comes from an operator (up to `u32::MAX`), and this runs under the lock.
+                let mut left = grow - paid;
+                while left > 0 && !core.closed && !core.queue.is_empty() {
                     wake.extend(core.return_permit(Kind::Main, &inner.stats));
+                    left -= 1;
                 }
+                core.free += left;
             } else if new_max < old {
                 let shrink = old - new_max;
                 let forgotten = core.free.min(shrink);

@@ -327,6 +327,54 @@ async fn grow_frees_waiters_and_shrink_trims() {
     );
 }
 
+/// Growing by billions (an operator's typo through the admin API) hands a permit to each
+/// waiter and adds the rest at once: it used to return the permits one by one under the lock.
+#[tokio::test]
+async fn a_huge_grow_serves_the_waiters_and_returns_at_once() {
+    let pool = Pool::new(Counter::default(), 1);
+    let a = pool.get(LONG).await.unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.get(LONG).await.map(|o| o.id) })
+        })
+        .collect();
+    until_waiting(&pool, 2).await;
+    let p = pool.clone();
+    let grown = tokio::task::spawn_blocking(move || p.resize(u32::MAX as usize));
+    // Generous: the loop it replaces took minutes for this size.
+    tokio::time::timeout(Duration::from_secs(10), grown)
+        .await
+        .expect("the resize returns at once")
+        .unwrap();
+    let mut ids = Vec::new();
+    for w in waiters {
+        ids.push(w.await.unwrap().unwrap());
+    }
+    ids.sort();
+    assert_eq!(ids, [1, 2], "both waiters served with new objects");
+    // The rest of the capacity is free: more checkouts than there were waiters.
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        more.push(
+            pool.get(Duration::from_secs(2))
+                .await
+                .expect("a free permit"),
+        );
+    }
+    a.release();
+    for o in more {
+        o.release();
+    }
+    // And shrinking back works as from any other size.
+    pool.resize(1);
+    let _one = pool.get(LONG).await.unwrap();
+    assert!(
+        pool.get(Duration::from_millis(20)).await.is_err(),
+        "capacity is one again"
+    );
+}
+
 #[tokio::test]
 async fn shrink_below_in_use_takes_effect_on_release() {
     let pool = Pool::new(Counter::default(), 3);
