@@ -35,14 +35,21 @@ pub struct PoolMetrics {
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
+/// Distinct SQLSTATEs counted per pool; later new ones count as `other`. A client can raise
+/// any of some 60 million codes (`RAISE ... USING ERRCODE`), and each would otherwise be a
+/// map entry and a Prometheus series for good.
+pub const MAX_ERROR_CODES: usize = 100;
+
 impl PoolMetrics {
     pub fn error(&self, code: SqlState) {
-        *self
-            .errors
-            .lock()
-            .unwrap()
-            .entry(code.to_string())
-            .or_default() += 1;
+        let mut errors = self.errors.lock().unwrap();
+        let code = code.to_string();
+        let key = if errors.len() < MAX_ERROR_CODES || errors.contains_key(&code) {
+            code
+        } else {
+            "other".to_string()
+        };
+        *errors.entry(key).or_default() += 1;
     }
 
     pub fn errors(&self) -> BTreeMap<String, u64> {
@@ -513,6 +520,22 @@ mod tests {
             l.iter().map(|q| q.query.as_str()).collect::<Vec<_>>(),
             vec!["q2", "q1"]
         );
+    }
+
+    #[test]
+    fn error_codes_beyond_the_cap_count_as_other() {
+        let m = PoolMetrics::default();
+        let code = |i: usize| SqlState(format!("Q{i:04}").as_bytes().try_into().unwrap());
+        for i in 0..MAX_ERROR_CODES + 50 {
+            m.error(code(i));
+        }
+        // Codes already counted keep counting under their own name.
+        m.error(code(0));
+        let e = m.errors();
+        assert_eq!(e.len(), MAX_ERROR_CODES + 1);
+        assert_eq!(e["other"], 50);
+        assert_eq!(e["Q0000"], 2);
+        assert_eq!(e[&format!("Q{:04}", MAX_ERROR_CODES - 1)], 1);
     }
 
     #[test]
