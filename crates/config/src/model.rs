@@ -197,6 +197,9 @@ pool_settings! {
     reset_query: String = "DISCARD ALL".into();
     /// Prepared statements kept per server connection (transaction mode).
     prepared_statements_cache: u32 = 256;
+    /// Bytes of named prepared statements (names and text) Weir keeps for one client in
+    /// transaction mode; a Parse beyond it closes the client with 54000 (0: no limit).
+    max_client_prepared_bytes: u64 = 16 << 20;
     /// A statement slower than this is logged and kept for `/api/slow-queries` (0: off).
     @serde(default, with = "humantime_serde")
     slow_query_threshold: Duration = Duration::from_secs(1);

@@ -86,6 +86,13 @@ impl Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     map: HashMap<Box<[u8]>, Arc<Statement>, foldhash::fast::RandomState>,
+    /// What the statements take: their names and Parse messages (see [`Self::bytes_with`]).
+    bytes: usize,
+}
+
+/// What one statement counts against `max_client_prepared_bytes`.
+fn cost(name: &[u8], s: &Statement) -> usize {
+    name.len() + s.parse.len()
 }
 
 impl ClientStatements {
@@ -93,16 +100,32 @@ impl ClientStatements {
         self.map.get(name)
     }
 
+    /// What the statements would take with `s` under `name` (replacing what it names now).
+    pub fn bytes_with(&self, name: &[u8], s: &Statement) -> usize {
+        let old = self.map.get(name).map_or(0, |o| cost(name, o));
+        self.bytes - old + cost(name, s)
+    }
+
     pub fn insert(&mut self, name: &[u8], s: Arc<Statement>) {
-        self.map.insert(name.into(), s);
+        self.bytes += cost(name, &s);
+        if let Some(old) = self.map.insert(name.into(), s) {
+            self.bytes -= cost(name, &old);
+        }
     }
 
     pub fn remove(&mut self, name: &[u8]) -> bool {
-        self.map.remove(name).is_some()
+        match self.map.remove(name) {
+            Some(old) => {
+                self.bytes -= cost(name, &old);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn clear(&mut self) {
         self.map.clear();
+        self.bytes = 0;
     }
 
     pub fn len(&self) -> usize {

@@ -83,6 +83,11 @@ pub enum ClientProtocolError {
     Malformed(#[from] Malformed),
     #[error("unexpected message type '{}' in this state", char::from(*.0))]
     NotAllowed(u8),
+    #[error(
+        "the prepared statements of this connection would take more than {0} bytes \
+         (pool.max_client_prepared_bytes); close the ones no longer used, or raise the setting"
+    )]
+    TooManyStatements(usize),
 }
 
 /// How far [`Relay::from_client`] got.
@@ -129,6 +134,8 @@ pub struct Relay {
     /// Map client statement names to shared server statements (transaction mode).
     pub mapping: bool,
     pub max_message_size: u32,
+    /// `max_client_prepared_bytes`: the client's named statements, in bytes (0: no limit).
+    pub max_statement_bytes: usize,
     /// The server sent a FATAL error, already relayed to the client.
     pub fatal_relayed: bool,
     /// Weir cancelled the running statement itself (query_timeout): the server's 57014 is
@@ -156,6 +163,7 @@ impl Relay {
             query_checked: false,
             mapping,
             max_message_size,
+            max_statement_bytes: 0,
             fatal_relayed: false,
             cancel_note: None,
             errors: Vec::new(),
@@ -390,6 +398,13 @@ impl Relay {
                             Some(s) if s.id == StatementId::of(&p) => s.clone(),
                             _ => {
                                 let s = Arc::new(Statement::new(&p));
+                                if self.max_statement_bytes > 0
+                                    && statements.bytes_with(p.name, &s) > self.max_statement_bytes
+                                {
+                                    return Err(ClientProtocolError::TooManyStatements(
+                                        self.max_statement_bytes,
+                                    ));
+                                }
                                 statements.insert(p.name, s.clone());
                                 s
                             }

@@ -838,10 +838,13 @@ impl Session {
     fn new(shared: Arc<Shared>, client: Stream, login: Login, cbuf: BytesMut) -> Session {
         let settings = login.pool.settings().clone();
         let max_message_size = shared.config.load().proxy.max_message_size;
+        let mut relay = Relay::new(settings.mode == PoolMode::Transaction, max_message_size);
+        relay.max_statement_bytes =
+            usize::try_from(settings.max_client_prepared_bytes).unwrap_or(usize::MAX);
         Session {
             client,
             mode: settings.mode,
-            relay: Relay::new(settings.mode == PoolMode::Transaction, max_message_size),
+            relay,
             pool: login.pool,
             server: None,
             statements: ClientStatements::default(),
@@ -985,9 +988,8 @@ impl Session {
             End::ClientProtocol(e) => {
                 tracing::info!(peer = %Peer(&self.info.info), error = %e, "closing client: protocol violation");
                 let code = match e {
-                    ClientProtocolError::Frame(weir_wire::FrameError::TooLarge { .. }) => {
-                        SqlState::PROGRAM_LIMIT_EXCEEDED
-                    }
+                    ClientProtocolError::Frame(weir_wire::FrameError::TooLarge { .. })
+                    | ClientProtocolError::TooManyStatements(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
                     _ => SqlState::PROTOCOL_VIOLATION,
                 };
                 self.fatal(ErrorResponse::fatal(code, e.to_string())).await;

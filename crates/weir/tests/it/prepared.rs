@@ -137,3 +137,53 @@ async fn statement_cache_bound_is_respected() {
         "server holds {direct_count} statements, bound is 4 (+1 in flight)"
     );
 }
+
+/// A client's named statements are held to `max_client_prepared_bytes`: closed ones give
+/// their bytes back (a client that prepares and drops statements forever never reaches it),
+/// and one that keeps piling them up is closed with 54000 naming the setting, where before
+/// it could grow Weir's memory without bound. Other clients carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_prepared_statements_are_held_to_their_byte_budget() {
+    let s = Setup::with_config("prepbudget", |pg, db| {
+        let mut c = weir_config(pg, db, 2, PoolMode::Transaction);
+        c.pool.max_client_prepared_bytes = Some(8192);
+        c
+    })
+    .await;
+    // About 1 KB a statement.
+    let text = |i: usize| format!("select {i} as n, '{}' as pad", "x".repeat(1000));
+    let c = s.client().await;
+    for i in 0..40 {
+        let st = c.prepare(&text(i)).await.unwrap();
+        let n: i32 = c.query_one(&st, &[]).await.unwrap().get(0);
+        assert_eq!(n, i as i32);
+        // Dropping the statement closes it (tokio-postgres sends Close).
+    }
+    let mut kept = Vec::new();
+    let err = loop {
+        match c.prepare(&text(100 + kept.len())).await {
+            Ok(st) => kept.push(st),
+            Err(e) => break e,
+        }
+        assert!(
+            kept.len() < 20,
+            "8 KB should not hold 20 statements of 1 KB"
+        );
+    };
+    assert!(
+        (5..=8).contains(&kept.len()),
+        "{} statements of ~1 KB fit in 8 KB",
+        kept.len()
+    );
+    let db = err.as_db_error().expect("an error from weir");
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED
+    );
+    assert!(db.message().contains("max_client_prepared_bytes"), "{db}");
+    assert!(c.is_closed() || c.simple_query("select 1").await.is_err());
+    // Another client is unaffected.
+    let other = s.client().await;
+    let st = other.prepare(&text(7)).await.unwrap();
+    assert_eq!(other.query_one(&st, &[]).await.unwrap().get::<_, i32>(0), 7);
+}
