@@ -1237,4 +1237,18 @@ fn validate_security(c: &Config, problems: &mut Problems) {
             .fix("make failed_login_delay_max at least failed_login_delay"),
         );
     }
+    // The pause comes out of the login's own time.
+    if c.failed_login_delay_max >= c.proxy.client_login_timeout {
+        problems.push(
+            Problem::warning(
+                "auth.failed_login_delay_max",
+                format!(
+                    "not below proxy.client_login_timeout ({}): after a few failed attempts \
+                     from an address, every login from it times out, right password or not",
+                    humantime::format_duration(c.proxy.client_login_timeout)
+                ),
+            )
+            .fix("keep it well below client_login_timeout (defaults: 2s and 30s)"),
+        );
+    }
 }

@@ -69,7 +69,8 @@ pub async fn serve(
         config.failed_login_delay_max,
     ) {
         Ok((pause, guard)) => {
-            tokio::time::sleep(pause).await;
+            // Within the login deadline, as the pause of a database login is.
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
             guard
         }
         Err(e) => {
@@ -86,13 +87,13 @@ pub async fn serve(
         auth::authenticate(&mut client, &mut buf, method, &user, &users, None),
     )
     .await;
-    drop(paused);
     match auth {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => drop(paused),
         Ok(Err(e)) => {
             if let auth::AuthError::Failed(_) = e {
                 shared.failed_logins.failed(ip);
             }
+            drop(paused);
             if let Some(r) = e.to_response() {
                 send(&mut client, |o| r.encode(o)).await;
             }

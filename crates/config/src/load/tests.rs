@@ -496,3 +496,36 @@ fn a_url_with_credentials_under_the_wrong_key_is_not_repeated() {
     assert!(err.contains("databases.app"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn the_login_timeout_is_checked_against_its_floor_and_the_failed_login_pause() {
+    let (c, problems) = from_toml_str("[databases.a]\n", None).unwrap();
+    assert_eq!(c.proxy.client_login_timeout, Duration::from_secs(30));
+    assert_eq!(problems.warnings().count(), 0);
+    let (c, _) = from_toml_str(
+        "[proxy]\nclient_login_timeout = \"5s\"\n[databases.a]\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.proxy.client_login_timeout, Duration::from_secs(5));
+    let err = from_toml_str(
+        "[proxy]\nclient_login_timeout = \"10ms\"\n[databases.a]\n",
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("proxy.client_login_timeout"),
+        "{err}"
+    );
+    let (_, problems) = from_toml_str(
+        "[proxy]\nclient_login_timeout = \"2s\"\n[databases.a]\n",
+        None,
+    )
+    .unwrap();
+    let all: Vec<String> = problems.0.iter().map(|p| format!("{p}")).collect();
+    assert!(
+        all.iter()
+            .any(|m| m.starts_with("warning") && m.contains("auth.failed_login_delay_max")),
+        "{all:?}"
+    );
+}
