@@ -90,9 +90,12 @@ pub struct ClientStatements {
     bytes: usize,
 }
 
-/// What one statement counts against `max_client_prepared_bytes`.
+/// What one statement counts against `max_client_prepared_bytes`: its name and Parse, and
+/// about what the map entry, the `Arc` and the buffer's header take beside them (so that
+/// many tiny statements count for what they hold too).
 fn cost(name: &[u8], s: &Statement) -> usize {
-    name.len() + s.parse.len()
+    const ENTRY: usize = 128;
+    ENTRY + name.len() + s.parse.len()
 }
 
 impl ClientStatements {
@@ -248,6 +251,28 @@ mod tests {
             query: q,
             param_types: types,
         }
+    }
+
+    #[test]
+    fn client_statements_count_their_bytes_through_every_change() {
+        let mut c = ClientStatements::default();
+        let a = Arc::new(Statement::new(&parse(b"select 1", b"")));
+        let b = Arc::new(Statement::new(&parse(b"select 'a longer text'", b"")));
+        let (ca, cb) = (cost(b"a", &a), cost(b"a", &b));
+        assert!(cb > ca);
+        assert_eq!(c.bytes_with(b"a", &a), ca);
+        c.insert(b"a", a.clone());
+        c.insert(b"x", a.clone());
+        assert_eq!(c.bytes, 2 * ca);
+        // Replacing a name counts the new statement instead of the old one.
+        assert_eq!(c.bytes_with(b"a", &b), ca + cb);
+        c.insert(b"a", b.clone());
+        assert_eq!(c.bytes, ca + cb);
+        assert!(c.remove(b"x"));
+        assert!(!c.remove(b"x"));
+        assert_eq!(c.bytes, cb);
+        c.clear();
+        assert_eq!((c.bytes, c.len()), (0, 0));
     }
 
     #[test]
