@@ -35,9 +35,9 @@ pub struct PoolMetrics {
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
-/// Distinct SQLSTATEs counted per pool; later new ones count as `other`. A client can raise
-/// any of some 60 million codes (`RAISE ... USING ERRCODE`), and each would otherwise be a
-/// map entry and a Prometheus series for good.
+/// Distinct SQLSTATEs counted per pool; later new ones count as `other` (but for Weir's own,
+/// `OWN_CODES`). A client can raise any of some 60 million codes (`RAISE ... USING
+/// ERRCODE`), and each would otherwise be a map entry and a Prometheus series for good.
 pub const MAX_ERROR_CODES: usize = 100;
 
 /// The codes Weir raises itself (docs/ARCHITECTURE.md, "Errors Weir raises"): counted under

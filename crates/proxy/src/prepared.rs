@@ -86,7 +86,7 @@ impl Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     map: HashMap<Box<[u8]>, Arc<Statement>, foldhash::fast::RandomState>,
-    /// What the statements take: their names and Parse messages (see [`Self::bytes_with`]).
+    /// What the statements count against `max_client_prepared_bytes` (see [`cost`]).
     bytes: usize,
 }
 

@@ -986,12 +986,17 @@ impl Session {
                 }
             }
             End::ClientProtocol(e) => {
-                tracing::info!(peer = %Peer(&self.info.info), error = %e, "closing client: protocol violation");
                 let code = match e {
                     ClientProtocolError::Frame(weir_wire::FrameError::TooLarge { .. })
                     | ClientProtocolError::TooManyStatements(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
                     _ => SqlState::PROTOCOL_VIOLATION,
                 };
+                let what = if code == SqlState::PROGRAM_LIMIT_EXCEEDED {
+                    "closing client: over a limit"
+                } else {
+                    "closing client: protocol violation"
+                };
+                tracing::info!(peer = %Peer(&self.info.info), pool = %self.pool.name(), error = %e, "{what}");
                 self.fatal(ErrorResponse::fatal(code, e.to_string())).await;
             }
             End::Closed(e) => {
