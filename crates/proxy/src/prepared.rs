@@ -199,7 +199,8 @@ impl ServerStatements {
     /// Records `id` as prepared. If that exceeds the bound, returns the least recently used
     /// statement to close, unless it was used at or after `protect_from` (by the current batch),
     /// or eviction is not allowed now (`may_evict`: a transaction is open, so a portal
-    /// could still depend on it). Then the bound is exceeded until a later insert.
+    /// could still depend on it). Then the bound is exceeded until a later insert, which
+    /// returns the first of the statements over it: call [`Self::evict`] for the others.
     pub fn insert(
         &mut self,
         id: StatementId,
@@ -208,6 +209,12 @@ impl ServerStatements {
     ) -> Option<StatementId> {
         self.tick += 1;
         self.last_use.insert(id, self.tick);
+        self.evict(protect_from, may_evict)
+    }
+
+    /// While the set is over its bound, the next least recently used statement to close (on
+    /// the terms of [`Self::insert`]).
+    pub fn evict(&mut self, protect_from: u64, may_evict: bool) -> Option<StatementId> {
         if self.last_use.len() <= self.capacity || !may_evict {
             return None;
         }
@@ -340,5 +347,15 @@ mod tests {
         assert_eq!(c.len(), 3);
         // Inside a transaction nothing is evicted either.
         assert_eq!(c.insert(StatementId(9), c.next_tick(), false), None);
+        assert_eq!(c.len(), 4);
+        // The next insert that may evict brings the set back to its bound, oldest first.
+        let batch = c.next_tick();
+        let mut closed = vec![c.insert(StatementId(10), batch, true).unwrap()];
+        while let Some(v) = c.evict(batch, true) {
+            closed.push(v);
+        }
+        assert_eq!(closed, [a, x, b]);
+        assert_eq!(c.len(), 2);
+        assert!(c.touch(StatementId(9)) && c.touch(StatementId(10)));
     }
 }

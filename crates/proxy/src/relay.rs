@@ -594,16 +594,19 @@ impl Relay {
         to_server: &mut BytesMut,
         forward: bool,
     ) {
-        if let Some(victim) = srv.statements.insert(st.id, protect_from, may_evict) {
+        // Usually none or one; more when a transaction left the set over its bound.
+        let mut victim = srv.statements.insert(st.id, protect_from, may_evict);
+        while let Some(v) = victim {
             Named {
                 target: Target::Statement,
-                name: &victim.name(),
+                name: &v.name(),
             }
             .encode(tag::CLOSE, to_server);
             self.queue.push_back(Expect::CloseComplete {
                 forward: false,
-                evicted: Some(victim),
+                evicted: Some(v),
             });
+            victim = srv.statements.evict(protect_from, may_evict);
         }
         to_server.extend_from_slice(&st.parse);
         self.unsynced = true;

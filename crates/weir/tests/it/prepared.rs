@@ -187,3 +187,44 @@ async fn a_clients_prepared_statements_are_held_to_their_byte_budget() {
     let st = other.prepare(&text(7)).await.unwrap();
     assert_eq!(other.query_one(&st, &[]).await.unwrap().get::<_, i32>(0), 7);
 }
+
+/// A transaction may take a server connection's statements past
+/// `prepared_statements_cache` (nothing is closed while a portal could depend on it); the
+/// next statement prepared outside one brings the set back to the bound, where it used to
+/// close one statement and stay over it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_the_statement_cache_is_trimmed_after_it() {
+    let s = Setup::with_config("preptrim", |pg, db| {
+        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
+        c.pool.prepared_statements_cache = Some(4);
+        c
+    })
+    .await;
+    let c = s.client().await;
+    let held = || async {
+        c.query_one(
+            "select count(*) from pg_prepared_statements where name like 'weir_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    c.batch_execute("begin").await.unwrap();
+    for i in 0..10 {
+        let st = c.prepare(&format!("select {i} + 100")).await.unwrap();
+        assert_eq!(
+            c.query_one(&st, &[]).await.unwrap().get::<_, i32>(0),
+            i + 100
+        );
+    }
+    assert!(held().await >= 10, "all kept inside the transaction");
+    c.batch_execute("commit").await.unwrap();
+    let st = c.prepare("select 42").await.unwrap();
+    assert_eq!(c.query_one(&st, &[]).await.unwrap().get::<_, i32>(0), 42);
+    let after = held().await;
+    assert!(
+        after <= 5,
+        "server holds {after} statements, bound is 4 (+1 in flight)"
+    );
+}
