@@ -196,34 +196,52 @@ impl ServerStatements {
         }
     }
 
-    /// Records `id` as prepared. If that exceeds the bound, returns the least recently used
-    /// statement to close, unless it was used at or after `protect_from` (by the current batch),
-    /// or eviction is not allowed now (`may_evict`: a transaction is open, so a portal
-    /// could still depend on it). Then the bound is exceeded until a later insert, which
-    /// returns the first of the statements over it: call [`Self::evict`] for the others.
+    /// Records `id` as prepared. If that takes the set over its bound, removes least recently
+    /// used statements until it is back at it, oldest first, and hands each to `close` (whose
+    /// caller sends the server a Close for it, or [`Self::restore`]s it if that never runs).
+    /// Spared: statements used at or after `protect_from` (by the current batch), and all of
+    /// them when eviction is not allowed now (`may_evict`: a transaction is open, so a portal
+    /// could still depend on one). Then the bound is exceeded until a later insert.
     pub fn insert(
         &mut self,
         id: StatementId,
         protect_from: u64,
         may_evict: bool,
-    ) -> Option<StatementId> {
+        mut close: impl FnMut(StatementId),
+    ) {
         self.tick += 1;
         self.last_use.insert(id, self.tick);
-        self.evict(protect_from, may_evict)
-    }
-
-    /// While the set is over its bound, the next least recently used statement to close (on
-    /// the terms of [`Self::insert`]).
-    pub fn evict(&mut self, protect_from: u64, may_evict: bool) -> Option<StatementId> {
         if self.last_use.len() <= self.capacity || !may_evict {
-            return None;
+            return;
         }
-        let (&victim, &t) = self.last_use.iter().min_by_key(|(_, t)| **t)?;
-        if t >= protect_from {
-            return None;
+        let over = self.last_use.len() - self.capacity;
+        if over == 1 {
+            // The usual case: one scan for the least recently used.
+            if let Some((&victim, &t)) = self.last_use.iter().min_by_key(|(_, t)| **t)
+                && t < protect_from
+            {
+                self.last_use.remove(&victim);
+                close(victim);
+            }
+            return;
         }
-        self.last_use.remove(&victim);
-        Some(victim)
+        // A transaction left the set far over its bound: one pass for all the oldest, not a
+        // scan of the whole set for each of them.
+        let mut old: Vec<(u64, StatementId)> = self
+            .last_use
+            .iter()
+            .filter(|(_, t)| **t < protect_from)
+            .map(|(id, t)| (*t, *id))
+            .collect();
+        if old.len() > over {
+            old.select_nth_unstable_by_key(over, |e| e.0);
+            old.truncate(over);
+        }
+        old.sort_unstable_by_key(|e| e.0);
+        for (_, victim) in old {
+            self.last_use.remove(&victim);
+            close(victim);
+        }
     }
 
     pub fn remove(&mut self, id: StatementId) {
@@ -328,34 +346,65 @@ mod tests {
         assert_eq!(&id.name()[..], b"weir_0123456789abcdeffedcba9876543210");
     }
 
+    /// What `insert` closes.
+    fn insert(c: &mut ServerStatements, id: StatementId, from: u64, may: bool) -> Vec<StatementId> {
+        let mut closed = Vec::new();
+        c.insert(id, from, may, |v| closed.push(v));
+        closed
+    }
+
+    /// [`insert`] in a batch of its own.
+    fn insert_next(c: &mut ServerStatements, id: StatementId, may: bool) -> Vec<StatementId> {
+        let from = c.next_tick();
+        insert(c, id, from, may)
+    }
+
     #[test]
     fn lru_evicts_oldest_but_spares_current_batch() {
         let mut c = ServerStatements::new(2);
         let (a, b, x) = (StatementId(1), StatementId(2), StatementId(3));
-        assert_eq!(c.insert(a, c.next_tick(), true), None);
-        assert_eq!(c.insert(b, c.next_tick(), true), None);
+        assert_eq!(insert_next(&mut c, a, true), []);
+        assert_eq!(insert_next(&mut c, b, true), []);
         assert!(c.touch(a));
         // A new batch: b is least recently used and not part of it.
         let batch = c.next_tick();
-        assert_eq!(c.insert(x, batch, true), Some(b));
+        assert_eq!(insert(&mut c, x, batch, true), [b]);
         assert!(!c.touch(b));
         // Same batch uses everything: nothing evicted, bound exceeded for now.
         let batch = c.next_tick();
         c.touch(a);
         c.touch(x);
-        assert_eq!(c.insert(b, batch, true), None);
+        assert_eq!(insert(&mut c, b, batch, true), []);
         assert_eq!(c.len(), 3);
         // Inside a transaction nothing is evicted either.
-        assert_eq!(c.insert(StatementId(9), c.next_tick(), false), None);
+        assert_eq!(insert_next(&mut c, StatementId(9), false), []);
         assert_eq!(c.len(), 4);
         // The next insert that may evict brings the set back to its bound, oldest first.
         let batch = c.next_tick();
-        let mut closed = vec![c.insert(StatementId(10), batch, true).unwrap()];
-        while let Some(v) = c.evict(batch, true) {
-            closed.push(v);
-        }
-        assert_eq!(closed, [a, x, b]);
+        assert_eq!(insert(&mut c, StatementId(10), batch, true), [a, x, b]);
         assert_eq!(c.len(), 2);
         assert!(c.touch(StatementId(9)) && c.touch(StatementId(10)));
+    }
+
+    #[test]
+    fn a_trim_spares_the_batch_and_takes_the_oldest_of_the_rest() {
+        let mut c = ServerStatements::new(3);
+        // Eight statements prepared inside a transaction: ids 1..=8, oldest first.
+        for i in 1..=8 {
+            assert_eq!(insert_next(&mut c, StatementId(i), false), []);
+        }
+        // A batch uses 2, 5 and 7, then prepares 9: six over, but only five are not the
+        // batch's own: those go, oldest first, and the set stays one over until later.
+        let batch = c.next_tick();
+        for i in [7, 2, 5] {
+            c.touch(StatementId(i));
+        }
+        let closed = insert(&mut c, StatementId(9), batch, true);
+        let ids = |v: &[u128]| v.iter().map(|&i| StatementId(i)).collect::<Vec<_>>();
+        assert_eq!(closed, ids(&[1, 3, 4, 6, 8]));
+        assert_eq!(c.len(), 4);
+        for i in [2, 5, 7, 9] {
+            assert!(c.touch(StatementId(i)), "{i} kept");
+        }
     }
 }

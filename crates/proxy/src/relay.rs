@@ -595,19 +595,18 @@ impl Relay {
         forward: bool,
     ) {
         // Usually none or one; more when a transaction left the set over its bound.
-        let mut victim = srv.statements.insert(st.id, protect_from, may_evict);
-        while let Some(v) = victim {
+        let queue = &mut self.queue;
+        srv.statements.insert(st.id, protect_from, may_evict, |v| {
             Named {
                 target: Target::Statement,
                 name: &v.name(),
             }
             .encode(tag::CLOSE, to_server);
-            self.queue.push_back(Expect::CloseComplete {
+            queue.push_back(Expect::CloseComplete {
                 forward: false,
                 evicted: Some(v),
             });
-            victim = srv.statements.evict(protect_from, may_evict);
-        }
+        });
         to_server.extend_from_slice(&st.parse);
         self.unsynced = true;
         self.queue.push_back(Expect::ParseComplete {
