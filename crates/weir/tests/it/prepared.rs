@@ -96,14 +96,30 @@ async fn close_deallocate_and_discard_behave_as_on_postgres() {
     assert_eq!(other.query_one(&o, &[]).await.unwrap().get::<_, i32>(0), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statement_cache_bound_is_respected() {
-    let s = Setup::with_config("prepbound", |pg, db| {
+/// One server connection that keeps at most four statements.
+async fn pool_of_one_caching_four(prefix: &str) -> Setup {
+    Setup::with_config(prefix, |pg, db| {
         let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
         c.pool.prepared_statements_cache = Some(4);
         c
     })
-    .await;
+    .await
+}
+
+/// Statements Weir prepared on the server connection `c`'s queries run on.
+async fn weir_statements_on_server(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "select count(*) from pg_prepared_statements where name like 'weir_%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_cache_bound_is_respected() {
+    let s = pool_of_one_caching_four("prepbound").await;
     let c = Arc::new(s.client().await);
     let mut stmts = Vec::new();
     for i in 0..20 {
@@ -124,14 +140,7 @@ async fn statement_cache_bound_is_respected() {
         held, "0",
         "psql's own backend has none; sanity check of the query"
     );
-    let direct_count: i64 = c
-        .query_one(
-            "select count(*) from pg_prepared_statements where name like 'weir_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let direct_count = weir_statements_on_server(&c).await;
     assert!(
         direct_count <= 5,
         "server holds {direct_count} statements, bound is 4 (+1 in flight)"
@@ -194,22 +203,8 @@ async fn a_clients_prepared_statements_are_held_to_their_byte_budget() {
 /// close one statement and stay over it for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_over_the_statement_cache_is_trimmed_after_it() {
-    let s = Setup::with_config("preptrim", |pg, db| {
-        let mut c = weir_config(pg, db, 1, PoolMode::Transaction);
-        c.pool.prepared_statements_cache = Some(4);
-        c
-    })
-    .await;
+    let s = pool_of_one_caching_four("preptrim").await;
     let c = s.client().await;
-    let held = || async {
-        c.query_one(
-            "select count(*) from pg_prepared_statements where name like 'weir_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-    };
     c.batch_execute("begin").await.unwrap();
     for i in 0..10 {
         let st = c.prepare(&format!("select {i} + 100")).await.unwrap();
@@ -218,11 +213,14 @@ async fn a_transaction_over_the_statement_cache_is_trimmed_after_it() {
             i + 100
         );
     }
-    assert!(held().await >= 10, "all kept inside the transaction");
+    assert!(
+        weir_statements_on_server(&c).await >= 10,
+        "all kept inside the transaction"
+    );
     c.batch_execute("commit").await.unwrap();
     let st = c.prepare("select 42").await.unwrap();
     assert_eq!(c.query_one(&st, &[]).await.unwrap().get::<_, i32>(0), 42);
-    let after = held().await;
+    let after = weir_statements_on_server(&c).await;
     assert!(
         after <= 5,
         "server holds {after} statements, bound is 4 (+1 in flight)"
