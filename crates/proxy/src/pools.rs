@@ -211,6 +211,9 @@ impl Manager for ServerManager {
                 self.mark_reachable();
                 *self.refused.lock().unwrap() = None;
                 conn.db_permit = db_permit;
+                conn.state
+                    .statements
+                    .share_plan_changes(self.db.plan_changes.clone());
                 conn.generation = self.generation.load(Ordering::Acquire);
                 let (database, user) = self.name.split_once('/').unwrap_or((&self.name, ""));
                 conn.registration = Some(self.servers.register(ConnInfo::new(
@@ -338,6 +341,10 @@ pub struct DatabaseState {
     /// The sum of `blocked`, so a release (every transaction) looks at the map only when
     /// some create is waiting.
     any_blocked: AtomicUsize,
+    /// How many times a server connection to this database found prepared statements'
+    /// plans out of date (a schema change): every connection of every pool of the database
+    /// prepares its statements again (see [`crate::prepared::ServerStatements`]).
+    plan_changes: Arc<AtomicU64>,
 }
 
 impl DatabaseState {
@@ -348,6 +355,7 @@ impl DatabaseState {
             pools: Mutex::new(Vec::new()),
             blocked: Mutex::new(HashMap::new()),
             any_blocked: AtomicUsize::new(0),
+            plan_changes: Arc::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::{Bytes, BytesMut};
 use weir_wire::frontend::Parse;
@@ -162,11 +163,26 @@ impl Hasher for IdHasher {
 }
 
 /// The statements one server connection has, with a least-recently-used bound.
+///
+/// A schema change can leave a statement's cached plan out of date: PostgreSQL then refuses
+/// to run it ("cached plan must not change result type", 0A000) until it is prepared again.
+/// A client that prepares it again gets the same shared name, so Weir itself closes the
+/// statement and prepares it afresh: [`Self::plans_outdated`] marks every statement of this
+/// connection outdated and counts the event in a number the pool's connections share, and
+/// each of them, seeing the number change at its next batch ([`Self::check_plans`]), marks
+/// its own. An outdated statement is closed before the next Parse Weir sends that server
+/// ([`Self::take_outdated`]), so using it again prepares it again.
 #[derive(Debug)]
 pub struct ServerStatements {
     last_use: HashMap<StatementId, u64, BuildHasherDefault<IdHasher>>,
     tick: u64,
     capacity: usize,
+    /// Statements the server still has whose plans may be out of date.
+    outdated: Vec<StatementId>,
+    /// How many times a connection of the pool found plans out of date, and the count this
+    /// connection last acted on.
+    plan_changes: Arc<AtomicU64>,
+    plan_changes_seen: u64,
 }
 
 impl ServerStatements {
@@ -175,7 +191,51 @@ impl ServerStatements {
             last_use: HashMap::default(),
             tick: 0,
             capacity: capacity.max(1),
+            outdated: Vec::new(),
+            plan_changes: Arc::default(),
+            plan_changes_seen: 0,
         }
+    }
+
+    /// Shares the count of plan changes with the pool's other connections.
+    pub fn share_plan_changes(&mut self, count: Arc<AtomicU64>) {
+        self.plan_changes_seen = count.load(Relaxed);
+        self.plan_changes = count;
+    }
+
+    /// At the start of a batch: if another connection of the pool found plans out of date
+    /// since this one last looked, this one's may be too.
+    #[inline]
+    pub fn check_plans(&mut self) {
+        let now = self.plan_changes.load(Relaxed);
+        if now != self.plan_changes_seen {
+            self.plan_changes_seen = now;
+            self.outdate_all();
+        }
+    }
+
+    /// The server refused a statement's plan as out of date: this connection's statements,
+    /// and those of the pool's other connections, are prepared again before their next use.
+    pub fn plans_outdated(&mut self) {
+        self.plan_changes_seen = self.plan_changes.fetch_add(1, Relaxed).wrapping_add(1);
+        self.outdate_all();
+    }
+
+    #[cold]
+    fn outdate_all(&mut self) {
+        self.outdated
+            .extend(self.last_use.drain().map(|(id, _)| id));
+    }
+
+    /// The outdated statements the server still has, to close before the next Parse (so the
+    /// Parse of one of them prepares it afresh rather than finding the name taken).
+    pub fn take_outdated(&mut self) -> Vec<StatementId> {
+        std::mem::take(&mut self.outdated)
+    }
+
+    /// An outdated statement whose Close never ran (skipped after an error): still to close.
+    pub fn still_outdated(&mut self, id: StatementId) {
+        self.outdated.push(id);
     }
 
     /// The tick the next use will get. A batch records it before it starts, so eviction can
@@ -253,8 +313,10 @@ impl ServerStatements {
         self.last_use.insert(id, 0);
     }
 
+    /// The server dropped every statement (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.last_use.clear();
+        self.outdated.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -406,5 +468,38 @@ mod tests {
         for i in [2, 5, 7, 9] {
             assert!(c.touch(StatementId(i)), "{i} kept");
         }
+    }
+
+    #[test]
+    fn outdated_plans_reach_every_connection_sharing_the_count() {
+        let shared = Arc::new(AtomicU64::new(0));
+        let (mut a, mut b) = (ServerStatements::new(8), ServerStatements::new(8));
+        a.share_plan_changes(shared.clone());
+        b.share_plan_changes(shared.clone());
+        for c in [&mut a, &mut b] {
+            insert_next(c, StatementId(1), true);
+            insert_next(c, StatementId(2), true);
+            c.check_plans();
+            assert!(c.take_outdated().is_empty(), "nothing outdated yet");
+        }
+        a.plans_outdated();
+        assert!(
+            !a.touch(StatementId(1)),
+            "prepared again before its next use"
+        );
+        let mut closing = a.take_outdated();
+        closing.sort_by_key(|id| id.0);
+        assert_eq!(closing, [StatementId(1), StatementId(2)]);
+        a.check_plans();
+        assert!(a.take_outdated().is_empty(), "a change is acted on once");
+        // b learns of it at its next batch.
+        assert!(b.touch(StatementId(2)));
+        b.check_plans();
+        assert!(!b.touch(StatementId(2)));
+        assert_eq!(b.take_outdated().len(), 2);
+        // A Close skipped after an error is still owed; DISCARD ALL settles it.
+        b.still_outdated(StatementId(2));
+        b.clear();
+        assert!(b.take_outdated().is_empty());
     }
 }

@@ -39,10 +39,12 @@ pub enum Expect {
     Describe { stmt: Option<StatementId> },
     /// Ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
-    /// CloseComplete; `evicted` names a statement Weir closed to keep the cache bounded.
+    /// CloseComplete; `evicted` names a statement Weir closed to keep the cache bounded, or
+    /// (`outdated`) because its plan may be out of date.
     CloseComplete {
         forward: bool,
         evicted: Option<StatementId>,
+        outdated: bool,
     },
     /// ReadyForQuery for a Sync; `forward` is false for a Sync Weir sent itself.
     Sync { forward: bool },
@@ -304,6 +306,9 @@ impl Relay {
             }
         }
         let may_evict = self.queue.is_empty() && self.status == TxStatus::Idle;
+        if let Some(s) = server.as_deref_mut() {
+            s.statements.check_plans();
+        }
         let protect_from = server.as_ref().map_or(0, |s| s.statements.next_tick());
         while pos < input.len() {
             let rest = &input[pos..];
@@ -503,6 +508,7 @@ impl Relay {
                         self.queue.push_back(Expect::CloseComplete {
                             forward: true,
                             evicted: None,
+                            outdated: false,
                         });
                     }
                 }
@@ -594,9 +600,8 @@ impl Relay {
         to_server: &mut BytesMut,
         forward: bool,
     ) {
-        // Usually none or one; more when a transaction left the set over its bound.
         let queue = &mut self.queue;
-        srv.statements.insert(st.id, protect_from, may_evict, |v| {
+        let mut close = |v: StatementId, outdated: bool| {
             Named {
                 target: Target::Statement,
                 name: &v.name(),
@@ -605,8 +610,17 @@ impl Relay {
             queue.push_back(Expect::CloseComplete {
                 forward: false,
                 evicted: Some(v),
+                outdated,
             });
-        });
+        };
+        // After a schema change: closed first, so that preparing one of them again finds
+        // its name free.
+        for v in srv.statements.take_outdated() {
+            close(v, true);
+        }
+        // Usually none or one; more when a transaction left the set over its bound.
+        srv.statements
+            .insert(st.id, protect_from, may_evict, |v| close(v, false));
         to_server.extend_from_slice(&st.parse);
         self.unsynced = true;
         self.queue.push_back(Expect::ParseComplete {
@@ -903,13 +917,29 @@ impl Relay {
                 }
                 // A Close Weir sent was skipped: the statement is still there.
                 Expect::CloseComplete {
-                    evicted: Some(id), ..
-                } => srv.statements.restore(id),
+                    evicted: Some(id),
+                    outdated,
+                    ..
+                } => {
+                    if outdated {
+                        srv.statements.still_outdated(id)
+                    } else {
+                        srv.statements.restore(id)
+                    }
+                }
                 // The server lost a statement Weir thought it had: prepare it again next time.
                 Expect::BindComplete { stmt: Some(id) } | Expect::Describe { stmt: Some(id) }
                     if first && code == SqlState::INVALID_SQL_STATEMENT_NAME =>
                 {
                     srv.statements.remove(id)
+                }
+                // "cached plan must not change result type": a schema change outdated the
+                // plan of a shared statement, so a client's new Parse of it would find the same
+                // one. Close and prepare again this connection's statements and the pool's.
+                Expect::BindComplete { stmt: Some(_) } | Expect::Describe { stmt: Some(_) }
+                    if first && code == SqlState::FEATURE_NOT_SUPPORTED =>
+                {
+                    srv.statements.plans_outdated()
                 }
                 _ => {}
             }

@@ -226,3 +226,64 @@ async fn a_transaction_over_the_statement_cache_is_trimmed_after_it() {
         "server holds {after} statements, bound is 4 (+1 in flight)"
     );
 }
+
+/// A schema change that changes a statement's result (a column added under `select *`) makes
+/// PostgreSQL refuse the plan it cached: "cached plan must not change result type" (0A000).
+/// A driver prepares the statement again, under a new name, but the new name maps to the same
+/// shared server statement, so without Weir's help it would fail on every connection that
+/// holds the old plan until that connection closes. Weir closes and prepares it again, on the
+/// connection that failed and on the pool's others: one failure at most, then every
+/// connection serves the new result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_under_a_shared_statement_is_prepared_again_everywhere() {
+    let s = Setup::new("prepddl", 2, PoolMode::Transaction).await;
+    s.sql("create table shape (a int); insert into shape values (1); grant all on shape to public");
+    let a = s.client().await;
+    let b = s.client().await;
+    let query = "select * from shape";
+    // Both server connections get the statement: each client holds one in a transaction.
+    a.batch_execute("begin").await.unwrap();
+    b.batch_execute("begin").await.unwrap();
+    for c in [&a, &b] {
+        let st = c.prepare(query).await.unwrap();
+        assert_eq!(c.query_one(&st, &[]).await.unwrap().len(), 1);
+    }
+    a.batch_execute("commit").await.unwrap();
+    b.batch_execute("commit").await.unwrap();
+
+    s.sql("alter table shape add column b text default 'new'");
+
+    // Whoever runs it first may get the stale plan's error, once; a driver then prepares it
+    // again (tokio-postgres leaves that to the caller).
+    let mut failures = 0;
+    async fn run(c: &tokio_postgres::Client) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let st = c.prepare("select * from shape").await?;
+        c.query_one(&st, &[]).await
+    }
+    match run(&a).await {
+        Ok(row) => assert_eq!(row.len(), 2),
+        Err(e) => {
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+                "{e}"
+            );
+            failures += 1;
+        }
+    }
+    // Then both connections serve the new shape, however the clients land on them.
+    for _ in 0..5 {
+        a.batch_execute("begin").await.unwrap();
+        b.batch_execute("begin").await.unwrap();
+        for c in [&a, &b] {
+            let row = run(c)
+                .await
+                .unwrap_or_else(|e| panic!("after the first failure: {e}"));
+            assert_eq!(row.len(), 2);
+            assert_eq!(row.get::<_, String>(1), "new");
+        }
+        a.batch_execute("commit").await.unwrap();
+        b.batch_execute("commit").await.unwrap();
+    }
+    assert!(failures <= 1);
+}
