@@ -1,5 +1,6 @@
 //! Integration tests: Weir in front of a real PostgreSQL (started by weir-testkit), driven by
-//! real clients (tokio-postgres, psql, pgbench) and, for hostile input, raw sockets.
+//! real clients (tokio-postgres, psql, pgbench; asyncpg, psycopg, pgjdbc and node-postgres in
+//! `drivers`) and, for hostile input, raw sockets.
 //!
 //! One test binary, so one PostgreSQL serves every test; each test uses its own database so
 //! pg_stat_activity counts do not mix.
@@ -13,6 +14,7 @@ mod auth;
 mod bench;
 mod cancel;
 mod config;
+mod drivers;
 mod hostile;
 mod lifecycle;
 mod memory;

@@ -1,0 +1,94 @@
+//! Real drivers other than tokio-postgres through transaction pooling with a pool smaller
+//! than the client count: asyncpg and psycopg 3 (Python), pgjdbc (Java), node-postgres.
+//! Each runs a script from `crates/weir/tests/drivers` that checks every answer it gets and
+//! exits non-zero on the first wrong one; the scripts also pass run straight against
+//! PostgreSQL. `scripts/setup.sh --with-drivers` installs the drivers (`scripts/test.sh` and
+//! `.ci/run` call it): the Python and Node packages under `target/drivers`, pgjdbc and the
+//! runtimes from the system's packages.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::common::*;
+
+fn scripts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// Where `scripts/setup.sh --with-drivers` installed the Python and Node packages.
+fn installed() -> PathBuf {
+    std::env::var_os("WEIR_TEST_DRIVERS").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/drivers"),
+        PathBuf::from,
+    )
+}
+
+/// A database whose tables the test user may create, behind a transaction-mode pool of 3.
+async fn setup(prefix: &str) -> Setup {
+    let s = Setup::new(prefix, 3, PoolMode::Transaction).await;
+    s.sql(&format!(
+        "grant create on schema public to {}",
+        SCRAM_USER.user
+    ));
+    s
+}
+
+/// Runs `cmd` with the Weir URL and client count last; panics with its output unless it
+/// exits 0 and says `ok`. Then no more than the pool's 3 server connections were open.
+async fn run(s: &Setup, mut cmd: Command, clients: u32, needs: &str) {
+    cmd.arg(s.url(SCRAM_USER)).arg(clients.to_string());
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start the driver's runtime ({e}): {needs}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("clients ok"),
+        "driver script failed ({}):\n{stdout}\n{stderr}\n(if a module is missing: {needs})",
+        out.status
+    );
+    assert!(s.backends() <= 3, "{} server connections", s.backends());
+}
+
+fn python(script: &str) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", installed().join("python"))
+        .arg(scripts().join(script));
+    cmd
+}
+
+const SETUP: &str = "run scripts/setup.sh --with-drivers";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_named_statements_portals_copy_cancel_and_a_schema_change() {
+    let s = setup("drv_asyncpg").await;
+    run(&s, python("asyncpg_client.py"), 20, SETUP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_prepared_pipelines_cursors_copy_and_cancel() {
+    let s = setup("drv_psycopg").await;
+    run(&s, python("psycopg_client.py"), 10, SETUP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_named_statements_batches_fetch_size_copy_and_query_timeout() {
+    let s = setup("drv_jdbc").await;
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg("/usr/share/java/postgresql.jar")
+        .arg(scripts().join("JdbcClient.java"));
+    run(&s, cmd, 10, SETUP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_statements_errors_and_transactions() {
+    let s = setup("drv_node").await;
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", installed().join("node/node_modules"))
+        .arg(scripts().join("node_pg_client.js"));
+    run(&s, cmd, 10, SETUP).await;
+}
