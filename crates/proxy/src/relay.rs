@@ -130,6 +130,10 @@ pub struct Relay {
     client_in_copy: bool,
     /// After Weir answered a batch with an error itself: drop messages until Sync.
     skip_until_sync: bool,
+    /// A server error came before the client's Sync: the server ignores everything up to
+    /// that Sync, so until it Weir drops the client's messages (they would get no reply)
+    /// and then relays the Sync.
+    server_skipping: bool,
     /// The Query at the front of the client's input was checked before a checkout: it is not
     /// scanned a second time once the server is attached.
     query_checked: bool,
@@ -162,6 +166,7 @@ impl Relay {
             unsynced: false,
             client_in_copy: false,
             skip_until_sync: false,
+            server_skipping: false,
             query_checked: false,
             mapping,
             max_message_size,
@@ -253,6 +258,7 @@ impl Relay {
         frontend::encode_empty(tag::SYNC, to_server);
         self.queue.push_back(Expect::Sync { forward: false });
         self.unsynced = false;
+        self.server_skipping = false;
     }
 
     /// Queues a query Weir sends on its own behalf (parameter sync, rollback); its replies are
@@ -329,7 +335,8 @@ impl Relay {
                 // Only CopyData is streamed (or dropped, with no server to take it or while
                 // skipping to Sync); anything else waits until whole.
                 if h.tag == tag::COPY_DATA {
-                    self.client_partial_forward = server.is_some() && !self.skip_until_sync;
+                    self.client_partial_forward =
+                        server.is_some() && !self.skip_until_sync && !self.server_skipping;
                     if self.client_partial_forward {
                         to_server.extend_from_slice(rest);
                     }
@@ -340,7 +347,7 @@ impl Relay {
             }
             let msg = &rest[..total];
             let body = &rest[HEADER_LEN..total];
-            if self.skip_until_sync {
+            if self.skip_until_sync || (self.server_skipping && h.tag != tag::SYNC) {
                 match h.tag {
                     tag::SYNC => {
                         self.skip_until_sync = false;
@@ -526,6 +533,7 @@ impl Relay {
                 }
                 tag::SYNC => match server.as_deref_mut() {
                     Some(_) => {
+                        self.server_skipping = false;
                         to_server.extend_from_slice(msg);
                         self.unsynced = false;
                         if !self.client_in_copy {
@@ -905,9 +913,15 @@ impl Relay {
     /// replies owed before it will not come. Keeps the statement records true.
     fn skip_to_sync(&mut self, srv: &mut ServerState, code: SqlState) {
         let mut first = true;
+        // The Sync may not have come from the client yet: then the server skips the
+        // client's messages until it does.
+        self.server_skipping = true;
         while let Some(e) = self.queue.front() {
             match *e {
-                Expect::Sync { .. } | Expect::Query { .. } => break,
+                Expect::Sync { .. } | Expect::Query { .. } => {
+                    self.server_skipping = false;
+                    break;
+                }
                 // The Parse that failed, or one skipped after it: not prepared, unless the
                 // failure says the statement already exists.
                 Expect::ParseComplete { stmt: Some(id), .. }

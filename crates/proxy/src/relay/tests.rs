@@ -489,6 +489,49 @@ fn error_mid_batch_skips_to_sync_and_forgets_failed_prepare() {
     );
 }
 
+/// psycopg's pipeline: the server's error can arrive before the client has sent the Sync
+/// that ends the batch. The server ignores everything up to that Sync, so what the client
+/// sends in between must owe nothing (here a Bind that makes Weir evict and prepare), or the
+/// server's ReadyForQuery would meet a queue expecting replies that never come.
+#[test]
+fn messages_between_a_server_error_and_the_clients_sync_owe_nothing() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(1);
+    let mut st = ClientStatements::default();
+    let first = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s1", "select 1/0"), bind("s1"), execute()]),
+    );
+    assert_eq!(tags(&first.to_server), "PBE");
+    let got = deliver(&mut r, &mut a, &cat(&[be(b'1', b""), be(b'2', b"")]));
+    assert_eq!(tags(&got), "12");
+    let got = deliver(&mut r, &mut a, &err(SqlState(*b"22012"), Severity::Error));
+    assert_eq!(tags(&got), "E");
+    // The rest of the pipeline: a new statement (cache of one: s1's would be evicted), then
+    // the Sync.
+    let rest = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[parse("s2", "select 2"), bind("s2"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&rest.to_server), "S", "the server would skip the rest");
+    let got = deliver(&mut r, &mut a, &rfq(b'I'));
+    assert_eq!(tags(&got), "Z");
+    assert!(r.is_idle());
+    // s2 was never prepared (PostgreSQL skipped its Parse too): using it is an error the
+    // server gives, as it would directly.
+    let after = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s2"), simple(b'S')]),
+    );
+    assert_eq!(tags(&after.to_server), "BS");
+}
+
 #[test]
 fn parameter_sync_replies_are_hidden() {
     let mut r = Relay::new(true, 1 << 20);

@@ -342,3 +342,76 @@ async fn large_values_and_many_rows_stream() {
     );
     c.batch_execute("commit").await.unwrap();
 }
+
+/// A pipelining client (psycopg's pipeline mode) can read the server's error before it sends
+/// the Sync that ends its batch, and send more of the batch in between. PostgreSQL skips all
+/// of it until that Sync; Weir must expect no replies for it, or the server's ReadyForQuery
+/// looks like a broken protocol and the client is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_after_an_error_and_before_the_sync_are_skipped_as_postgres_does() {
+    let s = Setup::new("skipsync", 1, PoolMode::Transaction).await;
+    let addr = s.weir.local_addr();
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let msg = |t: u8, body: &[u8]| {
+            let mut m = vec![t];
+            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let parse = |name: &str, sql: &str| {
+            msg(
+                b'P',
+                &[name.as_bytes(), &[0], sql.as_bytes(), &[0, 0, 0]].concat(),
+            )
+        };
+        let bind = |name: &str| {
+            msg(
+                b'B',
+                &[&[0], name.as_bytes(), &[0, 0, 0, 0, 0, 0, 0]].concat(),
+            )
+        };
+        let execute = msg(b'E', &[0, 0, 0, 0, 0]);
+        let read_until = |sock: &mut TcpStream, end: u8| {
+            let mut seen = Vec::new();
+            loop {
+                let (t, _) = read_msg(sock).expect("the connection stays open");
+                seen.push(t);
+                if t == end {
+                    return seen;
+                }
+            }
+        };
+        let mut sock = TcpStream::connect(addr).unwrap();
+        sock.write_all(&startup_packet(
+            0,
+            &[("user", TRUST_USER.user), ("database", &db)],
+        ))
+        .unwrap();
+        read_until(&mut sock, b'Z');
+        // The first part of a batch, flushed: its error comes back before any Sync.
+        let first = [
+            parse("s1", "select 1/0"),
+            bind("s1"),
+            execute.clone(),
+            msg(b'H', &[]),
+        ];
+        sock.write_all(&first.concat()).unwrap();
+        // (Planning folds 1/0, so the Bind is what fails.)
+        assert_eq!(read_until(&mut sock, b'E'), b"1E");
+        // The rest of it, then the Sync: only the ReadyForQuery answers.
+        let rest = [
+            parse("s2", "select 2"),
+            bind("s2"),
+            execute.clone(),
+            msg(b'S', &[]),
+        ];
+        sock.write_all(&rest.concat()).unwrap();
+        assert_eq!(read_until(&mut sock, b'Z'), b"Z");
+        // The client carries on.
+        sock.write_all(&msg(b'Q', b"select 3\0")).unwrap();
+        assert_eq!(read_until(&mut sock, b'Z'), b"TDCZ");
+    })
+    .await
+    .unwrap();
+}
