@@ -168,10 +168,11 @@ impl Hasher for IdHasher {
 /// to run it ("cached plan must not change result type", 0A000) until it is prepared again.
 /// A client that prepares it again gets the same shared name, so Weir itself closes the
 /// statement and prepares it afresh: [`Self::plans_outdated`] marks every statement of this
-/// connection outdated and counts the event in a number the pool's connections share, and
-/// each of them, seeing the number change at its next batch ([`Self::check_plans`]), marks
-/// its own. An outdated statement is closed before the next Parse Weir sends that server
-/// ([`Self::take_outdated`]), so using it again prepares it again.
+/// connection outdated and counts the event in a number the database's connections share,
+/// and each of them, seeing the number change at its next batch ([`Self::check_plans`]),
+/// marks its own. An outdated statement is closed before the next
+/// Parse Weir sends that server ([`Self::take_outdated`]), so using it again prepares it
+/// again.
 #[derive(Debug)]
 pub struct ServerStatements {
     last_use: HashMap<StatementId, u64, BuildHasherDefault<IdHasher>>,
@@ -179,7 +180,7 @@ pub struct ServerStatements {
     capacity: usize,
     /// Statements the server still has whose plans may be out of date.
     outdated: Vec<StatementId>,
-    /// How many times a connection of the pool found plans out of date, and the count this
+    /// How many times a connection to the database found plans out of date, and the count this
     /// connection last acted on.
     plan_changes: Arc<AtomicU64>,
     plan_changes_seen: u64,
@@ -203,8 +204,8 @@ impl ServerStatements {
         self.plan_changes = count;
     }
 
-    /// At the start of a batch: if another connection of the pool found plans out of date
-    /// since this one last looked, this one's may be too.
+    /// At the start of a batch: if another connection of the database found plans out of
+    /// date since this one last looked, this one's may be too.
     #[inline]
     pub fn check_plans(&mut self) {
         let now = self.plan_changes.load(Relaxed);
@@ -215,7 +216,8 @@ impl ServerStatements {
     }
 
     /// The server refused a statement's plan as out of date: this connection's statements,
-    /// and those of the pool's other connections, are prepared again before their next use.
+    /// and those of the database's other connections, are prepared again before their next
+    /// use. (The error ended any transaction's use of them: its portals cannot run again.)
     pub fn plans_outdated(&mut self) {
         self.plan_changes_seen = self.plan_changes.fetch_add(1, Relaxed).wrapping_add(1);
         self.outdate_all();

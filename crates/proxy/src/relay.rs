@@ -312,6 +312,8 @@ impl Relay {
             }
         }
         let may_evict = self.queue.is_empty() && self.status == TxStatus::Idle;
+        // Inside a transaction too, so that it does not fail on an outdated plan. (Closing a
+        // statement leaves the portals made from it open: they keep their own plan.)
         if let Some(s) = server.as_deref_mut() {
             s.statements.check_plans();
         }

@@ -287,3 +287,55 @@ async fn a_schema_change_under_a_shared_statement_is_prepared_again_everywhere()
     }
     assert!(failures <= 1);
 }
+
+/// A connection learns of outdated plans at its next batch, inside a transaction too: the
+/// transaction runs the statement prepared afresh instead of failing on the old plan, and a
+/// portal it has open reads on (PostgreSQL keeps a portal when its statement is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_picks_up_a_schema_change_seen_elsewhere() {
+    let s = Setup::new("prepddltx", 2, PoolMode::Transaction).await;
+    s.sql(
+        "create table shape2 (a int); insert into shape2 values (1); grant all on shape2 to public",
+    );
+    let mut a = s.client().await;
+    let b = s.client().await;
+    let query = "select * from shape2";
+    // Both connections get the statement.
+    a.batch_execute("begin").await.unwrap();
+    b.batch_execute("begin").await.unwrap();
+    for c in [&a, &b] {
+        let st = c.prepare(query).await.unwrap();
+        assert_eq!(c.query_one(&st, &[]).await.unwrap().len(), 1);
+    }
+    a.batch_execute("commit").await.unwrap();
+    b.batch_execute("commit").await.unwrap();
+    // a opens a transaction with a portal; b runs on the other connection.
+    let series = a
+        .prepare("select g from generate_series(1, 100) g")
+        .await
+        .unwrap();
+    let tx = a.transaction().await.unwrap();
+    let portal = tx.bind(&series, &[]).await.unwrap();
+    assert_eq!(tx.query_portal(&portal, 10).await.unwrap().len(), 10);
+    s.sql("alter table shape2 add column b int default 7");
+    // (The Describe of tokio-postgres's prepare is refused already.)
+    let e = async {
+        let st = b.prepare(query).await?;
+        b.query_one(&st, &[]).await
+    }
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+        "{e}"
+    );
+    // a's connection still holds the old plan; its transaction gets the new one.
+    let st = tx.prepare(query).await.unwrap();
+    let row = tx.query_one(&st, &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(1), 7);
+    let rest = tx.query_portal(&portal, 100).await.unwrap();
+    assert_eq!(rest.len(), 90);
+    assert_eq!(rest[0].get::<_, i32>(0), 11);
+    tx.commit().await.unwrap();
+}
