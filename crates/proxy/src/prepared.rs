@@ -180,6 +180,8 @@ pub struct ServerStatements {
     capacity: usize,
     /// Statements the server still has whose plans may be out of date.
     outdated: Vec<StatementId>,
+    /// Statements Weir sent a Close for whose CloseComplete has not come.
+    closing: Vec<StatementId>,
     /// How many times a connection to the database found plans out of date, and the count this
     /// connection last acted on.
     plan_changes: Arc<AtomicU64>,
@@ -193,6 +195,7 @@ impl ServerStatements {
             tick: 0,
             capacity: capacity.max(1),
             outdated: Vec::new(),
+            closing: Vec::new(),
             plan_changes: Arc::default(),
             plan_changes_seen: 0,
         }
@@ -231,13 +234,38 @@ impl ServerStatements {
 
     /// The outdated statements the server still has, to close before the next Parse (so the
     /// Parse of one of them prepares it afresh rather than finding the name taken).
+    /// Each is recorded as closing.
     pub fn take_outdated(&mut self) -> Vec<StatementId> {
+        self.closing.extend_from_slice(&self.outdated);
         std::mem::take(&mut self.outdated)
     }
 
-    /// An outdated statement whose Close never ran (skipped after an error): still to close.
-    pub fn still_outdated(&mut self, id: StatementId) {
-        self.outdated.push(id);
+    /// The server closed `id`.
+    pub fn closed(&mut self, id: StatementId) {
+        if let Some(i) = self.closing.iter().position(|c| *c == id) {
+            self.closing.swap_remove(i);
+        }
+    }
+
+    /// Whether a Close of `id` is in flight.
+    pub fn is_closing(&self, id: StatementId) -> bool {
+        !self.closing.is_empty() && self.closing.contains(&id)
+    }
+
+    /// A Close of `id` was skipped after an error: the server still has it, with a plan
+    /// that may be out of date if `outdated`. Unless a later batch has prepared it again
+    /// already (and closes it before that: see `Relay::prepare_on`), it is recorded as
+    /// there, or as still to close.
+    pub fn close_skipped(&mut self, id: StatementId, outdated: bool) {
+        self.closed(id);
+        if self.last_use.contains_key(&id) {
+            return;
+        }
+        if outdated {
+            self.outdated.push(id);
+        } else {
+            self.last_use.insert(id, 0);
+        }
     }
 
     /// The tick the next use will get. A batch records it before it starts, so eviction can
@@ -259,8 +287,9 @@ impl ServerStatements {
     }
 
     /// Records `id` as prepared. If that takes the set over its bound, removes least recently
-    /// used statements until it is back at it, oldest first, and hands each to `close` (whose
-    /// caller sends the server a Close for it, or [`Self::restore`]s it if that never runs).
+    /// used statements until it is back at it, oldest first, records each as closing and
+    /// hands it to `close` (whose caller sends the server a Close for it; see
+    /// [`Self::closed`] and [`Self::close_skipped`] for its outcome).
     /// Spared: statements used at or after `protect_from` (by the current batch), and all of
     /// them when eviction is not allowed now (`may_evict`: a transaction is open, so a portal
     /// could still depend on one). Then the bound is exceeded until a later insert.
@@ -283,6 +312,7 @@ impl ServerStatements {
                 && t < protect_from
             {
                 self.last_use.remove(&victim);
+                self.closing.push(victim);
                 close(victim);
             }
             return;
@@ -302,17 +332,13 @@ impl ServerStatements {
         old.sort_unstable_by_key(|e| e.0);
         for (_, victim) in old {
             self.last_use.remove(&victim);
+            self.closing.push(victim);
             close(victim);
         }
     }
 
     pub fn remove(&mut self, id: StatementId) {
         self.last_use.remove(&id);
-    }
-
-    /// Puts back a statement whose Close never ran (skipped after an error).
-    pub fn restore(&mut self, id: StatementId) {
-        self.last_use.insert(id, 0);
     }
 
     /// The server dropped every statement (DISCARD ALL, DEALLOCATE ALL).
@@ -500,7 +526,7 @@ mod tests {
         assert!(!b.touch(StatementId(2)));
         assert_eq!(b.take_outdated().len(), 2);
         // A Close skipped after an error is still owed; DISCARD ALL settles it.
-        b.still_outdated(StatementId(2));
+        b.close_skipped(StatementId(2), true);
         b.clear();
         assert!(b.take_outdated().is_empty());
     }

@@ -537,13 +537,17 @@ impl Relay {
                     Some(_) => {
                         self.server_skipping = false;
                         to_server.extend_from_slice(msg);
-                        self.unsynced = false;
+                        // In copy-in the server ignores it: the batch stays open.
                         if !self.client_in_copy {
+                            self.unsynced = false;
                             self.queue.push_back(Expect::Sync { forward: true });
                         }
                     }
                     // No server and nothing open: answer it here.
-                    None => self.queue.push_back(Expect::Synth(Synth::ReadyForQuery)),
+                    None => {
+                        self.server_skipping = false;
+                        self.queue.push_back(Expect::Synth(Synth::ReadyForQuery));
+                    }
                 },
                 tag::FLUSH => {
                     if server.is_some() {
@@ -631,6 +635,21 @@ impl Relay {
         // Usually none or one; more when a transaction left the set over its bound.
         srv.statements
             .insert(st.id, protect_from, may_evict, |v| close(v, false));
+        // A Close of it sent in an earlier batch still in flight may yet be skipped by an
+        // error there: closed again here (a Close of a missing statement is no error), so
+        // this Parse cannot find the name taken.
+        if srv.statements.is_closing(st.id) {
+            Named {
+                target: Target::Statement,
+                name: &st.id.name(),
+            }
+            .encode(tag::CLOSE, to_server);
+            self.queue.push_back(Expect::CloseComplete {
+                forward: false,
+                evicted: None,
+                outdated: false,
+            });
+        }
         to_server.extend_from_slice(&st.parse);
         self.unsynced = true;
         self.queue.push_back(Expect::ParseComplete {
@@ -825,7 +844,9 @@ impl Relay {
                         false
                     }
                     Some(_) => {
-                        self.skip_to_sync(srv, err.code);
+                        let plan_outdated = err.code == SqlState::FEATURE_NOT_SUPPORTED
+                            && is_outdated_plan(body, &err.message);
+                        self.skip_to_sync(srv, err.code, plan_outdated);
                         true
                     }
                 };
@@ -870,7 +891,14 @@ impl Relay {
                 front => return Err(unexpected(t, front.as_ref())),
             },
             b::CLOSE_COMPLETE => match self.queue.pop_front() {
-                Some(Expect::CloseComplete { forward, .. }) => forward,
+                Some(Expect::CloseComplete {
+                    forward, evicted, ..
+                }) => {
+                    if let Some(id) = evicted {
+                        srv.statements.closed(id);
+                    }
+                    forward
+                }
                 front => return Err(unexpected(t, front.as_ref())),
             },
             b::ROW_DESCRIPTION | b::NO_DATA => {
@@ -913,10 +941,11 @@ impl Relay {
 impl Relay {
     /// An error in an extended-protocol batch: the server skips to the next Sync, so the
     /// replies owed before it will not come. Keeps the statement records true.
-    fn skip_to_sync(&mut self, srv: &mut ServerState, code: SqlState) {
+    fn skip_to_sync(&mut self, srv: &mut ServerState, code: SqlState, plan_outdated: bool) {
         let mut first = true;
+        let mut outdated_now = false;
         // The Sync may not have come from the client yet: then the server skips the
-        // client's messages until it does.
+        // client's messages until it does, and the connection is not free before it.
         self.server_skipping = true;
         while let Some(e) = self.queue.front() {
             match *e {
@@ -931,18 +960,14 @@ impl Relay {
                 {
                     srv.statements.remove(id)
                 }
-                // A Close Weir sent was skipped: the statement is still there.
+                // A Close Weir sent was skipped: the statement is still there, with an
+                // outdated plan if it was closed for that or plans were found outdated just
+                // now. (If a later batch prepared it again, that batch closes it first.)
                 Expect::CloseComplete {
                     evicted: Some(id),
                     outdated,
                     ..
-                } => {
-                    if outdated {
-                        srv.statements.still_outdated(id)
-                    } else {
-                        srv.statements.restore(id)
-                    }
-                }
+                } => srv.statements.close_skipped(id, outdated || outdated_now),
                 // The server lost a statement Weir thought it had: prepare it again next time.
                 Expect::BindComplete { stmt: Some(id) } | Expect::Describe { stmt: Some(id) }
                     if first && code == SqlState::INVALID_SQL_STATEMENT_NAME =>
@@ -953,14 +978,18 @@ impl Relay {
                 // plan of a shared statement, so a client's new Parse of it would find the same
                 // one. Close and prepare again this connection's statements and the pool's.
                 Expect::BindComplete { stmt: Some(_) } | Expect::Describe { stmt: Some(_) }
-                    if first && code == SqlState::FEATURE_NOT_SUPPORTED =>
+                    if first && plan_outdated =>
                 {
-                    srv.statements.plans_outdated()
+                    srv.statements.plans_outdated();
+                    outdated_now = true;
                 }
                 _ => {}
             }
             first = false;
             self.queue.pop_front();
+        }
+        if self.server_skipping {
+            self.unsynced = true;
         }
     }
 
@@ -968,20 +997,43 @@ impl Relay {
     /// CopyDone/CopyFail, so those Syncs owe no ReadyForQuery.
     fn ignore_syncs_during_copy(&mut self) {
         let mut i = 1;
+        let mut ignored = false;
+        let mut ended = false;
         while i < self.queue.len() {
             match self.queue[i] {
                 Expect::Sync { .. } => {
                     self.queue.remove(i);
+                    ignored = true;
                 }
                 Expect::CopyEnd => {
                     self.queue.remove(i);
-                    return;
+                    ended = true;
+                    break;
                 }
                 _ => i += 1,
             }
         }
         // The client has not ended the COPY yet: its coming Syncs are ignored too.
-        self.client_in_copy = true;
+        if !ended {
+            self.client_in_copy = true;
+        }
+        // A Sync relayed before the COPY began is ignored: unless the client has sent one
+        // since its CopyDone, the batch is still open (the connection is not free).
+        if ignored && !self.queue.iter().any(|e| matches!(e, Expect::Sync { .. })) {
+            self.unsynced = true;
+        }
+    }
+}
+
+/// Whether an 0A000 error is PostgreSQL's refusal of a cached plan whose result changed
+/// ("cached plan must not change result type", raised in `RevalidateCachedQuery`): by the
+/// routine field, which does not depend on `lc_messages`, or by the English message where a
+/// server leaves that field out. Other 0A000 errors (a planner's "FULL JOIN is only
+/// supported with ...") must not make every connection prepare its statements again.
+fn is_outdated_plan(body: &[u8], message: &str) -> bool {
+    match weir_wire::error::field(body, b'R') {
+        Some(routine) => routine == b"RevalidateCachedQuery",
+        None => message == "cached plan must not change result type",
     }
 }
 

@@ -160,6 +160,23 @@ impl ErrorResponse {
     }
 }
 
+/// The value of one field (`b'R'`: the routine that raised it, ...) of an ErrorResponse or
+/// NoticeResponse body, without decoding the rest.
+pub fn field(body: &[u8], code: u8) -> Option<&[u8]> {
+    let mut rest = body;
+    loop {
+        let (&f, after) = rest.split_first()?;
+        if f == 0 {
+            return None;
+        }
+        let (value, after) = crate::split_cstr(after)?;
+        if f == code {
+            return Some(value);
+        }
+        rest = after;
+    }
+}
+
 fn parse_severity(v: &[u8]) -> Option<Severity> {
     Some(match v {
         b"ERROR" => Severity::Error,

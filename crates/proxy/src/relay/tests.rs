@@ -532,6 +532,134 @@ fn messages_between_a_server_error_and_the_clients_sync_owe_nothing() {
     assert_eq!(tags(&after.to_server), "BS");
 }
 
+/// A client pipelining across Syncs (tokio-postgres with concurrent queries does): Weir's
+/// Close of an evicted statement in one batch is skipped by an error there, while the next
+/// batch, already sent, prepares that statement again. That batch closes it again first, so
+/// its Parse does not find the name taken (42P05) and the records stay true.
+#[test]
+fn a_close_skipped_in_one_batch_is_repeated_before_the_next_prepares_it() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(1);
+    let mut st = ClientStatements::default();
+    // "old" is on the server.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("old", "select 1"),
+            bind("old"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    // Batch 1 fails first, then would evict "old" (cache of one) to prepare "new".
+    let b1 = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("", "select 1/0"),
+            bind(""),
+            execute(),
+            parse("new", "select 2"),
+            bind("new"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    assert_eq!(tags(&b1.to_server), "PBECPBES");
+    // Batch 2, before any reply (so nothing is evicted: replies are owed): "old" again. Its
+    // Close is in flight, so it is closed again before its Parse.
+    let b2 = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("old"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&b2.to_server), "CPBES");
+    // The server: batch 1 fails at its Bind and skips the rest; batch 2 runs.
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'1', b""),
+            err(SqlState(*b"22012"), Severity::Error),
+            rfq(b'I'),
+            be(b'3', b""),
+            be(b'1', b""),
+            be(b'2', b""),
+            cc("SELECT 1"),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(
+        tags(&got),
+        "1EZ2CZ",
+        "Weir's own Closes and Parse are hidden"
+    );
+    assert!(r.is_idle());
+    // "old" is recorded as there, and nothing is left to close.
+    let again = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("old"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&again.to_server), "BES");
+}
+
+/// Only PostgreSQL's refusal of an outdated plan makes the database's connections prepare
+/// their statements again, not every 0A000 (the planner raises that code too).
+#[test]
+fn only_the_outdated_plan_error_counts_as_one() {
+    let body = |fields: &[(u8, &str)]| {
+        let mut b = Vec::new();
+        for (f, v) in fields {
+            b.push(*f);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    };
+    let outdated = "cached plan must not change result type";
+    let routine = body(&[
+        (b'S', "ERROR"),
+        (b'C', "0A000"),
+        (b'M', "plan en cache"),
+        (b'R', "RevalidateCachedQuery"),
+    ]);
+    assert!(
+        is_outdated_plan(&routine, "plan en cache"),
+        "by routine, whatever the language"
+    );
+    let planner = body(&[
+        (b'C', "0A000"),
+        (
+            b'M',
+            "FULL JOIN is only supported with merge-joinable join conditions",
+        ),
+        (b'R', "select_mergejoin_clauses"),
+    ]);
+    assert!(!is_outdated_plan(
+        &planner,
+        "FULL JOIN is only supported with merge-joinable join conditions"
+    ));
+    let no_routine = body(&[(b'C', "0A000"), (b'M', outdated)]);
+    assert!(
+        is_outdated_plan(&no_routine, outdated),
+        "by message where no routine is sent"
+    );
+    assert_eq!(weir_wire::error::field(&routine, b'C'), Some(&b"0A000"[..]));
+    assert_eq!(weir_wire::error::field(&routine, b'D'), None);
+}
+
 #[test]
 fn parameter_sync_replies_are_hidden() {
     let mut r = Relay::new(true, 1 << 20);

@@ -415,3 +415,49 @@ async fn messages_after_an_error_and_before_the_sync_are_skipped_as_postgres_doe
     .await
     .unwrap();
 }
+
+/// A COPY FROM STDIN started with the extended protocol that fails on a bad row: the server
+/// then skips the client's messages until a Sync after the COPY (the one sent after Execute
+/// was ignored), so the connection is not free until that Sync, and another client that gets
+/// it next is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_extended_copy_in_holds_its_connection_until_the_clients_sync() {
+    use futures_util::SinkExt;
+    let s = Setup::new("copyextfail", 1, PoolMode::Transaction).await;
+    s.sql("create table n (a int); grant all on n to public");
+    let c = s.client().await;
+    let other = s.client().await;
+    let sink = c.copy_in("copy n from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let mut failed = None;
+    for row in ["1\n", "not a number\n", "3\n"] {
+        if let Err(e) = sink.send(bytes::Bytes::from(row)).await {
+            failed = Some(e);
+            break;
+        }
+        // Let the server's error come back before the client ends the COPY.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let e = match failed {
+        Some(e) => e,
+        None => sink.finish().await.unwrap_err(),
+    };
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION),
+        "{e}"
+    );
+    let within = |f| tokio::time::timeout(std::time::Duration::from_secs(10), f);
+    let n: i64 = within(other.query_one("select count(*) from n", &[]))
+        .await
+        .expect("another client is served")
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let one: i32 = within(c.query_one("select 1", &[]))
+        .await
+        .expect("the client carries on")
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 1);
+}
