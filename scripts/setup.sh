@@ -71,10 +71,11 @@ fi
 if [ "$want_drivers" = 1 ]; then
   # Pinned, so a new release cannot turn the suite red overnight. Installed into the
   # project's target directory, not the system's Python or Node.
-  drivers="$(pwd)/target/drivers"
-  if ! PYTHONPATH="$drivers/python" python3 -c "import asyncpg, psycopg" >/dev/null 2>&1; then
+  drivers="$(cd "$(dirname "$0")/.." && pwd)/target/drivers"
+  if ! PYTHONPATH="$drivers/python" python3 -c "import asyncpg, psycopg, sys
+sys.exit(asyncpg.__version__ != '0.32.0' or psycopg.__version__ != '3.3.9')" >/dev/null 2>&1; then
     echo "setup: installing asyncpg and psycopg into $drivers/python"
-    pip=(python3 -m pip install -q --disable-pip-version-check --target "$drivers/python"
+    pip=(python3 -m pip install -q --disable-pip-version-check --upgrade --target "$drivers/python"
       "asyncpg==0.32.0" "psycopg[binary]==3.3.9")
     "${pip[@]}" >/tmp/weir-pip.log 2>&1 || "${pip[@]}" --break-system-packages >>/tmp/weir-pip.log 2>&1 || {
       cat /tmp/weir-pip.log
@@ -82,7 +83,7 @@ if [ "$want_drivers" = 1 ]; then
       exit 1
     }
   fi
-  if [ ! -f "$drivers/node/node_modules/pg/package.json" ]; then
+  if ! grep -qs '"version": "8.23.1"' "$drivers/node/node_modules/pg/package.json"; then
     echo "setup: installing node-postgres into $drivers/node"
     mkdir -p "$drivers/node"
     npm install --silent --no-audit --no-fund --prefix "$drivers/node" pg@8.23.1 >/tmp/weir-npm.log 2>&1 || {

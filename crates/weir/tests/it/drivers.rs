@@ -33,10 +33,29 @@ async fn setup(prefix: &str) -> Setup {
     s
 }
 
-/// Runs `cmd` with the Weir URL and client count last; panics with its output unless it
-/// exits 0 and says `ok`. Then no more than the pool's 3 server connections were open.
-async fn run(s: &Setup, mut cmd: Command, clients: u32, needs: &str) {
-    cmd.arg(s.url(SCRAM_USER)).arg(clients.to_string());
+/// The longest a driver script may run before it is killed (each takes seconds): a hang
+/// fails the test rather than the whole suite's time limit.
+const SCRIPT_LIMIT: &str = "180";
+
+/// Runs `program` with `args`, the Weir URL and the client count, under `timeout`; panics
+/// with its output unless it exits 0 and says `ok`. Then no more than the pool's 3 server
+/// connections were open.
+async fn run(
+    s: &Setup,
+    program: &str,
+    args: &[&std::ffi::OsStr],
+    env: Option<(&str, PathBuf)>,
+    clients: u32,
+    needs: &str,
+) {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=10", SCRIPT_LIMIT, program])
+        .args(args)
+        .arg(s.url(SCRAM_USER))
+        .arg(clients.to_string());
+    if let Some((name, value)) = env {
+        cmd.env(name, value);
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -53,11 +72,10 @@ async fn run(s: &Setup, mut cmd: Command, clients: u32, needs: &str) {
     assert!(s.backends() <= 3, "{} server connections", s.backends());
 }
 
-fn python(script: &str) -> Command {
-    let mut cmd = Command::new("python3");
-    cmd.env("PYTHONPATH", installed().join("python"))
-        .arg(scripts().join(script));
-    cmd
+async fn python(s: &Setup, script: &str, clients: u32) {
+    let path = scripts().join(script);
+    let env = Some(("PYTHONPATH", installed().join("python")));
+    run(s, "python3", &[path.as_os_str()], env, clients, SETUP).await;
 }
 
 const SETUP: &str = "run scripts/setup.sh --with-drivers";
@@ -65,30 +83,31 @@ const SETUP: &str = "run scripts/setup.sh --with-drivers";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_named_statements_portals_copy_cancel_and_a_schema_change() {
     let s = setup("drv_asyncpg").await;
-    run(&s, python("asyncpg_client.py"), 20, SETUP).await;
+    python(&s, "asyncpg_client.py", 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_prepared_pipelines_cursors_copy_and_cancel() {
     let s = setup("drv_psycopg").await;
-    run(&s, python("psycopg_client.py"), 10, SETUP).await;
+    python(&s, "psycopg_client.py", 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_named_statements_batches_fetch_size_copy_and_query_timeout() {
     let s = setup("drv_jdbc").await;
-    let mut cmd = Command::new("java");
-    cmd.arg("-cp")
-        .arg("/usr/share/java/postgresql.jar")
-        .arg(scripts().join("JdbcClient.java"));
-    run(&s, cmd, 10, SETUP).await;
+    let path = scripts().join("JdbcClient.java");
+    let args = [
+        "-cp".as_ref(),
+        "/usr/share/java/postgresql.jar".as_ref(),
+        path.as_os_str(),
+    ];
+    run(&s, "java", &args, None, 10, SETUP).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_named_statements_errors_and_transactions() {
     let s = setup("drv_node").await;
-    let mut cmd = Command::new("node");
-    cmd.env("NODE_PATH", installed().join("node/node_modules"))
-        .arg(scripts().join("node_pg_client.js"));
-    run(&s, cmd, 10, SETUP).await;
+    let path = scripts().join("node_pg_client.js");
+    let env = Some(("NODE_PATH", installed().join("node/node_modules")));
+    run(&s, "node", &[path.as_os_str()], env, 10, SETUP).await;
 }
