@@ -949,10 +949,14 @@ impl Relay {
         self.server_skipping = true;
         while let Some(e) = self.queue.front() {
             match *e {
-                Expect::Sync { .. } | Expect::Query { .. } => {
+                Expect::Sync { .. } => {
                     self.server_skipping = false;
                     break;
                 }
+                // PostgreSQL skips a simple Query sent before the Sync as well: no reply
+                // comes for it (a client's is popped below). If it was Weir's own, what it
+                // set is unknown.
+                Expect::Query { forward: false } => srv.broken = true,
                 // The Parse that failed, or one skipped after it: not prepared, unless the
                 // failure says the statement already exists.
                 Expect::ParseComplete { stmt: Some(id), .. }

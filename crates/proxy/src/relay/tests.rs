@@ -532,6 +532,41 @@ fn messages_between_a_server_error_and_the_clients_sync_owe_nothing() {
     assert_eq!(tags(&after.to_server), "BS");
 }
 
+/// After an error in an extended batch PostgreSQL skips everything up to the Sync, a simple
+/// Query sent before that Sync included: its ReadyForQuery never comes, and the one that
+/// does answers the Sync.
+#[test]
+fn a_query_inside_a_failed_extended_batch_is_skipped_as_postgres_does() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("", "select 1/0"),
+            bind(""),
+            execute(),
+            q("select 2"),
+            simple(b'S'),
+        ]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBEQS");
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'1', b""),
+            err(SqlState(*b"22012"), Severity::Error),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "1EZ");
+    assert!(r.is_idle(), "nothing more is owed");
+    assert!(!a.broken);
+}
+
 /// A client pipelining across Syncs (tokio-postgres with concurrent queries does): Weir's
 /// Close of an evicted statement in one batch is skipped by an error there, while the next
 /// batch, already sent, prepares that statement again. That batch closes it again first, so
