@@ -178,9 +178,12 @@ pub struct ServerStatements {
     last_use: HashMap<StatementId, u64, BuildHasherDefault<IdHasher>>,
     tick: u64,
     capacity: usize,
-    /// Statements the server still has whose plans may be out of date.
+    /// Statements the server still has that are not counted here: plans that may be out of
+    /// date, and statements whose Close was skipped after an error. Closed before the next
+    /// Parse Weir sends.
     outdated: Vec<StatementId>,
-    /// Statements Weir sent a Close for whose CloseComplete has not come.
+    /// Statements Weir sent a Close for whose CloseComplete has not come (one entry per
+    /// Close).
     closing: Vec<StatementId>,
     /// How many times a connection to the database found plans out of date, and the count this
     /// connection last acted on.
@@ -247,24 +250,22 @@ impl ServerStatements {
         }
     }
 
-    /// Whether a Close of `id` is in flight.
-    pub fn is_closing(&self, id: StatementId) -> bool {
-        !self.closing.is_empty() && self.closing.contains(&id)
+    /// Whether `id`, about to be prepared, must be closed first because a Close of it is in
+    /// flight (an error may yet skip it); if so, records that Close too.
+    pub fn close_again(&mut self, id: StatementId) -> bool {
+        let again = !self.closing.is_empty() && self.closing.contains(&id);
+        if again {
+            self.closing.push(id);
+        }
+        again
     }
 
-    /// A Close of `id` was skipped after an error: the server still has it, with a plan
-    /// that may be out of date if `outdated`. Unless a later batch has prepared it again
-    /// already (and closes it before that: see `Relay::prepare_on`), it is recorded as
-    /// there, or as still to close.
-    pub fn close_skipped(&mut self, id: StatementId, outdated: bool) {
+    /// A Close of `id` was skipped after an error: the server still has it. Unless another
+    /// Close of it is in flight, it is closed before the next Parse.
+    pub fn close_skipped(&mut self, id: StatementId) {
         self.closed(id);
-        if self.last_use.contains_key(&id) {
-            return;
-        }
-        if outdated {
+        if !self.closing.contains(&id) {
             self.outdated.push(id);
-        } else {
-            self.last_use.insert(id, 0);
         }
     }
 
@@ -526,7 +527,7 @@ mod tests {
         assert!(!b.touch(StatementId(2)));
         assert_eq!(b.take_outdated().len(), 2);
         // A Close skipped after an error is still owed; DISCARD ALL settles it.
-        b.close_skipped(StatementId(2), true);
+        b.close_skipped(StatementId(2));
         b.clear();
         assert!(b.take_outdated().is_empty());
     }

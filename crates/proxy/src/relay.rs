@@ -39,12 +39,11 @@ pub enum Expect {
     Describe { stmt: Option<StatementId> },
     /// Ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
-    /// CloseComplete; `evicted` names a statement Weir closed to keep the cache bounded, or
-    /// (`outdated`) because its plan may be out of date.
+    /// CloseComplete; `evicted` names a statement Weir closed itself (to keep the cache
+    /// bounded, because its plan may be out of date, or before preparing it again).
     CloseComplete {
         forward: bool,
         evicted: Option<StatementId>,
-        outdated: bool,
     },
     /// ReadyForQuery for a Sync; `forward` is false for a Sync Weir sent itself.
     Sync { forward: bool },
@@ -517,7 +516,6 @@ impl Relay {
                         self.queue.push_back(Expect::CloseComplete {
                             forward: true,
                             evicted: None,
-                            outdated: false,
                         });
                     }
                 }
@@ -615,7 +613,7 @@ impl Relay {
         forward: bool,
     ) {
         let queue = &mut self.queue;
-        let mut close = |v: StatementId, outdated: bool| {
+        let mut close = |v: StatementId| {
             Named {
                 target: Target::Statement,
                 name: &v.name(),
@@ -624,32 +622,22 @@ impl Relay {
             queue.push_back(Expect::CloseComplete {
                 forward: false,
                 evicted: Some(v),
-                outdated,
             });
         };
-        // After a schema change: closed first, so that preparing one of them again finds
-        // its name free.
+        // A Close of it still in flight may yet be skipped by an error in its batch: closed
+        // again here (a Close of a missing statement is no error), so this Parse cannot find
+        // the name taken.
+        if srv.statements.close_again(st.id) {
+            close(st.id);
+        }
+        // Outdated plans and skipped Closes: closed first, so that preparing one of them
+        // again finds its name free.
         for v in srv.statements.take_outdated() {
-            close(v, true);
+            close(v);
         }
         // Usually none or one; more when a transaction left the set over its bound.
         srv.statements
-            .insert(st.id, protect_from, may_evict, |v| close(v, false));
-        // A Close of it sent in an earlier batch still in flight may yet be skipped by an
-        // error there: closed again here (a Close of a missing statement is no error), so
-        // this Parse cannot find the name taken.
-        if srv.statements.is_closing(st.id) {
-            Named {
-                target: Target::Statement,
-                name: &st.id.name(),
-            }
-            .encode(tag::CLOSE, to_server);
-            self.queue.push_back(Expect::CloseComplete {
-                forward: false,
-                evicted: None,
-                outdated: false,
-            });
-        }
+            .insert(st.id, protect_from, may_evict, &mut close);
         to_server.extend_from_slice(&st.parse);
         self.unsynced = true;
         self.queue.push_back(Expect::ParseComplete {
@@ -943,7 +931,6 @@ impl Relay {
     /// replies owed before it will not come. Keeps the statement records true.
     fn skip_to_sync(&mut self, srv: &mut ServerState, code: SqlState, plan_outdated: bool) {
         let mut first = true;
-        let mut outdated_now = false;
         // The Sync may not have come from the client yet: then the server skips the
         // client's messages until it does, and the connection is not free before it.
         self.server_skipping = true;
@@ -964,14 +951,11 @@ impl Relay {
                 {
                     srv.statements.remove(id)
                 }
-                // A Close Weir sent was skipped: the statement is still there, with an
-                // outdated plan if it was closed for that or plans were found outdated just
-                // now. (If a later batch prepared it again, that batch closes it first.)
+                // A Close Weir sent was skipped: the statement is still there, uncounted, to
+                // be closed before the next Parse (unless another Close of it is in flight).
                 Expect::CloseComplete {
-                    evicted: Some(id),
-                    outdated,
-                    ..
-                } => srv.statements.close_skipped(id, outdated || outdated_now),
+                    evicted: Some(id), ..
+                } => srv.statements.close_skipped(id),
                 // The server lost a statement Weir thought it had: prepare it again next time.
                 Expect::BindComplete { stmt: Some(id) } | Expect::Describe { stmt: Some(id) }
                     if first && code == SqlState::INVALID_SQL_STATEMENT_NAME =>
@@ -984,8 +968,7 @@ impl Relay {
                 Expect::BindComplete { stmt: Some(_) } | Expect::Describe { stmt: Some(_) }
                     if first && plan_outdated =>
                 {
-                    srv.statements.plans_outdated();
-                    outdated_now = true;
+                    srv.statements.plans_outdated()
                 }
                 _ => {}
             }
@@ -1023,7 +1006,10 @@ impl Relay {
         }
         // A Sync relayed before the COPY began is ignored: unless the client has sent one
         // since its CopyDone, the batch is still open (the connection is not free).
-        if ignored && !self.queue.iter().any(|e| matches!(e, Expect::Sync { .. })) {
+        if ignored
+            && matches!(self.queue.front(), Some(Expect::Execute))
+            && !self.queue.iter().any(|e| matches!(e, Expect::Sync { .. }))
+        {
             self.unsynced = true;
         }
     }

@@ -649,6 +649,110 @@ fn a_close_skipped_in_one_batch_is_repeated_before_the_next_prepares_it() {
     assert_eq!(tags(&again.to_server), "BES");
 }
 
+/// Within one failing batch: Weir evicts "old" (Close), then the client uses "old" again, so
+/// Weir closes it again and prepares it; the error skips all of it. The server still has
+/// "old" and Weir does not count it: the next use closes it once before preparing it.
+#[test]
+fn statements_whose_closes_were_all_skipped_are_closed_before_their_next_parse() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(1);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("old", "select 1"),
+            bind("old"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("", "select 1/0"),
+            bind(""),
+            execute(),
+            parse("new", "select 2"),
+            bind("new"),
+            execute(),
+            bind("old"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    assert_eq!(tags(&sent.to_server), "PBECPBECPBES");
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'1', b""),
+            err(SqlState(*b"22012"), Severity::Error),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "1EZ");
+    let next = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("old"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&next.to_server), "CPBES", "one Close, then the Parse");
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'3', b""),
+            be(b'1', b""),
+            be(b'2', b""),
+            cc("SELECT 1"),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "2CZ");
+    let again = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("old"), execute(), simple(b'S')]),
+    );
+    assert_eq!(tags(&again.to_server), "BES");
+}
+
+/// A Sync sent during a COPY started by a simple Query is ignored by the server, and the
+/// Query's ReadyForQuery ends it all: the connection is free after it.
+#[test]
+fn a_sync_sent_during_a_simple_query_copy_leaves_nothing_open() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let mut st = ClientStatements::default();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[q("copy t from stdin"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut a, &be(b'G', &[0, 0, 0]));
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[be(b'd', b"1\n"), simple(b'c')]),
+    );
+    let got = deliver(&mut r, &mut a, &cat(&[cc("COPY 1"), rfq(b'I')]));
+    assert_eq!(tags(&got), "CZ");
+    assert!(r.is_idle());
+}
+
 /// Only PostgreSQL's refusal of an outdated plan makes the database's connections prepare
 /// their statements again, not every 0A000 (the planner raises that code too).
 #[test]

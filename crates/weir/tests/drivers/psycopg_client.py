@@ -84,7 +84,8 @@ def cancel():
             while not done.wait(0.5):
                 c.cancel()
 
-        threading.Thread(target=canceller).start()
+        thread = threading.Thread(target=canceller)
+        thread.start()
         t = time.monotonic()
         try:
             c.execute("select pg_sleep(10)")
@@ -93,6 +94,7 @@ def cancel():
             pass
         finally:
             done.set()
+            thread.join()
         assert time.monotonic() - t < 5
         assert c.execute("select 7").fetchone()[0] == 7
 
