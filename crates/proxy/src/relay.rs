@@ -949,7 +949,7 @@ impl Relay {
                 Expect::ParseComplete { stmt: Some(id), .. }
                     if !(first && code == DUPLICATE_PREPARED_STATEMENT) =>
                 {
-                    srv.statements.remove(id)
+                    self.forget_unless_prepared_later(srv, id)
                 }
                 // A Close Weir sent was skipped: the statement is still there, uncounted, to
                 // be closed before the next Parse (unless another Close of it is in flight).
@@ -960,7 +960,7 @@ impl Relay {
                 Expect::BindComplete { stmt: Some(id) } | Expect::Describe { stmt: Some(id) }
                     if first && code == SqlState::INVALID_SQL_STATEMENT_NAME =>
                 {
-                    srv.statements.remove(id)
+                    self.forget_unless_prepared_later(srv, id)
                 }
                 // "cached plan must not change result type": a schema change outdated the
                 // plan of a shared statement, so a client's new Parse of it would find the same
@@ -977,6 +977,20 @@ impl Relay {
         }
         if self.server_skipping {
             self.unsynced = true;
+        }
+    }
+
+    /// Records that the server lacks `id`, unless a Parse of it that Weir already sent later
+    /// in the queue (in a batch pipelined after this one, or further on in this one) will
+    /// decide: its own reply or skip settles the record.
+    fn forget_unless_prepared_later(&self, srv: &mut ServerState, id: StatementId) {
+        let later = self
+            .queue
+            .iter()
+            .skip(1)
+            .any(|e| matches!(e, Expect::ParseComplete { stmt: Some(x), .. } if *x == id));
+        if !later {
+            srv.statements.remove(id)
         }
     }
 

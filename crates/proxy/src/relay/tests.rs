@@ -753,6 +753,71 @@ fn a_sync_sent_during_a_simple_query_copy_leaves_nothing_open() {
     assert!(r.is_idle());
 }
 
+/// A batch's Parse of a statement is skipped by an error, while the next batch, already
+/// sent, prepares it again (here because another connection found plans outdated in
+/// between): the skip must not make Weir forget what the later Parse creates.
+#[test]
+fn a_skipped_parse_does_not_forget_a_later_batchs_parse_of_the_same_statement() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut a = server(8);
+    let shared = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    a.statements.share_plan_changes(shared.clone());
+    let mut st = ClientStatements::default();
+    let b1 = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[
+            parse("", "select 1/0"),
+            bind(""),
+            execute(),
+            parse("s", "select 2"),
+            bind("s"),
+            execute(),
+            simple(b'S'),
+        ]),
+    );
+    assert_eq!(tags(&b1.to_server), "PBEPBES");
+    shared.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let b2 = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s"), execute(), simple(b'S')]),
+    );
+    assert_eq!(
+        tags(&b2.to_server),
+        "CPBES",
+        "outdated: closed and prepared afresh"
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[
+            be(b'1', b""),
+            err(SqlState(*b"22012"), Severity::Error),
+            rfq(b'I'),
+            be(b'3', b""),
+            be(b'1', b""),
+            be(b'2', b""),
+            cc("SELECT 1"),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "1EZ2CZ");
+    let again = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[bind("s"), execute(), simple(b'S')]),
+    );
+    assert_eq!(
+        tags(&again.to_server),
+        "BES",
+        "the server has it, and Weir knows"
+    );
+}
+
 /// Only PostgreSQL's refusal of an outdated plan makes the database's connections prepare
 /// their statements again, not every 0A000 (the planner raises that code too).
 #[test]
