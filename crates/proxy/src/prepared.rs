@@ -170,9 +170,8 @@ impl Hasher for IdHasher {
 /// statement and prepares it afresh: [`Self::plans_outdated`] marks every statement of this
 /// connection outdated and counts the event in a number the database's connections share,
 /// and each of them, seeing the number change at its next batch ([`Self::check_plans`]),
-/// marks its own. An outdated statement is closed before the next
-/// Parse Weir sends that server ([`Self::take_outdated`]), so using it again prepares it
-/// again.
+/// marks its own. An outdated statement is closed before the next Parse Weir sends that
+/// server ([`Self::take_outdated`]), so using it again prepares it again.
 #[derive(Debug)]
 pub struct ServerStatements {
     last_use: HashMap<StatementId, u64, BuildHasherDefault<IdHasher>>,
@@ -204,7 +203,7 @@ impl ServerStatements {
         }
     }
 
-    /// Shares the count of plan changes with the pool's other connections.
+    /// Shares the count of plan changes with the database's other connections.
     pub fn share_plan_changes(&mut self, count: Arc<AtomicU64>) {
         self.plan_changes_seen = count.load(Relaxed);
         self.plan_changes = count;
@@ -223,7 +222,7 @@ impl ServerStatements {
 
     /// The server refused a statement's plan as out of date: this connection's statements,
     /// and those of the database's other connections, are prepared again before their next
-    /// use. (The error ended any transaction's use of them: its portals cannot run again.)
+    /// use.
     pub fn plans_outdated(&mut self) {
         self.plan_changes_seen = self.plan_changes.fetch_add(1, Relaxed).wrapping_add(1);
         self.outdate_all();

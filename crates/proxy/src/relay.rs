@@ -964,7 +964,8 @@ impl Relay {
                 }
                 // "cached plan must not change result type": a schema change outdated the
                 // plan of a shared statement, so a client's new Parse of it would find the same
-                // one. Close and prepare again this connection's statements and the pool's.
+                // one. Close and prepare again this connection's statements, and those of the
+                // database's other connections.
                 Expect::BindComplete { stmt: Some(_) } | Expect::Describe { stmt: Some(_) }
                     if first && plan_outdated =>
                 {
