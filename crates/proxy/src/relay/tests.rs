@@ -147,6 +147,34 @@ fn deliver(relay: &mut Relay, srv: &mut ServerState, input: &[u8]) -> BytesMut {
     }
 }
 
+/// Bind, Execute and Sync of the client's statement `name`: running it again.
+fn bind_run(name: &str) -> BytesMut {
+    cat(&[bind(name), execute(), simple(b'S')])
+}
+
+/// The client prepares and runs `name` once on `srv`, which answers it: afterwards the
+/// server has the statement and nothing is owed.
+fn run_once(
+    relay: &mut Relay,
+    stmts: &mut ClientStatements,
+    srv: &mut ServerState,
+    name: &str,
+    sql: &str,
+) {
+    send(
+        relay,
+        stmts,
+        Some(srv),
+        &cat(&[parse(name, sql), bind(name), execute(), simple(b'S')]),
+    );
+    let got = deliver(
+        relay,
+        srv,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "12CZ");
+}
+
 struct Sent {
     step: ClientStep,
     to_server: BytesMut,
@@ -577,22 +605,7 @@ fn a_close_skipped_in_one_batch_is_repeated_before_the_next_prepares_it() {
     let mut a = server(1);
     let mut st = ClientStatements::default();
     // "old" is on the server.
-    send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[
-            parse("old", "select 1"),
-            bind("old"),
-            execute(),
-            simple(b'S'),
-        ]),
-    );
-    deliver(
-        &mut r,
-        &mut a,
-        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
-    );
+    run_once(&mut r, &mut st, &mut a, "old", "select 1");
     // Batch 1 fails first, then would evict "old" (cache of one) to prepare "new".
     let b1 = send(
         &mut r,
@@ -611,12 +624,7 @@ fn a_close_skipped_in_one_batch_is_repeated_before_the_next_prepares_it() {
     assert_eq!(tags(&b1.to_server), "PBECPBES");
     // Batch 2, before any reply (so nothing is evicted: replies are owed): "old" again. Its
     // Close is in flight, so it is closed again before its Parse.
-    let b2 = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("old"), execute(), simple(b'S')]),
-    );
+    let b2 = send(&mut r, &mut st, Some(&mut a), &bind_run("old"));
     assert_eq!(tags(&b2.to_server), "CPBES");
     // The server: batch 1 fails at its Bind and skips the rest; batch 2 runs.
     let got = deliver(
@@ -640,12 +648,7 @@ fn a_close_skipped_in_one_batch_is_repeated_before_the_next_prepares_it() {
     );
     assert!(r.is_idle());
     // "old" is recorded as there, and nothing is left to close.
-    let again = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("old"), execute(), simple(b'S')]),
-    );
+    let again = send(&mut r, &mut st, Some(&mut a), &bind_run("old"));
     assert_eq!(tags(&again.to_server), "BES");
 }
 
@@ -657,22 +660,7 @@ fn statements_whose_closes_were_all_skipped_are_closed_before_their_next_parse()
     let mut r = Relay::new(true, 1 << 20);
     let mut a = server(1);
     let mut st = ClientStatements::default();
-    send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[
-            parse("old", "select 1"),
-            bind("old"),
-            execute(),
-            simple(b'S'),
-        ]),
-    );
-    deliver(
-        &mut r,
-        &mut a,
-        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
-    );
+    run_once(&mut r, &mut st, &mut a, "old", "select 1");
     let sent = send(
         &mut r,
         &mut st,
@@ -700,12 +688,7 @@ fn statements_whose_closes_were_all_skipped_are_closed_before_their_next_parse()
         ]),
     );
     assert_eq!(tags(&got), "1EZ");
-    let next = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("old"), execute(), simple(b'S')]),
-    );
+    let next = send(&mut r, &mut st, Some(&mut a), &bind_run("old"));
     assert_eq!(tags(&next.to_server), "CPBES", "one Close, then the Parse");
     let got = deliver(
         &mut r,
@@ -719,12 +702,7 @@ fn statements_whose_closes_were_all_skipped_are_closed_before_their_next_parse()
         ]),
     );
     assert_eq!(tags(&got), "2CZ");
-    let again = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("old"), execute(), simple(b'S')]),
-    );
+    let again = send(&mut r, &mut st, Some(&mut a), &bind_run("old"));
     assert_eq!(tags(&again.to_server), "BES");
 }
 
@@ -779,12 +757,7 @@ fn a_skipped_parse_does_not_forget_a_later_batchs_parse_of_the_same_statement() 
     );
     assert_eq!(tags(&b1.to_server), "PBEPBES");
     shared.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let b2 = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("s"), execute(), simple(b'S')]),
-    );
+    let b2 = send(&mut r, &mut st, Some(&mut a), &bind_run("s"));
     assert_eq!(
         tags(&b2.to_server),
         "CPBES",
@@ -805,12 +778,7 @@ fn a_skipped_parse_does_not_forget_a_later_batchs_parse_of_the_same_statement() 
         ]),
     );
     assert_eq!(tags(&got), "1EZ2CZ");
-    let again = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("s"), execute(), simple(b'S')]),
-    );
+    let again = send(&mut r, &mut st, Some(&mut a), &bind_run("s"));
     assert_eq!(
         tags(&again.to_server),
         "BES",
@@ -1394,12 +1362,7 @@ fn statement_records_heal_from_server_errors() {
         &cat(&[parse("s", "select 1"), simple(b'S')]),
     );
     // The server already has it (Weir's record was lost): "already exists" keeps the record.
-    send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("s"), execute(), simple(b'S')]),
-    );
+    send(&mut r, &mut st, Some(&mut a), &bind_run("s"));
     deliver(
         &mut r,
         &mut a,
@@ -1408,12 +1371,7 @@ fn statement_records_heal_from_server_errors() {
     let id = st.get(b"s").unwrap().id;
     assert!(a.statements.touch(id), "42P05 means the server has it");
     // The server lost it (someone ran DEALLOCATE on it): "does not exist" drops the record.
-    let sent = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("s"), execute(), simple(b'S')]),
-    );
+    let sent = send(&mut r, &mut st, Some(&mut a), &bind_run("s"));
     assert_eq!(tags(&sent.to_server), "BES");
     deliver(
         &mut r,
@@ -1423,12 +1381,7 @@ fn statement_records_heal_from_server_errors() {
             rfq(b'I'),
         ]),
     );
-    let sent = send(
-        &mut r,
-        &mut st,
-        Some(&mut a),
-        &cat(&[bind("s"), execute(), simple(b'S')]),
-    );
+    let sent = send(&mut r, &mut st, Some(&mut a), &bind_run("s"));
     assert_eq!(tags(&sent.to_server), "PBES", "prepared again");
 }
 

@@ -227,12 +227,25 @@ async fn a_transaction_over_the_statement_cache_is_trimmed_after_it() {
     );
 }
 
+/// Runs `query` (one column) prepared on both server connections of a pool of two: each
+/// client holds one in a transaction while it does.
+async fn on_both_connections(a: &tokio_postgres::Client, b: &tokio_postgres::Client, query: &str) {
+    a.batch_execute("begin").await.unwrap();
+    b.batch_execute("begin").await.unwrap();
+    for c in [a, b] {
+        let st = c.prepare(query).await.unwrap();
+        assert_eq!(c.query_one(&st, &[]).await.unwrap().len(), 1);
+    }
+    a.batch_execute("commit").await.unwrap();
+    b.batch_execute("commit").await.unwrap();
+}
+
 /// A schema change that changes a statement's result (a column added under `select *`) makes
 /// PostgreSQL refuse the plan it cached: "cached plan must not change result type" (0A000).
 /// A driver prepares the statement again, under a new name, but the new name maps to the same
 /// shared server statement, so without Weir's help it would fail on every connection that
 /// holds the old plan until that connection closes. Weir closes and prepares it again, on the
-/// connection that failed and on the pool's others: one failure at most, then every
+/// connection that failed and on the database's others: one failure at most, then every
 /// connection serves the new result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_change_under_a_shared_statement_is_prepared_again_everywhere() {
@@ -241,15 +254,7 @@ async fn a_schema_change_under_a_shared_statement_is_prepared_again_everywhere()
     let a = s.client().await;
     let b = s.client().await;
     let query = "select * from shape";
-    // Both server connections get the statement: each client holds one in a transaction.
-    a.batch_execute("begin").await.unwrap();
-    b.batch_execute("begin").await.unwrap();
-    for c in [&a, &b] {
-        let st = c.prepare(query).await.unwrap();
-        assert_eq!(c.query_one(&st, &[]).await.unwrap().len(), 1);
-    }
-    a.batch_execute("commit").await.unwrap();
-    b.batch_execute("commit").await.unwrap();
+    on_both_connections(&a, &b, query).await;
 
     s.sql("alter table shape add column b text default 'new'");
 
@@ -300,15 +305,7 @@ async fn an_open_transaction_picks_up_a_schema_change_seen_elsewhere() {
     let mut a = s.client().await;
     let b = s.client().await;
     let query = "select * from shape2";
-    // Both connections get the statement.
-    a.batch_execute("begin").await.unwrap();
-    b.batch_execute("begin").await.unwrap();
-    for c in [&a, &b] {
-        let st = c.prepare(query).await.unwrap();
-        assert_eq!(c.query_one(&st, &[]).await.unwrap().len(), 1);
-    }
-    a.batch_execute("commit").await.unwrap();
-    b.batch_execute("commit").await.unwrap();
+    on_both_connections(&a, &b, query).await;
     // a opens a transaction with a portal; b runs on the other connection.
     let series = a
         .prepare("select g from generate_series(1, 100) g")
