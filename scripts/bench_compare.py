@@ -260,6 +260,9 @@ def main():
                     help="also measure a second Weir with this many worker threads, like single-threaded "
                          "PgBouncer (0: skip; skipped too when it equals --workers' count)")
     ap.add_argument("--out")
+    ap.add_argument("--pgbouncer", default=os.environ.get("WEIR_BENCH_PGBOUNCER"),
+                    help="the PgBouncer binary (default: the system's; scripts/pgbouncer_newer.sh builds 1.24 "
+                         "from Debian's next release, whose prepared-statement support 1.18 lacks)")
     ap.add_argument("--serve", action="store_true",
                     help="start the targets, print their ports and pids, and wait (for profiling)")
     args = ap.parse_args()
@@ -277,9 +280,15 @@ def main():
     if hard < args.idle + 2000:
         sys.exit(f"the open-files limit ({hard}) is too low for --idle {args.idle}")
 
-    pgbouncer = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
-    if not pgbouncer:
-        sys.exit("pgbouncer not found: run scripts/setup.sh --with-pgbouncer")
+    pgbouncer = args.pgbouncer or shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if not pgbouncer or not os.access(pgbouncer, os.X_OK):
+        sys.exit(f"pgbouncer not found ({pgbouncer or 'not on PATH'}): run scripts/setup.sh --with-pgbouncer")
+    # "PgBouncer 1.24.1" on the first line; 1.21 added prepared statements in transaction mode,
+    # off unless max_prepared_statements is set (its default became 200 in 1.22).
+    pgb_version = subprocess.run([pgbouncer, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    m = re.search(r"(\d+)\.(\d+)", pgb_version)
+    pgb_prepared = bool(m) and (int(m.group(1)), int(m.group(2))) >= (1, 21)
     print("building weir (release)...", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "weir"], cwd=ROOT, check=True)
     weir_bin = os.path.join(ROOT, "target", "release", "weir")
@@ -321,7 +330,8 @@ def main():
                     f"listen_addr = 127.0.0.1\nlisten_port = {pgb_port}\nunix_socket_dir =\n"
                     f"auth_type = trust\nauth_file = {users}\npool_mode = transaction\n"
                     f"default_pool_size = {args.pool_size}\nmax_client_conn = {max(clients + [10]) * 2 + args.idle + 100}\n"
-                    f"logfile = {work}/pgbouncer.log\npidfile =\nadmin_users = bench\n")
+                    f"logfile = {work}/pgbouncer.log\npidfile =\nadmin_users = bench\n"
+                    + ("max_prepared_statements = 200\n" if pgb_prepared else ""))
         owner_chown(ini)
         owner_chown(users)
         pgb = subprocess.Popen([pgbouncer, ini], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -466,7 +476,8 @@ def main():
     lines.append(f"pgbench -S -j 2 -T {args.seconds}, scale {args.scale}, pool_size {args.pool_size} (transaction "
                  f"mode) for PgBouncer and Weir (Weir with {weir_workers} worker threads, its default here"
                  f"{second}); median of {args.repeat} runs per cell, [lowest-highest] in brackets; targets "
-                 f"alternated; {now}; {os.cpu_count()} cores, {mem:.0f} GiB; PostgreSQL, PgBouncer, Weir and "
+                 f"alternated; {now}; {os.cpu_count()} cores, {mem:.0f} GiB; {pgb_version.strip() or 'PgBouncer'}"
+                 f"{' (max_prepared_statements = 200)' if pgb_prepared else ''}; PostgreSQL, PgBouncer, Weir and "
                  f"pgbench on the same machine.")
     lines.append("")
     head = "| mode | clients | direct tps | PgBouncer tps |"
