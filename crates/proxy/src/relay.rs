@@ -108,6 +108,10 @@ struct Partial {
     forward: bool,
 }
 
+/// The longest Parse of a client's unnamed statement Weir keeps to prepare it again on another
+/// server connection (see `Relay::unnamed`): a client's most recent one stays in its memory.
+const UNNAMED_KEEP: usize = 64 * 1024;
+
 /// The longest ReadyForQuery/ErrorResponse/ParameterStatus Weir reads whole from a server.
 const INSPECT_LIMIT: u32 = 1 << 20;
 
@@ -136,6 +140,13 @@ pub struct Relay {
     /// The Query at the front of the client's input was checked before a checkout: it is not
     /// scanned a second time once the server is attached.
     query_checked: bool,
+    /// Transaction mode: the Parse of the client's unnamed statement, kept because the client
+    /// may bind it in a later transaction, on another server connection (sqlx's unkept
+    /// statements do). Empty when the client has none, or it is over [`UNNAMED_KEEP`].
+    unnamed: Vec<u8>,
+    /// The attached server's unnamed statement is the client's: parsed there since the
+    /// checkout (see [`Self::attached`]).
+    unnamed_here: bool,
     /// Map client statement names to shared server statements (transaction mode).
     pub mapping: bool,
     pub max_message_size: u32,
@@ -167,6 +178,8 @@ impl Relay {
             skip_until_sync: false,
             server_skipping: false,
             query_checked: false,
+            unnamed: Vec::new(),
+            unnamed_here: false,
             mapping,
             max_message_size,
             max_statement_bytes: 0,
@@ -268,6 +281,14 @@ impl Relay {
         }
         .encode(to_server);
         self.queue.push_back(Expect::Query { forward: false });
+        // A simple Query drops the server's unnamed statement.
+        self.unnamed_here = false;
+    }
+
+    /// A server connection was checked out for this client: its unnamed statement, if any,
+    /// is another client's (or Weir's).
+    pub fn attached(&mut self) {
+        self.unnamed_here = false;
     }
 
     /// Weir answered the client's batch with an error itself (no server could be had). A
@@ -375,6 +396,11 @@ impl Relay {
                         self.query_checked = true;
                         return Ok(ClientStep::NeedServer(pos));
                     }
+                    // A simple Query drops the unnamed statement, the client's and the server's.
+                    if self.mapping {
+                        self.unnamed.clear();
+                        self.unnamed_here = false;
+                    }
                     let kind = if self.mapping {
                         classify_sql(sql)
                     } else {
@@ -446,6 +472,9 @@ impl Relay {
                         if server.is_none() {
                             return Ok(ClientStep::NeedServer(pos));
                         }
+                        if self.mapping {
+                            self.keep_unnamed(msg);
+                        }
                         to_server.extend_from_slice(msg);
                         self.unsynced = true;
                         self.queue.push_back(Expect::ParseComplete {
@@ -471,6 +500,9 @@ impl Relay {
                             Some(st.id)
                         }
                         None => {
+                            if self.mapping && b.statement.is_empty() && !self.unnamed_here {
+                                self.restore_unnamed(to_server);
+                            }
                             to_server.extend_from_slice(msg);
                             None
                         }
@@ -493,6 +525,13 @@ impl Relay {
                             .encode(tag::DESCRIBE, to_server);
                             Some(st.id)
                         }
+                        (Target::Statement, None)
+                            if self.mapping && d.name.is_empty() && !self.unnamed_here =>
+                        {
+                            self.restore_unnamed(to_server);
+                            to_server.extend_from_slice(msg);
+                            None
+                        }
                         _ => {
                             to_server.extend_from_slice(msg);
                             None
@@ -511,6 +550,9 @@ impl Relay {
                         let Some(_) = server.as_deref_mut() else {
                             return Ok(ClientStep::NeedServer(pos));
                         };
+                        if self.mapping && c.target == Target::Statement {
+                            self.unnamed.clear();
+                        }
                         to_server.extend_from_slice(msg);
                         self.unsynced = true;
                         self.queue.push_back(Expect::CloseComplete {
@@ -574,6 +616,49 @@ impl Relay {
             self.emit_synth(to_client);
         }
         Ok(ClientStep::Done(pos))
+    }
+
+    /// Keeps the client's Parse of its unnamed statement (see [`Self::unnamed`]), in a buffer
+    /// reused from one to the next.
+    fn keep_unnamed(&mut self, msg: &[u8]) {
+        self.unnamed_here = true;
+        self.unnamed.clear();
+        if msg.len() > UNNAMED_KEEP || self.unnamed.capacity() > 4 * msg.len().max(1024) {
+            // Over the limit, not kept: binding it in a later transaction gets PostgreSQL's
+            // error for a missing unnamed statement (see restore_unnamed). A buffer left large
+            // by a long one is let go, so an idle client holds about its latest.
+            self.unnamed = Vec::new();
+        }
+        if msg.len() <= UNNAMED_KEEP {
+            self.unnamed.extend_from_slice(msg);
+        }
+    }
+
+    /// Before the client's Bind or Describe of its unnamed statement on a server connection
+    /// that has not seen the client's Parse of it: prepares it there again. Without that the
+    /// server would use its own unnamed statement, another client's, with this client's
+    /// parameters. When the client has none, a Close of the server's makes the server refuse
+    /// the Bind, as PostgreSQL would.
+    #[cold]
+    fn restore_unnamed(&mut self, to_server: &mut BytesMut) {
+        self.unnamed_here = true;
+        if self.unnamed.is_empty() {
+            Named {
+                target: Target::Statement,
+                name: b"",
+            }
+            .encode(tag::CLOSE, to_server);
+            self.queue.push_back(Expect::CloseComplete {
+                forward: false,
+                evicted: None,
+            });
+        } else {
+            to_server.extend_from_slice(&self.unnamed);
+            self.queue.push_back(Expect::ParseComplete {
+                forward: false,
+                stmt: None,
+            });
+        }
     }
 
     /// The client's statement `name` maps to, borrowed: a Bind costs no reference count.
@@ -944,6 +1029,24 @@ impl Relay {
                 // comes for it (a client's is popped below). If it was Weir's own, what it
                 // set is unknown.
                 Expect::Query { forward: false } => srv.broken = true,
+                // An unnamed Parse failed or was skipped, so the server's unnamed statement is
+                // not the client's: Weir's is sent again before the next Bind or Describe of
+                // it; after the client's own, the client is taken to have none (a Close goes
+                // first, and PostgreSQL answers 26000; never another client's statement).
+                Expect::ParseComplete {
+                    stmt: None,
+                    forward,
+                } if self.mapping => {
+                    if forward {
+                        self.unnamed.clear();
+                    }
+                    self.unnamed_here = false;
+                }
+                // Weir's Close of the server's unnamed statement, skipped.
+                Expect::CloseComplete {
+                    forward: false,
+                    evicted: None,
+                } => self.unnamed_here = false,
                 // The Parse that failed, or one skipped after it: not prepared, unless the
                 // failure says the statement already exists.
                 Expect::ParseComplete { stmt: Some(id), .. }

@@ -1863,6 +1863,7 @@ impl Session {
 
     /// Makes `server`, just checked out at `now`, this session's server connection.
     fn attach(&mut self, mut server: Pooled<ServerManager>, now: Instant) {
+        self.relay.attached();
         // Registered with another worker's runtime: move it to this one, so its replies wake
         // this thread. Should that fail (no file descriptor to spare), it still works from
         // where it is, only with a detour through the other worker.

@@ -1201,7 +1201,7 @@ fn syncs_sent_during_extended_copy_in_owe_nothing() {
         &mut r,
         &mut st,
         Some(&mut a),
-        &cat(&[bind(""), execute(), simple(b'S')]),
+        &cat(&[bind("s0"), execute(), simple(b'S')]),
     );
     deliver(&mut r, &mut a, &cat(&[be(b'2', b""), be(b'G', &[0, 0, 0])]));
     send(
@@ -1220,7 +1220,7 @@ fn syncs_sent_during_extended_copy_in_owe_nothing() {
         &mut st,
         Some(&mut a),
         &cat(&[
-            bind(""),
+            bind("s0"),
             execute(),
             simple(b'S'),
             be(b'd', b"1\n"),
@@ -1240,7 +1240,7 @@ fn syncs_sent_during_extended_copy_in_owe_nothing() {
         &mut r,
         &mut st,
         Some(&mut a),
-        &cat(&[bind(""), execute(), simple(b'S')]),
+        &cat(&[bind("s0"), execute(), simple(b'S')]),
     );
     deliver(&mut r, &mut a, &cat(&[be(b'2', b""), be(b'G', &[0, 0, 0])]));
     send(
@@ -1315,7 +1315,7 @@ fn copy_that_never_starts_leaves_no_marker_behind() {
         &mut st,
         Some(&mut a),
         &cat(&[
-            bind(""),
+            bind("s0"),
             execute(),
             simple(b'S'),
             be(b'd', b"1\n"),
@@ -1510,4 +1510,193 @@ fn a_malformed_query_is_refused_before_a_checkout() {
     );
     r.fail_batch(&msg, &mut tc);
     assert_malformed(&mut r, &be(b'Q', b"select 2\0x\0"), Some(&mut a));
+}
+
+/// The unnamed statement parsed in one transaction and bound in the next, on another server
+/// connection (sqlx's unkept statements): Weir sends the client's Parse there first, and its
+/// ParseComplete does not reach the client.
+#[test]
+fn an_unnamed_statement_is_parsed_again_on_the_next_server() {
+    let mut r = Relay::new(true, 1 << 20);
+    let (mut a, mut b) = (server(8), server(8));
+    let mut st = ClientStatements::default();
+    r.attached();
+    let prepare = cat(&[parse("", "select 1"), describe_stmt(""), simple(b'S')]);
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut a), &prepare).to_server),
+        "PDS"
+    );
+    let got = deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'1', b""), be(b'n', b""), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "1nZ");
+    // Bound on the same connection in a pipelined batch: nothing added.
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut a), &bind_run("")).to_server),
+        "BES"
+    );
+    deliver(
+        &mut r,
+        &mut a,
+        &cat(&[be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    // The next transaction, on another connection.
+    r.attached();
+    let sent = send(&mut r, &mut st, Some(&mut b), &bind_run(""));
+    assert_eq!(tags(&sent.to_server), "PBES");
+    let kept = parse("", "select 1");
+    assert_eq!(&sent.to_server[..kept.len()], &kept[..]);
+    let got = deliver(
+        &mut r,
+        &mut b,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    assert_eq!(tags(&got), "2CZ");
+    // Once there, not again; a Describe of it on a third connection brings it too.
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut b), &bind_run("")).to_server),
+        "BES"
+    );
+    deliver(
+        &mut r,
+        &mut b,
+        &cat(&[be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    r.attached();
+    let sent = send(
+        &mut r,
+        &mut st,
+        Some(&mut a),
+        &cat(&[describe_stmt(""), simple(b'S')]),
+    );
+    assert_eq!(tags(&sent.to_server), "PDS");
+}
+
+/// Without an unnamed statement of its own (never parsed, dropped by a simple Query, closed,
+/// or too long to keep), a client's Bind of one must not run the server's, another client's:
+/// Weir closes that first, so PostgreSQL refuses the Bind as it would directly.
+#[test]
+fn without_its_own_unnamed_statement_a_client_cannot_bind_the_servers() {
+    let mut st = ClientStatements::default();
+    let mut s = server(8);
+    let closes_first = |r: &mut Relay, st: &mut ClientStatements, s: &mut ServerState| {
+        r.attached();
+        let sent = send(r, st, Some(s), &bind_run(""));
+        assert_eq!(tags(&sent.to_server), "CBES");
+        assert_eq!(&sent.to_server[..7], &close_stmt("")[..]);
+        let got = deliver(
+            r,
+            s,
+            &cat(&[
+                be(b'3', b""),
+                err(SqlState::INVALID_SQL_STATEMENT_NAME, Severity::Error),
+                rfq(b'I'),
+            ]),
+        );
+        assert_eq!(tags(&got), "EZ");
+    };
+    let mut r = Relay::new(true, 1 << 20);
+    closes_first(&mut r, &mut st, &mut s);
+    // Parsed, then dropped by a simple Query.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut s),
+        &cat(&[parse("", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut s, &cat(&[be(b'1', b""), rfq(b'I')]));
+    send(&mut r, &mut st, Some(&mut s), &q("select 2"));
+    deliver(&mut r, &mut s, &cat(&[cc("SELECT 1"), rfq(b'I')]));
+    closes_first(&mut r, &mut st, &mut s);
+    // Parsed, then closed.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut s),
+        &cat(&[parse("", "select 1"), close_stmt(""), simple(b'S')]),
+    );
+    deliver(
+        &mut r,
+        &mut s,
+        &cat(&[be(b'1', b""), be(b'3', b""), rfq(b'I')]),
+    );
+    closes_first(&mut r, &mut st, &mut s);
+    // Too long to keep.
+    let long = format!("select '{}'", "x".repeat(UNNAMED_KEEP));
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut s),
+        &cat(&[parse("", &long), simple(b'S')]),
+    );
+    deliver(&mut r, &mut s, &cat(&[be(b'1', b""), rfq(b'I')]));
+    assert!(r.unnamed.capacity() == 0, "nothing kept");
+    closes_first(&mut r, &mut st, &mut s);
+    // In session mode the server is the client's own: nothing is added.
+    let mut r = Relay::new(false, 1 << 20);
+    r.attached();
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut s), &bind_run("")).to_server),
+        "BES"
+    );
+}
+
+/// An error earlier in the batch makes the server skip what Weir sent for the unnamed
+/// statement: the next batch sends it again rather than bind the server's.
+#[test]
+fn a_skipped_unnamed_parse_is_sent_again() {
+    let mut r = Relay::new(true, 1 << 20);
+    let mut s = server(8);
+    let mut st = ClientStatements::default();
+    r.attached();
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut s),
+        &cat(&[parse("", "select 1"), simple(b'S')]),
+    );
+    deliver(&mut r, &mut s, &cat(&[be(b'1', b""), rfq(b'I')]));
+    r.attached();
+    let failing = cat(&[bind("s1"), execute(), bind(""), execute(), simple(b'S')]);
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut s), &failing).to_server),
+        "BEPBES"
+    );
+    let got = deliver(
+        &mut r,
+        &mut s,
+        &cat(&[
+            err(SqlState::INVALID_SQL_STATEMENT_NAME, Severity::Error),
+            rfq(b'I'),
+        ]),
+    );
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut s), &bind_run("")).to_server),
+        "PBES"
+    );
+    deliver(
+        &mut r,
+        &mut s,
+        &cat(&[be(b'1', b""), be(b'2', b""), cc("SELECT 1"), rfq(b'I')]),
+    );
+    // The client's own Parse failing leaves it none: a Close goes first next time.
+    send(
+        &mut r,
+        &mut st,
+        Some(&mut s),
+        &cat(&[parse("", "selec 1"), simple(b'S')]),
+    );
+    deliver(
+        &mut r,
+        &mut s,
+        &cat(&[err(SqlState(*b"42601"), Severity::Error), rfq(b'I')]),
+    );
+    r.attached();
+    assert_eq!(
+        tags(&send(&mut r, &mut st, Some(&mut s), &bind_run("")).to_server),
+        "CBES"
+    );
 }

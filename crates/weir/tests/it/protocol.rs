@@ -416,6 +416,99 @@ async fn messages_after_an_error_and_before_the_sync_are_skipped_as_postgres_doe
     .unwrap();
 }
 
+/// sqlx's unkept statements: Parse and Describe of the unnamed statement in one transaction,
+/// Bind and Execute in the next. In transaction mode the next may run where another client's
+/// unnamed statement sits (here, with a pool of one, always): the client's own must run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_bound_in_a_later_transaction_runs_the_clients_own_text() {
+    let s = Setup::new("unnamedlater", 1, PoolMode::Transaction).await;
+    let addr = s.weir.local_addr();
+    let db = s.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let msg = |t: u8, body: &[u8]| {
+            let mut m = vec![t];
+            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let parse = |sql: &str| msg(b'P', &[&[0], sql.as_bytes(), &[0, 0, 0]].concat());
+        // The unnamed statement, one text parameter.
+        let bind = |value: &str| {
+            let len = (value.len() as u32).to_be_bytes();
+            msg(
+                b'B',
+                &[&[0, 0, 0, 0, 0, 1], &len[..], value.as_bytes(), &[0, 0]].concat(),
+            )
+        };
+        let describe = msg(b'D', b"S\0");
+        let tail = [msg(b'E', &[0, 0, 0, 0, 0]), msg(b'S', &[])].concat();
+        // The tags up to ReadyForQuery, the first DataRow's value and the error's SQLSTATE.
+        let exchange = |sock: &mut TcpStream, out: &[u8]| {
+            sock.write_all(out).unwrap();
+            let (mut tags, mut value, mut code) = (Vec::new(), None, None);
+            loop {
+                let (t, body) = read_msg(sock).expect("the connection stays open");
+                tags.push(t);
+                match t {
+                    b'D' if value.is_none() => {
+                        value = Some(String::from_utf8(body[6..].to_vec()).unwrap());
+                    }
+                    b'E' => {
+                        // Fields: a type byte and a NUL-ended string each.
+                        code = body
+                            .split(|b| *b == 0)
+                            .find_map(|f| f.strip_prefix(b"C"))
+                            .map(|c| String::from_utf8(c.to_vec()).unwrap());
+                    }
+                    b'Z' => return (String::from_utf8(tags).unwrap(), value, code),
+                    _ => {}
+                }
+            }
+        };
+        let login = || {
+            let mut sock = TcpStream::connect(addr).unwrap();
+            sock.write_all(&startup_packet(
+                0,
+                &[("user", TRUST_USER.user), ("database", &db)],
+            ))
+            .unwrap();
+            while read_msg(&mut sock).expect("login").0 != b'Z' {}
+            sock
+        };
+        let (mut a, mut b) = (login(), login());
+        let prepare = [parse("select $1::int + 1"), describe, msg(b'S', &[])].concat();
+        assert_eq!(exchange(&mut a, &prepare).0, "1tTZ");
+        // Another client's unnamed statement takes the server's place between the two.
+        let other = [parse("select $1::int * 100"), bind("5"), tail.clone()].concat();
+        assert_eq!(
+            exchange(&mut b, &other),
+            ("12DCZ".into(), Some("500".into()), None)
+        );
+        let run = [bind("5"), tail.clone()].concat();
+        assert_eq!(
+            exchange(&mut a, &run),
+            ("2DCZ".into(), Some("6".into()), None)
+        );
+        assert_eq!(
+            exchange(&mut a, &run),
+            ("2DCZ".into(), Some("6".into()), None)
+        );
+        // A simple Query drops the unnamed statement: then PostgreSQL's own error.
+        assert_eq!(exchange(&mut a, &msg(b'Q', b"select 1\0")).0, "TDCZ");
+        assert_eq!(exchange(&mut b, &other).1, Some("500".into()));
+        let refused = exchange(&mut a, &run);
+        assert_eq!(
+            (refused.0.as_str(), refused.2.as_deref()),
+            ("EZ", Some("26000"))
+        );
+        // The other client's own, kept too, is prepared again for it.
+        let again = exchange(&mut b, &[bind("7"), tail.clone()].concat());
+        assert_eq!(again, ("2DCZ".into(), Some("700".into()), None));
+    })
+    .await
+    .unwrap();
+}
+
 /// A COPY FROM STDIN started with the extended protocol that fails on a bad row: the server
 /// then skips the client's messages until a Sync after the COPY (the one sent after Execute
 /// was ignored), so the connection is not free until that Sync, and another client that gets
