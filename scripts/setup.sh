@@ -3,8 +3,9 @@
 # PostgreSQL's server and client binaries (initdb, postgres, psql, pgbench); with
 # --with-pgbouncer, PgBouncer for the benchmark comparison; with --with-chromium, a headless
 # browser for the dashboard test; with --with-drivers, the drivers the driver tests run
-# (crates/weir/tests/it/drivers.rs): asyncpg and psycopg from PyPI and node-postgres from npm,
-# under target/drivers, pgjdbc, Java and Node.js from the system's packages. Installs only
+# (crates/weir/tests/it/drivers.rs): asyncpg and psycopg from PyPI, node-postgres from npm and
+# a sqlx client built from crates.io, under target/drivers, pgjdbc, Java and Node.js from the
+# system's packages. Installs only
 # what is missing; safe to run again.
 set -euo pipefail
 
@@ -92,6 +93,13 @@ sys.exit(asyncpg.__version__ != '0.32.0' or psycopg.__version__ != '3.3.9')" >/d
       exit 1
     }
   fi
+  # Its own workspace and lock file; cargo rebuilds it only when its source changes.
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  cargo build -q --locked --manifest-path "$root/crates/weir/tests/drivers/sqlx_client/Cargo.toml" \
+    --target-dir "$drivers/sqlx" || {
+    echo "setup: could not build the sqlx client (crates/weir/tests/drivers/sqlx_client)" >&2
+    exit 1
+  }
 fi
 
 echo "setup: PostgreSQL binaries in $(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | tail -n1)"

@@ -57,6 +57,16 @@ async def client(i):
     await c.close()
 
 
+async def uncached(i):
+    """statement_cache_size=0 (the usual advice for transaction pooling): asyncpg describes
+    the unnamed statement in one round trip and sends its Parse again with the Bind in the
+    next, each text this client's own."""
+    c = await asyncpg.connect(DSN, statement_cache_size=0)
+    for k in range(50):
+        assert await c.fetchval(f"select $1::int * 10 + {i}", k) == k * 10 + i
+    await c.close()
+
+
 async def copy_in():
     c = await asyncpg.connect(DSN)
     await c.copy_records_to_table("apg_copy", records=[(j, f"r{j}") for j in range(10000)])
@@ -114,7 +124,7 @@ async def main():
         create table apg_shape (a int); insert into apg_shape values (1);
     """)
     await c.close()
-    await asyncio.gather(*(client(i) for i in range(N)), copy_in(), timeout_cancels(), pooled())
+    await asyncio.gather(*(client(i) for i in range(N)), *(uncached(i) for i in range(N)), copy_in(), timeout_cancels(), pooled())
     await schema_change()
     print(f"asyncpg {asyncpg.__version__}: {N} clients ok")
 

@@ -1,10 +1,12 @@
 //! Real drivers other than tokio-postgres through transaction pooling with a pool smaller
-//! than the client count: asyncpg and psycopg 3 (Python), pgjdbc (Java), node-postgres.
+//! than the client count: asyncpg and psycopg 3 (Python), pgjdbc (Java), node-postgres, sqlx
+//! (Rust).
 //! Each runs a script from `crates/weir/tests/drivers` that checks every answer it gets and
 //! exits non-zero on the first wrong one; the scripts also pass run straight against
 //! PostgreSQL. `scripts/setup.sh --with-drivers` installs the drivers (`scripts/test.sh` and
-//! `.ci/run` call it): the Python and Node packages under `target/drivers`, pgjdbc and the
-//! runtimes from the system's packages.
+//! `.ci/run` call it): the Python and Node packages and the sqlx client (its own cargo
+//! project in `tests/drivers/sqlx_client`) under `target/drivers`, pgjdbc and the runtimes
+//! from the system's packages.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -110,4 +112,11 @@ async fn node_postgres_named_statements_errors_and_transactions() {
     let path = scripts().join("node_pg_client.js");
     let env = Some(("NODE_PATH", installed().join("node/node_modules")));
     run(&s, "node", &[path.as_os_str()], env, 10, SETUP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_statement_cache_evictions_transactions_copy_and_its_pool() {
+    let s = setup("drv_sqlx").await;
+    let bin = installed().join("sqlx/debug/weir-sqlx-client");
+    run(&s, bin.to_str().unwrap(), &[], None, 10, SETUP).await;
 }
